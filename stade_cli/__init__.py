@@ -1,0 +1,35 @@
+"""stade: prune Hugging Face causal language models after training, with no retraining.
+
+Library API (the CLI is a thin layer over these)::
+
+    import stade_cli
+    stats = stade_cli.calibrate("path/to/model", "stats/", dataset="wikitext2", nsamples=128)
+    report = stade_cli.prune("path/to/model", "out/", metric="stade", sparsity=0.5, stats=stats)
+    result = stade_cli.evaluate("out/", dataset="wikitext2")
+    summary = stade_cli.inspect("out/")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "calibrate", "prune", "evaluate", "inspect"]
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import torch/transformers
+    if name == "calibrate":
+        from .calibration.runner import calibrate
+
+        return calibrate
+    if name == "prune":
+        from .pruning import prune
+
+        return prune
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
+    if name == "inspect":
+        from .report import inspect
+
+        return inspect
+    raise AttributeError(name)

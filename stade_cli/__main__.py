@@ -1,0 +1,3 @@
+from stade_cli.cli.app import main
+
+main()

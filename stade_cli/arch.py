@@ -1,0 +1,118 @@
+"""Architecture knowledge as data: decoder blocks and the linear layers to prune, found generically.
+
+Blocks are the modules whose class is listed in ``model._no_split_modules`` (what accelerate uses to
+place whole blocks on devices); targets are the ``nn.Linear`` modules inside them. Nothing here
+branches on model names: per-family facts live in ``QUIRKS``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ModelError, UsageError
+
+# model_type → facts the generic rules cannot see. Keep this table small; most models need no row.
+#   exclude: regexes (on module names) of linears inside blocks that must never be pruned.
+QUIRKS: dict[str, dict] = {
+    # Mixture-of-experts routers are linears inside blocks but are tiny and decide routing: keep them dense.
+    "mixtral": {"exclude": [r"\.gate$"]},
+    "qwen2_moe": {"exclude": [r"\.gate$", r"shared_expert_gate$"]},
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable linear layer."""
+
+    name: str          # module name, e.g. "model.layers.3.mlp.down_proj"
+    block: int         # index of its decoder block
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str:
+        return f"{self.name}.bias"
+
+
+@dataclass
+class Architecture:
+    model_type: str
+    blocks: list[str]                      # module names of the decoder blocks, in order
+    targets: dict[str, Target] = field(default_factory=dict)   # by module name, in model order
+
+    def by_weight_key(self) -> dict[str, Target]:
+        return {t.weight_key: t for t in self.targets.values()}
+
+
+def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder blocks, in order: modules of a ``_no_split_modules`` class sitting in a ModuleList."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [(name, mod) for name, mod in model.named_modules()
+              if type(mod).__name__ in classes and re.search(r"\.\d+$", name)]
+    if not blocks:  # fall back to the longest ModuleList of identical modules
+        lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
+        lists = [(n, m) for n, m in lists if len({type(c) for c in m}) == 1]
+        if not lists:
+            raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}")
+        name, mod = max(lists, key=lambda nm: len(nm[1]))
+        blocks = [(f"{name}.{i}", child) for i, child in enumerate(mod)]
+    return blocks
+
+
+def compile_filters(only: str | None, skip: str | None):
+    try:
+        only_re = re.compile(only) if only else None
+        skip_re = re.compile(skip) if skip else None
+    except re.error as exc:
+        raise UsageError(f"bad regular expression in --only/--skip: {exc}") from None
+    return only_re, skip_re
+
+
+def describe(model: nn.Module, only: str | None = None, skip: str | None = None) -> Architecture:
+    """Blocks and target linears of ``model`` (a real or meta-device model)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    quirk_excludes = [re.compile(p) for p in QUIRKS.get(model_type, {}).get("exclude", [])]
+    only_re, skip_re = compile_filters(only, skip)
+    blocks = decoder_blocks(model)
+    arch = Architecture(model_type=model_type, blocks=[n for n, _ in blocks])
+    for index, (block_name, block) in enumerate(blocks):
+        for sub_name, mod in block.named_modules():
+            if not isinstance(mod, nn.Linear) or not sub_name:
+                continue
+            name = f"{block_name}.{sub_name}"
+            if any(p.search(name) for p in quirk_excludes):
+                continue
+            if only_re and not only_re.search(name):
+                continue
+            if skip_re and skip_re.search(name):
+                continue
+            arch.targets[name] = Target(name, index, mod.in_features, mod.out_features, mod.bias is not None)
+    return arch
+
+
+def meta_model(config) -> nn.Module:
+    """The model's module tree on the meta device: structure without weights, in milliseconds."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build
+            raise ModelError(f"cannot build a causal LM from this config: {exc}") from None
+
+
+def context_length(config) -> int:
+    """The model's maximum sequence length, from whichever field its config uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

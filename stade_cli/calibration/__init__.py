@@ -1,0 +1,1 @@
+"""Calibration: streaming input-activation moments of every target linear, and their on-disk cache."""

@@ -1,0 +1,149 @@
+"""Run calibration text through the model and accumulate the input moments of every target linear.
+
+A forward pre-hook on each target ``nn.Linear`` sees its input x: [batch, seq, in]. Linears that read the
+same tensor (q/k/v, gate/up) are detected by identity: the moments of that tensor are computed once
+and shared, and the groups are recorded in the manifest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+
+import torch
+
+from ..arch import Architecture, context_length, describe
+from ..checkpoint import ModelSource, check_output, checkpoint_dtype, load_config, resolve_model
+from ..data import calibration_windows, load_corpus
+from ..errors import ModelError, UsageError
+from ..runtime import Reporter, resolve_device, resolve_dtype
+from .moments import Moments
+from .store import Stats, save_stats
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - truncated shards, bad configs, ...
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot load the model from {source.path}: {first}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer from {source.path}: {type(exc).__name__}",
+                         "the checkpoint needs tokenizer files") from None
+    tok.model_max_length = int(1e12)  # we window the text ourselves; silence the length warning
+    return tok
+
+
+class MomentCapture:
+    """Forward pre-hooks that accumulate Moments per target linear."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture, device: torch.device):
+        modules = dict(model.named_modules())
+        self.moments = {name: Moments.zeros(t.in_features, device) for name, t in arch.targets.items()}
+        self.leader: dict[str, str] = {}
+        self._last_x: torch.Tensor | None = None
+        self._last: Moments | None = None
+        self._last_name = ""
+        self._handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in arch.targets]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]  # [batch, seq, in]
+            if x is not self._last_x:  # a new input tensor: its moments once
+                self._last_x, self._last, self._last_name = x, Moments.of(x), name
+            m = self.moments[name]
+            m.count += self._last.count
+            m.sum += self._last.sum
+            m.sumsq += self._last.sumsq
+            self.leader.setdefault(name, self._last_name)
+        return hook
+
+    def end_batch(self) -> None:
+        self._last_x = self._last = None  # release the activation
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def shared_inputs(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for name, leader in self.leader.items():
+            groups.setdefault(leader, []).append(name)
+        return groups
+
+
+@torch.inference_mode()
+def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: torch.device,
+                    batch_size: int = 1, reporter: Reporter | None = None) -> MomentCapture:
+    """Forward ``windows`` [n, seqlen] through the decoder (no LM head) with hooks on every target."""
+    reporter = reporter or Reporter()
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    capture = MomentCapture(model, arch, device)
+    body = model.base_model  # decoder stack without the LM head: its logits are not needed here
+    try:
+        batches = windows.split(batch_size)
+        for batch in reporter.track(batches, "calibrating", total=len(batches)):
+            body(input_ids=batch.to(device), use_cache=False)
+            capture.end_batch()
+    finally:
+        capture.remove()
+    return capture
+
+
+def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
+                  seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
+                  reporter: Reporter | None = None, only: str | None = None, skip: str | None = None) -> Stats:
+    """Calibrate in memory: the Stats that ``calibrate`` would write."""
+    reporter = reporter or Reporter()
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    config = load_config(source.path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, checkpoint_dtype(config), dev)
+    if nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1 (got {nsamples})")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    tokenizer = load_tokenizer(source)
+    corpus = load_corpus(dataset, "calibration")
+    windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed, context_length(config))
+    reporter.log(f"calibrating {source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
+                 f"{dev}, {str(dt).replace('torch.', '')}")
+    t0 = time.perf_counter()
+    net = load_model(source, dev, dt)
+    arch = describe(net, only=only, skip=skip)
+    capture = collect_moments(net, arch, windows, dev, batch_size, reporter)
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "model": source.identity(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset, "nsamples": nsamples, "seqlen": int(windows.shape[1]), "seed": seed,
+        "dtype": str(dt).replace("torch.", ""), "device": str(dev), "tokens": int(windows.numel()),
+        "seconds": round(seconds, 2),
+        "modules": {n: {"in_features": t.in_features, "block": t.block} for n, t in arch.targets.items()},
+        "shared_inputs": capture.shared_inputs(),
+    }
+    moments = {name: m.to("cpu") for name, m in capture.moments.items()}
+    return Stats(manifest, moments)
+
+
+def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
+              seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1, force: bool = False,
+              reporter: Reporter | None = None) -> Path:
+    """Calibrate ``model`` and write the STATS directory ``out``; returns its path."""
+    check_output(Path(out), force)  # fail before the expensive part
+    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter)
+    return save_stats(Path(out), stats, force)

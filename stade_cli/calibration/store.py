@@ -1,0 +1,114 @@
+"""The STATS directory: ``moments.safetensors`` (per module: count, sum, sumsq) and ``manifest.json``.
+
+Written atomically (a temp dir renamed at the end). Loading validates everything a later prune relies
+on, so a bad cache fails before any weight is touched.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..checkpoint import atomic_dir
+from ..errors import StatsError
+from .moments import Moments
+
+FORMAT = "stade-stats"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MOMENTS_FILE = "moments.safetensors"
+
+
+@dataclass
+class Stats:
+    manifest: dict
+    moments: dict[str, Moments] = field(default_factory=dict)   # by module name
+
+    def check_model(self, fingerprint: str, targets) -> None:
+        """Refuse stats made for another model, or lacking a layer / with the wrong width."""
+        theirs = self.manifest.get("model", {}).get("fingerprint")
+        if theirs != fingerprint:
+            made_for = self.manifest.get("model", {}).get("ref", "?")
+            raise StatsError(f"these stats were made for another model ({made_for}, fingerprint {theirs}; "
+                             f"this model is {fingerprint})", "run `stade calibrate` on this model")
+        for t in targets:
+            m = self.moments.get(t.name)
+            if m is None:
+                raise StatsError(f"the stats hold no moments for layer {t.name}", "re-run `stade calibrate`")
+            if m.sum.shape != (t.in_features,):
+                raise StatsError(f"moments of {t.name} have width {tuple(m.sum.shape)}, the layer has {t.in_features}")
+
+
+def save_stats(out: Path, stats: Stats, force: bool = False) -> Path:
+    tensors = {}
+    for name, m in stats.moments.items():
+        tensors[f"{name}.count"] = torch.tensor([m.count], dtype=torch.int64)
+        tensors[f"{name}.sum"] = m.sum.detach().cpu().contiguous()
+        tensors[f"{name}.sumsq"] = m.sumsq.detach().cpu().contiguous()
+    manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
+                    files=[MOMENTS_FILE])
+    out = Path(out).expanduser()
+    with atomic_dir(out, force) as tmp:
+        save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise StatsError(f"stats directory {path} does not exist", "make one with `stade calibrate MODEL -o DIR`")
+    if not path.is_dir():
+        raise StatsError(f"stats path {path} is not a directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise StatsError(f"{path} has no {MANIFEST}; it is not a stats directory",
+                         "make one with `stade calibrate MODEL -o DIR`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise StatsError(f"{manifest_path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise StatsError(f"{manifest_path} has format {manifest.get('format')!r} version "
+                         f"{manifest.get('format_version')!r}; this stade reads {FORMAT} version {FORMAT_VERSION}",
+                         "re-run `stade calibrate` with this version")
+    return manifest
+
+
+def load_stats(path: Path) -> Stats:
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / MOMENTS_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise StatsError(f"cannot read {path / MOMENTS_FILE}: {exc}") from None
+    moments = {}
+    for name, info in manifest.get("modules", {}).items():
+        try:
+            count, s, sq = (tensors[f"{name}.{k}"] for k in ("count", "sum", "sumsq"))
+        except KeyError:
+            raise StatsError(f"{path / MOMENTS_FILE} lacks the moments of {name}", "re-run `stade calibrate`") from None
+        width = info.get("in_features")
+        if s.shape != (width,) or sq.shape != (width,):
+            raise StatsError(f"moments of {name} have shape {tuple(s.shape)}, expected ({width},)")
+        if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
+            raise StatsError(f"moments of {name} contain NaN or Inf", "re-calibrate, e.g. in float32 (--dtype float32)")
+        moments[name] = Moments(int(count.reshape(-1)[0]), s.to(torch.float64), sq.to(torch.float64))
+    return Stats(manifest, moments)
+
+
+def stats_summary(stats: Stats) -> list[dict]:
+    """Per layer: mean |μ|, mean σ, max σ and max |μ| over the input channels."""
+    rows = []
+    for name, m in stats.moments.items():
+        mean_abs, std = m.mean.abs(), m.std
+        rows.append({"name": name, "in_features": int(m.sum.numel()), "count": m.count,
+                     "mean_abs_mean": float(mean_abs.mean()), "mean_std": float(std.mean()),
+                     "max_std": float(std.max()), "max_abs_mean": float(mean_abs.max()),
+                     "mean_rms": float((m.sumsq / max(m.count, 1)).sqrt().mean())})
+    return rows

@@ -1,0 +1,205 @@
+"""Hugging Face checkpoints on disk: resolve MODEL, read shards one tensor at a time, write atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ModelError, OutputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+REPORT_NAME = "stade_report.json"
+TMP_MARK = ".stade-tmp-"
+# files that are weights (never copied as side files)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint directory on disk and what it came from."""
+
+    path: Path
+    ref: str                     # what the user typed: a path or a hub id
+    revision: str | None = None  # hub revision (commit) when it came from the hub
+
+    def identity(self) -> dict:
+        return {"ref": self.ref, "path": str(self.path), "revision": self.revision,
+                "fingerprint": fingerprint(self.path)}
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return not ref.strip() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
+    """A local checkpoint directory, or a hub id downloaded (safetensors only) to the local cache."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{ref} is a file, not a checkpoint directory")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{ref} has no config.json", "point MODEL at a Hugging Face checkpoint directory")
+        return ModelSource(path.resolve(), ref)
+    if _looks_like_path(ref):
+        raise ModelError(f"model path {ref} does not exist")
+    return _from_hub(ref, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS,
+                                     local_files_only=offline, etag_timeout=10)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        kind = type(exc).__name__
+        hint = ("not in the local cache and HF_HUB_OFFLINE is set" if offline else
+                "check the id, your network, or set HF_HUB_OFFLINE=1 to use the cache only")
+        raise ModelError(f"cannot get '{repo_id}' from the Hugging Face hub ({kind})", hint) from None
+    path = Path(snapshot)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"hub repository {repo_id} has no config.json")
+    return ModelSource(path, repo_id, revision or path.name)
+
+
+def weight_files(path: Path) -> list[str]:
+    """Shard file names in index order (or the single model.safetensors)."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"{index} is not a valid safetensors index ({exc})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+    elif (path / SINGLE_NAME).is_file():
+        files = [SINGLE_NAME]
+    else:
+        raise ModelError(f"{path} has no safetensors weights (model.safetensors or {INDEX_NAME})",
+                         "convert the checkpoint with save_pretrained(..., safe_serialization=True)")
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise ModelError(f"weight shard {missing[0]} named by the index is missing from {path}")
+    return files
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the config and the weight files' names and sizes: cheap, and changes when the model does."""
+    h = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    for volatile in ("_name_or_path", "transformers_version"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in weight_files(path):
+        h.update(f"{name}:{(path / name).stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_config(path: Path):
+    """The model's config; refuses configs that are not causal language models."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{path} holds a '{config.model_type}' model, which is not a causal language model")
+    return config
+
+
+def checkpoint_dtype(config):
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def side_files(path: Path) -> list[Path]:
+    """Everything at the top level that is not weights: config, generation config, tokenizer files, ..."""
+    return sorted(p for p in path.iterdir()
+                  if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)
+                  and p.name not in (INDEX_NAME, REPORT_NAME) and not p.name.startswith("."))
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for p in side_files(src):
+        shutil.copy2(p, dst / p.name)
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success rename it to ``out``, on any failure remove it.
+
+    A reader never sees a half-written ``out``: it either does not exist or is complete.
+    """
+    out = Path(out).expanduser()
+    check_output(out, force)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{out.name}{TMP_MARK}*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot create {tmp}: {exc.strerror}") from None
+    try:
+        yield tmp
+        if out.exists():  # --force: replace
+            old = parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"
+            os.replace(out, old) if out.is_dir() else out.unlink()
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work when OUT cannot be written."""
+    out = Path(out).expanduser()
+    if out.exists():
+        if out.is_file():
+            raise OutputError(f"output {out} is a file", "choose a directory path")
+        if not force:
+            raise OutputError(f"output directory {out} already exists", "pass --force to replace it")
+    parent = out.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {probe}: permission denied")
+    if probe != parent and not probe.is_dir():
+        raise OutputError(f"{probe} is a file, not a directory")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_report(path: Path) -> dict | None:
+    report = Path(path) / REPORT_NAME
+    return json.loads(report.read_text()) if report.is_file() else None

@@ -1,0 +1,34 @@
+"""`stade calibrate MODEL -o STATS`: cache per-layer input moments. stdout: the STATS path."""
+from __future__ import annotations
+
+import typer
+
+from .app import app, handle_errors, state
+from .options import BatchSize, Dataset, Device, DType, Force, ModelArg, NSamples, Output, SeqLen, Seed, Json, Quiet
+from .output import emit_json, emit_line
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    ctx: typer.Context,
+    model: ModelArg,
+    output: Output,
+    dataset: Dataset = "c4",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    batch_size: BatchSize = 1,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run calibration text through MODEL and cache per-layer input-activation moments in OUTPUT."""
+    st = state(ctx, json_out, quiet)
+    from ..calibration.runner import calibrate as calibrate_model  # lazy: keeps `stade --help` fast
+
+    path = calibrate_model(model, output, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           device=device, dtype=dtype, batch_size=batch_size, force=force, reporter=st.reporter)
+    emit_json({"stats": str(path)}) if st.json else emit_line(str(path))

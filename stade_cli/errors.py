@@ -1,0 +1,45 @@
+"""One exception hierarchy. Every error a user can cause carries a one-line message and an exit code.
+
+The CLI prints ``error: <message>`` on stderr and exits with ``exit_code``; the library raises them.
+"""
+from __future__ import annotations
+
+
+class StadeError(Exception):
+    """Base class: a known failure with a user-facing message (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # one line: message plus what to do
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(StadeError):
+    """Options that contradict each other or are out of range (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelError(StadeError):
+    """MODEL cannot be found, read or used."""
+
+
+class StatsError(StadeError):
+    """A STATS directory is missing, malformed or made for another model."""
+
+
+class DataError(StadeError):
+    """Calibration or evaluation text cannot be loaded or is too short."""
+
+
+class OutputError(StadeError):
+    """The output directory cannot be written."""
+
+
+class DeviceError(StadeError):
+    """The requested device is not available."""

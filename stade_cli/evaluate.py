@@ -1,0 +1,63 @@
+"""Perplexity by the Wanda/SparseGPT protocol.
+
+The held-out text joined, tokenized once, cut into non-overlapping windows of ``seqlen`` tokens (the
+remainder dropped); ppl = exp(mean next-token NLL over all predicted tokens of all windows).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .arch import context_length
+from .calibration.runner import load_model, load_tokenizer
+from .checkpoint import checkpoint_dtype, load_config, resolve_model
+from .data import eval_windows, load_corpus
+from .errors import UsageError
+from .runtime import Reporter, resolve_device, resolve_dtype
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of ids: [B, S] under logits: [B, S, V] (float32 softmax)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
+               reporter: Reporter | None = None) -> tuple[float, int]:
+    """(mean NLL, number of predicted tokens) of ``windows`` [n, seqlen]."""
+    reporter = reporter or Reporter()
+    total, tokens = 0.0, 0
+    batches = windows.split(batch_size)
+    for batch in reporter.track(batches, "evaluating", total=len(batches)):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits      # [B, S, V]
+        total += float(window_nll(logits, batch))
+        tokens += batch.shape[0] * (batch.shape[1] - 1)
+    return total / tokens, tokens
+
+
+def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, max_windows: int | None = None,
+             device: str = "auto", dtype: str = "auto", batch_size: int = 1,
+             reporter: Reporter | None = None) -> dict:
+    """Perplexity of ``model`` (a checkpoint dir or hub id) on the held-out split of ``dataset``."""
+    reporter = reporter or Reporter()
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    source = resolve_model(model)
+    config = load_config(source.path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, checkpoint_dtype(config), dev)
+    tokenizer = load_tokenizer(source)
+    windows = eval_windows(tokenizer, load_corpus(dataset, "evaluation"), seqlen, context_length(config), max_windows)
+    if len(windows) == 0:
+        raise UsageError("no evaluation window fits the text")
+    net = load_model(source, dev, dt)
+    t0 = time.perf_counter()
+    nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
+    return {"model": source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll,
+            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "tokens": tokens,
+            "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,120 @@
+"""Pure mask selection: which weights to zero, given their scores.
+
+Every function takes scores [out, in] (higher = more important) and returns a bool tensor of the same
+shape, True where the weight is pruned. Ties are broken deterministically: among equal scores, the
+lower input index is pruned first (what a stable ascending sort on the score would do).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest scores of every row of scores: [rows, n] (k the same for all rows).
+
+    O(n) per row: a k-th value selection, then ties at the threshold resolved by index.
+    """
+    rows, n = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values        # [rows, 1]
+    below = scores < threshold
+    at = scores == threshold
+    need = k - below.sum(1, keepdim=True)                             # how many ties to prune per row
+    return below | (at & (at.cumsum(1) <= need))
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Zero floor(sparsity × group size) weights per group: each output row ("row") or the whole matrix ("layer")."""
+
+    sparsity: float
+    group: str = "row"
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in [0, 1) (got {self.sparsity})")
+        if self.group not in ("row", "layer"):
+            raise UsageError(f"--group must be row or layer (got {self.group})")
+
+    @property
+    def name(self) -> str:
+        return "unstructured"
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.sparsity
+
+    def with_sparsity(self, sparsity: float) -> "Unstructured":
+        return Unstructured(sparsity, self.group)
+
+    def check_width(self, in_features: int, layer: str = "") -> None:
+        pass
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.group == "layer":
+            flat = scores.reshape(1, -1)
+            return lowest_k(flat, math.floor(self.sparsity * flat.shape[1])).view_as(scores)
+        return lowest_k(scores, math.floor(self.sparsity * scores.shape[1]))
+
+
+@dataclass(frozen=True)
+class NM:
+    """N:M: in every group of M consecutive input weights of a row, keep the N highest-scored."""
+
+    n: int
+    m: int
+
+    def __post_init__(self):
+        if self.m < 1 or self.n < 0 or self.n >= self.m:
+            raise UsageError(f"N:M pattern needs 0 <= N < M and M >= 1 (got {self.n}:{self.m})")
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def target_sparsity(self) -> float:
+        return (self.m - self.n) / self.m
+
+    def with_sparsity(self, sparsity: float) -> "NM":
+        return self
+
+    def check_width(self, in_features: int, layer: str = "") -> None:
+        if in_features % self.m:
+            raise UsageError(f"{self.name} needs input widths divisible by {self.m}, "
+                             f"but {layer or 'a layer'} has {in_features}", "choose another M or --skip that layer")
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        rows, n = scores.shape
+        self.check_width(n)
+        groups = scores.reshape(-1, self.m)                               # [rows·n/M, M]
+        return lowest_k(groups, self.m - self.n).view(rows, n)
+
+
+Pattern = Unstructured | NM
+
+
+def parse_pattern(pattern: str, sparsity: float | None, group: str = "row") -> Pattern:
+    """``unstructured`` (with a sparsity) or ``N:M``. A sparsity given with N:M must agree with it."""
+    text = pattern.strip().lower()
+    match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+    if match:
+        nm = NM(int(match[1]), int(match[2]))
+        if sparsity is not None and not math.isclose(sparsity, nm.target_sparsity, abs_tol=1e-9):
+            raise UsageError(f"--sparsity {sparsity} contradicts --pattern {nm.name} "
+                             f"(which means sparsity {nm.target_sparsity:g})", "drop --sparsity")
+        return nm
+    if text != "unstructured":
+        raise UsageError(f"unknown pattern '{pattern}'", "use unstructured or N:M, e.g. 2:4")
+    if sparsity is None:
+        raise UsageError("--sparsity is required with --pattern unstructured")
+    return Unstructured(sparsity, group)

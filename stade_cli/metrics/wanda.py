@@ -1,0 +1,13 @@
+"""Wanda (Sun et al., 2023): S_ij = |W_ij| · ‖X_j‖₂, the input channel's L2 norm over all calibration tokens."""
+from __future__ import annotations
+
+import torch
+
+from ..calibration.moments import Moments
+from . import register
+
+
+@register("wanda", needs_stats=True, summary="|W| · ‖X‖₂")
+def score(weight: torch.Tensor, moments: Moments) -> torch.Tensor:
+    # weight: [out, in]; norm: [in] → broadcast over rows
+    return weight.abs() * moments.norm.to(weight.device, weight.dtype)

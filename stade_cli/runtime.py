@@ -1,0 +1,106 @@
+"""Devices, dtypes and progress reporting: the run-time context handed down explicitly (no globals)."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+from .errors import DeviceError, UsageError
+
+T = TypeVar("T")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
+    """``auto`` → cuda when available, else cpu. An explicit cuda without a GPU is an error."""
+    import torch
+
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{spec}'", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is available", "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type not in ("cpu", "mps"):
+        raise UsageError(f"unsupported device '{spec}'", "use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(spec: str | None, checkpoint_dtype: "torch.dtype | None", device: "torch.device") -> "torch.dtype":
+    """``auto`` → the checkpoint's dtype, except float16/bfloat16 on the CPU run in float32 (CPU half matmuls are slow)."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        dtype = checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else torch.float32
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return dtype
+    if spec not in DTYPES:
+        raise UsageError(f"unknown dtype '{spec}'", f"choose one of auto, {', '.join(sorted(set(DTYPES)))}")
+    return getattr(torch, DTYPES[spec])
+
+
+class Reporter:
+    """Logs and progress for long runs. The base class is silent; the CLI passes one that draws on stderr."""
+
+    def log(self, message: str) -> None:  # pragma: no cover - trivial
+        pass
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        yield from items
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None):
+        """A manually advanced task: ``with r.task("writing", total=nbytes) as advance: advance(n)``."""
+        yield lambda n=1: None
+
+
+class StderrReporter(Reporter):
+    """Rich progress bars with ETA on stderr when it is a terminal; plain log lines otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.bars = not quiet and sys.stderr.isatty()
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, highlight=False, markup=False)
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+
+    def track(self, items, description, total=None):
+        if not self.bars:
+            yield from items
+            return
+        with self._progress() as progress:
+            yield from progress.track(items, description=description, total=total)
+
+    @contextmanager
+    def task(self, description, total=None):
+        if not self.bars:
+            yield lambda n=1: None
+            return
+        with self._progress() as progress:
+            task_id = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(task_id, n)
