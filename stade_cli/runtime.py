@@ -76,7 +76,7 @@ class StderrReporter(Reporter):
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.bars = not quiet and sys.stderr.isatty()
 
     def log(self, message: str) -> None:

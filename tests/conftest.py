@@ -1,0 +1,106 @@
+"""Tiny random models built from configs in code, with a tiny tokenizer trained on builtin text: all offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 384
+
+# architecture → config kwargs of a tiny model. Adding an architecture: one line here.
+TINY = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=32)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)),
+    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8)),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on the builtin text (no download)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(topics.values()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def build_tiny(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = TINY[arch]
+    config = getattr(transformers, cls_name)(vocab_size=VOCAB, max_position_embeddings=256,
+                                            **{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # give activations a visible mean, as real models have, so std ≠ norm
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1 and "bias" not in name:
+                p.add_(0.5 * torch.rand_like(p))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory, tokenizer_dir):
+    cache: dict = {}
+
+    def make(arch: str = "llama", **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = build_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), tokenizer_dir, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_factory) -> Path:
+    return tiny_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:60]))
+    return path
+
+
+SMOLLM2 = Path(os.environ.get("STADE_ASSETS", Path.home() / ".cache" / "stade-assets")) / "smollm2-135m"
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"

@@ -1,0 +1,171 @@
+"""End to end through the CLI on tiny models: calibrate → prune → reload → eval → inspect."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from stade_cli.cli.app import app
+from stade_cli.arch import describe, meta_model
+
+runner = CliRunner()
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def calibrate(model, out, *extra):
+    return run("calibrate", model, "-o", out, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, *extra)
+
+
+@pytest.fixture(scope="module")
+def llama_stats(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats") / "s"
+    result = calibrate(tiny_llama, out)
+    assert result.stdout.strip() == str(out)  # stdout is the path and nothing else
+    return out
+
+
+def reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gemma"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "stade"])
+def test_pipeline_every_arch(arch, metric, tiny_factory, tmp_path):
+    model = tiny_factory(arch)
+    stats = tmp_path / "stats"
+    if metric != "magnitude":
+        calibrate(model, stats)
+    out = tmp_path / "out"
+    args = ["prune", model, "--metric", metric, "--sparsity", 0.5, "-o", out]
+    result = run(*args, *(["--stats", stats] if metric != "magnitude" else []))
+    assert result.stdout.strip() == str(out)
+    pruned = reload(out)
+    arch_info = describe(pruned)
+    modules = dict(pruned.named_modules())
+    for name, t in arch_info.targets.items():
+        w = modules[name].weight
+        zeros_per_row = (w == 0).sum(1)
+        assert (zeros_per_row == math.floor(0.5 * t.in_features)).all(), name
+    report = json.loads((out / "stade_report.json").read_text())
+    assert report["method"] == metric and report["mode"] == "one-shot"
+    assert set(report["layers"]) == set(arch_info.targets)
+
+
+def test_nonpruned_tensors_pass_through(tiny_llama, llama_stats, tmp_path):
+    out = tmp_path / "out"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "wanda", "-o", out)
+    before, after = load_file(tiny_llama / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    arch = describe(meta_model(reload(tiny_llama).config))
+    for key, tensor in before.items():
+        if key in arch.by_weight_key():
+            kept = after[key] != 0
+            assert torch.equal(after[key][kept], tensor[kept])  # kept weights bit-identical
+        else:
+            assert torch.equal(after[key], tensor)
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (tiny_llama / name).read_bytes()
+
+
+def test_nm_pattern_and_inspect(tiny_llama, llama_stats, tmp_path):
+    out = tmp_path / "out"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "stade", "--pattern", "2:4", "-o", out)
+    summary = json.loads(run("inspect", out, "--json").stdout)
+    assert summary["nm_ok"] is True and summary["report_agrees"] is True
+    assert summary["overall"]["sparsity"] == pytest.approx(0.5)
+    report = json.loads((out / "stade_report.json").read_text())
+    for name, layer in summary["layers"].items():
+        assert layer["zeros"] == report["layers"][name]["zeros"]
+    text = run("inspect", out).stdout
+    assert "model.layers.1.mlp.down_proj" in text and "2:4" in text
+
+
+def test_eval_finite_and_json(tiny_llama, llama_stats, tmp_path):
+    out = tmp_path / "out"
+    run("prune", tiny_llama, "--stats", llama_stats, "-o", out)
+    plain = run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 3).stdout.strip()
+    assert math.isfinite(float(plain))
+    data = json.loads(run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 3, "--json").stdout)
+    assert data["windows"] == 3 and data["tokens"] == 3 * 31
+    assert data["ppl"] == pytest.approx(float(plain), rel=1e-4)
+
+
+def test_eval_matches_direct_computation(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from stade_cli.data import load_corpus
+
+    data = json.loads(run("eval", tiny_llama, "--dataset", "builtin", "--seqlen", 16, "--max-windows", 2,
+                          "--json").stdout)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tok(load_corpus("builtin", "evaluation").text(), return_tensors="pt").input_ids[0][:32].view(2, 16)
+    model = reload(tiny_llama)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in ids]  # mean over 15 predictions each
+    assert data["ppl"] == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
+
+
+def test_inspect_stats(llama_stats):
+    data = json.loads(run("inspect", llama_stats, "--json").stdout)
+    assert data["kind"] == "stats" and data["manifest"]["nsamples"] == 4
+    assert len(data["layers"]) == 14
+    manifest = data["manifest"]
+    assert manifest["format_version"] == 1 and manifest["model"]["fingerprint"]
+    assert sorted(map(len, manifest["shared_inputs"].values())) == [1, 1, 1, 1, 2, 2, 3, 3]  # q/k/v, gate/up
+
+
+def test_prune_without_stats_calibrates(tiny_llama, llama_stats, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("prune", tiny_llama, "--metric", "stade", "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, "-o", a)
+    run("prune", tiny_llama, "--metric", "stade", "--stats", llama_stats, "-o", b)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_refuses_existing_output_and_foreign_stats(tiny_factory, llama_stats, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run("prune", tiny_factory("llama"), "--stats", llama_stats, "-o", out, code=1)
+    assert "already exists" in r.stderr and "--force" in r.stderr
+    assert list(out.iterdir()) == []
+    run("prune", tiny_factory("llama"), "--stats", llama_stats, "-o", out, "--force")
+    assert (out / "stade_report.json").is_file()
+    r = run("prune", tiny_factory("qwen2"), "--stats", llama_stats, "-o", tmp_path / "o2", code=1)
+    assert "another model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_usage_errors(tiny_llama, llama_stats, tmp_path):
+    r = run("prune", tiny_llama, "--metric", "nope", "-o", tmp_path / "x", code=2)
+    assert "unknown metric" in r.stderr and "wanda" in r.stderr
+    r = run("prune", tiny_llama, "--stats", llama_stats, "--sparsity", 1.5, "-o", tmp_path / "x", code=2)
+    assert "[0, 1)" in r.stderr
+    r = run("prune", tiny_llama, "--stats", llama_stats, "--pattern", "2:4", "--sparsity", 0.7, "-o", tmp_path / "x",
+            code=2)
+    assert "contradicts" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_shell_pipeline(tiny_llama, tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    stade = shutil.which("stade", path=env["PATH"])
+    cmd = f'"{sys.executable}" -m stade_cli' if stade is None else "stade"
+    script = (f'{cmd} prune {tiny_llama} --metric wanda -o out --stats '
+              f'"$({cmd} calibrate {tiny_llama} -o s --dataset builtin --nsamples 2 --seqlen 16)" '
+              f'&& {cmd} eval out --dataset builtin --seqlen 16 --max-windows 2')
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "out" and math.isfinite(float(lines[1]))

@@ -1,0 +1,89 @@
+"""Mask selection checked against hand-computed values and an obviously-correct slow version."""
+import math
+
+import pytest
+import torch
+
+from stade_cli.errors import UsageError
+from stade_cli.masks import NM, Unstructured, lowest_k, parse_pattern
+
+
+def slow_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: per row, a stable ascending sort; the first k indices are pruned."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        order = sorted(range(scores.shape[1]), key=lambda j: (float(scores[r, j]), j))
+        mask[r, order[:k]] = True
+    return mask
+
+
+def test_lowest_k_by_hand():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0],
+                      [0.5, 0.1, 0.9, 0.7]])
+    assert lowest_k(s, 2).tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert lowest_k(s, 0).sum() == 0
+    assert lowest_k(s, 4).all()
+
+
+def test_ties_pruned_lowest_index_first():
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 0.0]])
+    assert lowest_k(s, 2).tolist() == [[True, True, False, False], [False, True, False, True]]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 16])
+def test_lowest_k_matches_stable_sort(k):
+    g = torch.Generator().manual_seed(k)
+    s = torch.randint(0, 5, (6, 16), generator=g).float()  # many ties
+    assert torch.equal(lowest_k(s, k), slow_lowest_k(s, k))
+
+
+def test_unstructured_row_exact_per_row_count():
+    s = torch.rand(7, 13, generator=torch.Generator().manual_seed(0))
+    for sp in (0.0, 0.3, 0.5, 0.77):
+        mask = Unstructured(sp).mask(s)
+        assert (mask.sum(1) == math.floor(sp * 13)).all()
+
+
+def test_unstructured_layer_group_is_global():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    mask = Unstructured(0.5, "layer").mask(s)
+    assert mask.tolist() == [[True, True], [True, False], [False, False]]
+
+
+def test_nm_by_hand():
+    s = torch.tensor([[1.0, 4.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
+    assert NM(2, 4).mask(s).tolist() == [[True, False, False, True, False, True, True, False]]
+    assert NM(1, 4).mask(s).tolist() == [[True, False, True, True, False, True, True, True]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2), (3, 8)])
+def test_nm_group_by_group(n, m):
+    s = torch.randn(5, 4 * m, generator=torch.Generator().manual_seed(m))
+    mask = NM(n, m).mask(s)
+    for r in range(5):
+        for g in range(4):
+            grp = s[r, g * m:(g + 1) * m]
+            kept = (~mask[r, g * m:(g + 1) * m]).nonzero().flatten()
+            assert len(kept) == n
+            assert set(kept.tolist()) == set(torch.topk(grp, n).indices.tolist())
+
+
+def test_masks_deterministic():
+    s = torch.randint(0, 3, (8, 32), generator=torch.Generator().manual_seed(1)).float()
+    assert torch.equal(Unstructured(0.5).mask(s), Unstructured(0.5).mask(s.clone()))
+    assert torch.equal(NM(2, 4).mask(s), NM(2, 4).mask(s.clone()))
+
+
+def test_parse_pattern():
+    assert parse_pattern("2:4", None) == NM(2, 4)
+    assert parse_pattern("4:8", 0.5) == NM(4, 8)
+    assert parse_pattern("unstructured", 0.6, "layer") == Unstructured(0.6, "layer")
+    for bad, sp in [("4:4", None), ("5:4", None), ("2:0", None), ("2:4", 0.6), ("blocky", 0.5),
+                    ("unstructured", 1.0), ("unstructured", -0.1), ("unstructured", None)]:
+        with pytest.raises(UsageError):
+            parse_pattern(bad, sp)
+
+
+def test_nm_width_must_divide():
+    with pytest.raises(UsageError, match="divisible by 8"):
+        NM(4, 8).check_width(12, "x")
