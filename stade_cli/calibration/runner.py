@@ -16,17 +16,15 @@ from ..arch import Architecture, context_length, describe
 from ..checkpoint import ModelSource, check_output, checkpoint_dtype, load_config, resolve_model
 from ..data import calibration_windows, load_corpus
 from ..errors import ModelError, UsageError
-from ..runtime import Reporter, resolve_device, resolve_dtype
+from ..runtime import Reporter, resolve_device, resolve_dtype, silence_transformers
 from .moments import Moments
 from .store import Stats, save_stats
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    silence_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - truncated shards, bad configs, ...
