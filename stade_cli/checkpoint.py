@@ -203,3 +203,120 @@ def _alive(pid: int) -> bool:
 def read_report(path: Path) -> dict | None:
     report = Path(path) / REPORT_NAME
     return json.loads(report.read_text()) if report.is_file() else None
+
+
+# ---------------------------------------------------------------- safetensors, tensor by tensor
+# A safetensors file is: 8 bytes (little-endian u64) header length N, N bytes of JSON
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data.
+# Reading the header ourselves lets prune copy untouched tensors as raw bytes and write each
+# pruned tensor as soon as it is ready: memory stays at a few tensors, not a shard.
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str            # safetensors dtype string, e.g. "BF16"
+    shape: tuple
+    begin: int            # offsets into the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[list[TensorEntry], dict, int]:
+    """(entries in data order, metadata, start of the data section); checks the file is complete."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError("header cut short")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read weight shard {path}: {exc}", "the file is truncated or corrupt") from None
+    metadata = header.pop("__metadata__", None) or {}
+    entries = sorted((TensorEntry(k, v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()),
+                     key=lambda e: e.begin)
+    data_len = max((e.end for e in entries), default=0)
+    if 8 + n + data_len > size:
+        raise ModelError(f"weight shard {path} is truncated ({size} bytes, its header needs {8 + n + data_len})",
+                         "re-download or re-save the checkpoint")
+    return entries, metadata, 8 + n
+
+
+def tensor_bytes(tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, any dtype (bfloat16 included)."""
+    import torch
+
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """Write a safetensors file sequentially: the header first (all sizes are known), then each tensor."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple, int]], metadata: dict | None):
+        import struct
+
+        header, offset = {}, 0
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+        self._order = [(name, nbytes) for name, _, _, nbytes in entries]
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, data) -> None:
+        """Append the next tensor's bytes (``data``: bytes-like); names must come in header order."""
+        expected, nbytes = self._order[self._next]
+        if name != expected or len(memoryview(data).cast("B")) != nbytes:
+            raise RuntimeError(f"shard writer: got {name} ({len(memoryview(data).cast('B'))} bytes), "
+                               f"expected {expected} ({nbytes} bytes)")
+        self._file.write(data)
+        self._next += 1
+
+    def copy(self, name: str, src, offset: int, nbytes: int, chunk: int = 64 << 20) -> None:
+        """Append the next tensor by copying ``nbytes`` raw bytes of the open file ``src`` from ``offset``."""
+        expected, size = self._order[self._next]
+        if name != expected or nbytes != size:
+            raise RuntimeError(f"shard writer: got {name} ({nbytes} bytes), expected {expected} ({size} bytes)")
+        src.seek(offset)
+        left = nbytes
+        while left:
+            data = src.read(min(chunk, left))
+            if not data:
+                raise ModelError(f"weight shard {src.name} ended early while reading {name}")
+            self._file.write(data)
+            left -= len(data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order) and not self._file.closed:
+            self._file.close()
+            raise RuntimeError(f"shard writer closed after {self._next} of {len(self._order)} tensors")
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()

@@ -18,7 +18,8 @@ from .errors import UsageError
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the k lowest scores of every row of scores: [rows, n] (k the same for all rows).
 
-    O(n) per row: a k-th value selection, then ties at the threshold resolved by index.
+    O(n) per row: a k-th value selection. Only rows with more ties at the threshold than needed take
+    the slower path that resolves them by index.
     """
     rows, n = scores.shape
     if k <= 0:
@@ -26,8 +27,11 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = scores.kthvalue(k, dim=1, keepdim=True).values        # [rows, 1]
+    mask = scores <= threshold
+    if bool((mask.sum(1) == k).all()):                                # no excess ties (the usual case)
+        return mask
     below = scores < threshold
-    at = scores == threshold
+    at = mask & ~below
     need = k - below.sum(1, keepdim=True)                             # how many ties to prune per row
     return below | (at & (at.cumsum(1) <= need))
 

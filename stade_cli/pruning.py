@@ -10,19 +10,19 @@ import datetime as _dt
 import json
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .arch import Architecture, Target, describe, meta_model
 from .calibration.moments import Moments
 from .calibration.runner import compute_stats
 from .calibration.store import Stats, load_stats
-from .checkpoint import (INDEX_NAME, REPORT_NAME, atomic_dir, check_output, copy_side_files, load_config,
-                         resolve_model, weight_files)
+from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, atomic_dir, check_output, copy_side_files,
+                         load_config, read_header, resolve_model, tensor_bytes, weight_files)
 from .errors import ModelError, UsageError
 from .masks import Pattern, parse_pattern
 from .metrics import Metric, get_metric
@@ -35,7 +35,7 @@ def prune_weight(weight: torch.Tensor, metric: Metric, pattern: Pattern, moments
     w = weight.to(device)                                  # [out, in]
     scores = metric.score(w.float(), moments.to(device) if moments is not None else None)
     mask = pattern.mask(scores)                            # True = prune
-    return w.masked_fill(mask, 0).cpu()
+    return torch.where(mask, torch.zeros((), dtype=w.dtype, device=w.device), w).cpu()
 
 
 def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | None = 0.5,
@@ -75,26 +75,45 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
 
 def _stream(src: Path, files: list[str], out: Path, arch: Architecture, met: Metric, pat: Pattern,
             st: Stats | None, dev: torch.device, force: bool, reporter: Reporter, make_report) -> dict:
+    """Read each shard tensor by tensor, prune targets on a small thread pool, write in the same order.
+
+    Untouched tensors are copied as raw bytes; a pruned tensor is written as soon as it is ready, so
+    reading, computing and writing overlap and only a few tensors are in memory at once.
+    """
     by_key = arch.by_weight_key()
     layers: dict[str, dict] = {}
-    with atomic_dir(out, force) as tmp:
-        for fname in reporter.track(files, "pruning", total=len(files)):
-            tensors, metadata = {}, None
-            try:
-                with safe_open(str(src / fname), framework="pt") as f:
-                    metadata = f.metadata()
-                    for key in f.keys():
-                        tensor = f.get_tensor(key)
-                        target = by_key.get(key)
-                        if target is not None:
-                            tensor = prune_weight(tensor, met, pat, st.moments[target.name] if st else None, dev)
-                            layers[target.name] = _layer_info(target, tensor)
-                        tensors[key] = tensor
-            except (SafetensorError, OSError) as exc:
-                raise ModelError(f"cannot read weight shard {src / fname}: {exc}",
-                                 "the file is truncated or corrupt; re-download it") from None
-            save_file(tensors, str(tmp / fname), metadata=metadata)
-            del tensors
+    workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
+    ahead = 2 * workers                                            # target tensors in flight
+
+    def job(target: Target, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        pruned = prune_weight(tensor, met, pat, st.moments[target.name] if st else None, dev)
+        return pruned, _layer_info(target, pruned)
+
+    with atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool:
+        total = sum((src / f).stat().st_size for f in files)
+        with reporter.task("pruning", total=total) as advance:
+            for fname in files:
+                entries, metadata, data_start = read_header(src / fname)
+                targets = [e for e in entries if e.name in by_key]
+                plan = [(e.name, e.dtype, e.shape, e.nbytes) for e in entries]
+                try:
+                    with safe_open(str(src / fname), framework="pt") as f, open(src / fname, "rb") as raw, \
+                            ShardWriter(tmp / fname, plan, metadata) as writer:
+                        futures: dict[str, Future] = {}
+                        queued = iter(targets)
+                        for entry in entries:
+                            while len(futures) < ahead and (nxt := next(queued, None)) is not None:
+                                futures[nxt.name] = pool.submit(job, by_key[nxt.name], f.get_tensor(nxt.name))
+                            if entry.name in futures:
+                                tensor, info = futures.pop(entry.name).result()
+                                layers[by_key[entry.name].name] = info
+                                writer.write(entry.name, tensor_bytes(tensor))
+                            else:
+                                writer.copy(entry.name, raw, data_start + entry.begin, entry.nbytes)
+                            advance(entry.nbytes)
+                except SafetensorError as exc:
+                    raise ModelError(f"cannot read weight shard {src / fname}: {exc}",
+                                     "the file is truncated or corrupt; re-download it") from None
         missing = [t.weight_key for t in arch.targets.values() if t.name not in layers]
         if missing:
             raise ModelError(f"the weight shards hold no tensor {missing[0]}",
