@@ -116,3 +116,43 @@ def context_length(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def bias_switches(config, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
+    """Config flags to turn on so that every linear named in ``needed`` has a bias.
+
+    Found generically: each boolean config field with "bias" in its name that is off is tried on a
+    meta-device model; a flag is used only if everything it adds is biases of linears (Llama's
+    ``attention_bias``/``mlp_bias``, Gemma's ``attention_bias``, ...). Returns the flags and every linear
+    that gains a bias through them (the siblings get zero biases). Raises if ``needed`` cannot be covered.
+    """
+    import copy
+
+    if not needed:
+        return {}, set()
+    base_model = meta_model(config)
+    base_keys = set(base_model.state_dict())
+    linears = {name for name, mod in base_model.named_modules() if isinstance(mod, nn.Linear)}
+    flags: dict[str, bool] = {}
+    gained: set[str] = set()
+    candidates = [k for k, v in sorted(config.to_dict().items()) if "bias" in k and v is False]
+    for flag in candidates + QUIRKS.get(config.model_type, {}).get("bias_flags", []):
+        if needed <= gained:
+            break
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        try:
+            added = set(meta_model(trial).state_dict()) - base_keys
+        except ModelError:
+            continue
+        owners = {k[: -len(".bias")] for k in added if k.endswith(".bias")}
+        if not added or len(owners) != len(added) or not owners <= linears or not owners & (needed - gained):
+            continue
+        flags[flag] = True
+        gained |= owners
+    missing = sorted(needed - gained)
+    if missing:
+        raise ModelError(f"this {config.model_type} model cannot hold a bias on {missing[0]} "
+                         f"({len(missing)} layer(s) in all), which bias correction needs",
+                         "pass --no-bias-correction, or --skip those layers")
+    return flags, gained

@@ -1,116 +1,335 @@
-"""Orchestration: stats + shards → scores → masks → output shards, one tensor at a time.
+"""Orchestration: stats + shards → scores → masks → [bias correction] → output shards, one tensor at a time.
 
-Pruning from cached moments needs no forward pass: every input shard is read tensor by tensor, target
-weights are scored and masked on the device, and the output shard is written before the next is read,
-so peak memory is about one shard whatever the model's size.
+One-shot mode (the default) needs no forward pass: every input shard is read tensor by tensor, target
+weights are scored and masked on the device from the dense model's cached moments, and written as soon
+as they are ready. ``--sequential`` first prunes the model block by block in memory (see
+``sequential.py``) and then writes the same way, applying its masks to the original tensors.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .arch import Architecture, Target, describe, meta_model
+from .arch import Architecture, Target, bias_switches, describe, meta_model
 from .calibration.moments import Moments
 from .calibration.runner import compute_stats
 from .calibration.store import Stats, load_stats
-from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, atomic_dir, check_output, copy_side_files,
-                         load_config, read_header, resolve_model, tensor_bytes, weight_files)
+from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atomic_dir, check_output,
+                         copy_side_files, load_config, read_header, resolve_model, tensor_bytes, weight_files)
 from .errors import ModelError, UsageError
-from .masks import Pattern, parse_pattern
-from .metrics import Metric, get_metric
+from .masks import NM, Pattern, parse_pattern
+from .metrics import LayerContext, MethodOptions, Metric, get_metric
 from .runtime import Reporter, resolve_device
+
+# A layer's outcome: the pruned weight (checkpoint dtype, CPU) and the bias change (float64, [out]) or None.
+Decision = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def select(weight: torch.Tensor, metric: Metric, pattern: Pattern, moments: Moments | None,
+           ctx: LayerContext) -> torch.Tensor:
+    """The prune mask (True = zero it) of weight [out, in] under ``metric`` and ``pattern``."""
+    scores = metric.score(weight.float(), moments.to(weight.device) if moments is not None else None, ctx)
+    return pattern.mask(scores)
+
+
+def bias_delta(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Σ_j (W_ij − W'_ij) μ_j for every row i: the mean contribution of the pruned weights, float64 [out]."""
+    removed = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return removed.double() @ mean.to(weight.device, torch.float64)
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the masked weights; kept weights keep their exact bits."""
+    return torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask stored at one bit per weight (masks of a whole model must fit in RAM)."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    import numpy as np
+
+    n = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
 
 
 def prune_weight(weight: torch.Tensor, metric: Metric, pattern: Pattern, moments: Moments | None,
-                 device: torch.device) -> torch.Tensor:
-    """The masked weight, same dtype as ``weight``; kept weights are bit-identical."""
-    w = weight.to(device)                                  # [out, in]
-    scores = metric.score(w.float(), moments.to(device) if moments is not None else None)
-    mask = pattern.mask(scores)                            # True = prune
-    return torch.where(mask, torch.zeros((), dtype=w.dtype, device=w.device), w).cpu()
+                 ctx: LayerContext, device: torch.device, correct_bias: bool = False) -> Decision:
+    w = weight.to(device)                                   # [out, in]
+    mask = select(w, metric, pattern, moments, ctx)
+    delta = bias_delta(w, mask, moments.mean) if correct_bias else None
+    return apply_mask(w, mask).cpu(), (delta.cpu() if delta is not None else None)
+
+
+@dataclass
+class Plan:
+    """Everything decided before the weights are written."""
+
+    arch: Architecture
+    metric: Metric
+    pattern: Pattern
+    contexts: dict[str, LayerContext]
+    corrected: set[str] = field(default_factory=set)           # layers whose bias absorbs the removed mean
+    bias_flags: dict[str, bool] = field(default_factory=dict)  # config switches turned on for those biases
+    new_biases: set[str] = field(default_factory=set)          # linears that gain a bias tensor (zeros or delta)
+    block_sparsity: dict[int, float] | None = None            # OWL: per-block sparsity
+
+    def pattern_for(self, target: Target) -> Pattern:
+        if self.block_sparsity is None:
+            return self.pattern
+        return self.pattern.with_sparsity(self.block_sparsity[target.block])
 
 
 def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | None = 0.5,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
+          bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
+          owl_lambda: float = 0.08, sequential: bool = False, ria_alpha: float = 0.5, stoch_beta: float = 0.1,
           dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None) -> dict:
-    """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it."""
+    """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
+
+    ``bias_correction`` None means the metric's default (on for stade and stadew).
+    """
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     met = get_metric(metric)
     pat = parse_pattern(pattern, sparsity, group)
+    _check_options(pat, layer_sparsity, owl_m, owl_lambda, ria_alpha, stoch_beta)
+    options = MethodOptions(ria_alpha=ria_alpha, stoch_beta=stoch_beta, seed=seed)
     dev = resolve_device(device)
     out = Path(out).expanduser()
     check_output(out, force)
     source = resolve_model(model)
     files = weight_files(source.path)
-    arch = describe(meta_model(load_config(source.path)), only=only, skip=skip)
+    config = load_config(source.path)
+    arch = describe(meta_model(config), only=only, skip=skip)
     if not arch.targets:
         raise UsageError("no layer left to prune", "check --only/--skip")
     for t in arch.targets.values():
         pat.check_width(t.in_features, t.name)
+    needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
+    _precheck_bias(config, arch, met, bias_correction, options)
 
     st: Stats | None = None
-    if met.needs_stats:
-        if stats is not None:
-            st = load_stats(Path(stats))
-            st.check_model(source.identity()["fingerprint"], arch.targets.values())
-        else:
-            st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
-                               only=only, skip=skip)
+    if stats is not None and (needs_moments or sequential):
+        st = load_stats(Path(stats))
+        st.check_model(source.identity()["fingerprint"], arch.targets.values())
+        if sequential:  # the pruned-model pass uses the same calibration windows as the cache
+            m = st.manifest
+            dataset, nsamples, seqlen, seed = m["dataset"], m["nsamples"], m["seqlen"], m["seed"]
+    elif needs_moments and not (sequential and layer_sparsity != "owl"):
+        st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
+                           only=only, skip=skip)
 
-    _stream(source.path, files, out, arch, met, pat, st, dev, force, reporter,
-            lambda layers: _report(met, pat, source, st, layers, t0))
+    reads_norm = {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in arch.targets} \
+        if st is not None else None
+    plan = Plan(arch, met, pat, contexts={})
+    if layer_sparsity == "owl":
+        plan.block_sparsity = owl_block_sparsity(source.path, files, arch, st, pat.target_sparsity, owl_m,
+                                                 owl_lambda, dev)
+        reporter.log("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan.block_sparsity.values()))
+
+    decisions: dict[str, Decision] | None = None
+    if sequential:
+        from .sequential import prune_sequential
+
+        decisions, reads_norm, seq_manifest = prune_sequential(
+            source, plan, options, bias_correction, dataset, nsamples, seqlen, seed, dev, dtype, batch_size,
+            reporter)
+        st_manifest = dict(st.manifest if st is not None else {}, sequential=seq_manifest)
+    else:
+        st_manifest = st.manifest if st is not None else None
+    plan.contexts = {n: LayerContext(n, (reads_norm or {}).get(n, False), options) for n in arch.targets}
+    if decisions is not None:
+        plan.corrected = {n for n, (_, delta) in decisions.items() if delta is not None}
+    elif st is not None:
+        plan.corrected = {n for n in arch.targets
+                          if (met.corrects_bias(plan.contexts[n]) if bias_correction is None else bias_correction)}
+    needed = {n for n in plan.corrected if not arch.targets[n].has_bias}
+    plan.bias_flags, plan.new_biases = bias_switches(config, needed)
+
+    if decisions is not None:
+        def decide(target: Target, tensor: torch.Tensor) -> Decision:
+            packed, delta = decisions[target.name]
+            return apply_mask(tensor, unpack_mask(packed, tensor.shape)), delta
+    else:
+        def decide(target: Target, tensor: torch.Tensor) -> Decision:
+            return prune_weight(tensor, met, plan.pattern_for(target), st.moments[target.name] if st else None,
+                                plan.contexts[target.name], dev, target.name in plan.corrected)
+
+    make_report = lambda layers: _report(plan, source, st_manifest, layers, t0, sequential, layer_sparsity,  # noqa: E731
+                                         dict(owl_m=owl_m, owl_lambda=owl_lambda), options)
+    _stream(source.path, files, out, plan, decide, dev, force, reporter, make_report)
     return json.loads((out / REPORT_NAME).read_text())
 
 
-def _stream(src: Path, files: list[str], out: Path, arch: Architecture, met: Metric, pat: Pattern,
-            st: Stats | None, dev: torch.device, force: bool, reporter: Reporter, make_report) -> dict:
-    """Read each shard tensor by tensor, prune targets on a small thread pool, write in the same order.
+def _precheck_bias(config, arch: Architecture, met: Metric, bias_correction: bool | None,
+                   options: MethodOptions) -> None:
+    """Refuse impossible bias corrections before any expensive work, when the layers concerned are known."""
+    if bias_correction is False:
+        return
+    if bias_correction is None:
+        by_role = {met.corrects_bias(LayerContext(n, r, options)) for n in ("",) for r in (False, True)}
+        if by_role != {True}:
+            return  # depends on which layers read a norm's output: checked once that is known
+    bias_switches(config, {n for n, t in arch.targets.items() if not t.has_bias})
+
+
+def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: float, ria_alpha: float,
+                   stoch_beta: float) -> None:
+    if layer_sparsity not in ("uniform", "owl"):
+        raise UsageError(f"--layer-sparsity must be uniform or owl (got {layer_sparsity})")
+    if layer_sparsity == "owl":
+        if isinstance(pat, NM):
+            raise UsageError("--layer-sparsity owl needs --pattern unstructured (N:M fixes every layer's sparsity)")
+        if not owl_lambda >= 0 or not pat.sparsity - owl_lambda >= 0 or not pat.sparsity + owl_lambda < 1:
+            raise UsageError(f"--owl-lambda {owl_lambda} takes block sparsities outside [0, 1) "
+                             f"around --sparsity {pat.sparsity}")
+        if not owl_m > 0:
+            raise UsageError(f"--owl-m must be positive (got {owl_m})")
+    if not math.isfinite(ria_alpha):
+        raise UsageError(f"--ria-alpha must be a finite number (got {ria_alpha})")
+    if not 0 < stoch_beta <= 1:
+        raise UsageError(f"--stoch-beta must be in (0, 1] (got {stoch_beta})")
+
+
+# ------------------------------------------------------------------------------------------- OWL
+def owl_outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """D = the fraction of all the scores that exceed m times their mean."""
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
+    count = sum(s.numel() for s in scores)
+    threshold = m * total / count
+    return sum(int((s > threshold).sum()) for s in scores) / count
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """S_l = S − (D̂_l − mean D̂), D̂_l = 2λ (D_l − min D) / (max D − min D): mean S, within S ± λ."""
+    lo, hi = min(ratios), max(ratios)
+    if hi == lo:
+        return [sparsity] * len(ratios)
+    scaled = [2 * lam * (d - lo) / (hi - lo) for d in ratios]
+    mean = sum(scaled) / len(scaled)
+    return [sparsity - (d - mean) for d in scaled]
+
+
+def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stats, sparsity: float,
+                       m: float, lam: float, device: torch.device) -> dict[int, float]:
+    """OWL from the dense model's Wanda scores |W_ij|·‖X_j‖₂, block by block."""
+    by_key = arch.by_weight_key()
+    per_block: dict[int, list[torch.Tensor]] = {}
+    for fname in files:
+        with safe_open(str(src / fname), framework="pt") as f:
+            for key in f.keys():
+                if key in by_key:
+                    t = by_key[key]
+                    w = f.get_tensor(key).to(device).float()
+                    per_block.setdefault(t.block, []).append(w.abs() * st.moments[t.name].norm.to(device, w.dtype))
+    blocks = sorted(per_block)
+    ratios = [owl_outlier_ratio(per_block[b], m) for b in blocks]
+    return dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _output_plan(entries: list[TensorEntry], plan: Plan, by_key: dict[str, Target]) -> list[tuple[str, str, tuple, int]]:
+    """The output shard's tensors in write order: a target's bias right after its weight."""
+    names = {e.name for e in entries}
+    moved = {f"{by_key[e.name].name}.bias" for e in entries if e.name in by_key
+             and by_key[e.name].name in plan.corrected and f"{by_key[e.name].name}.bias" in names}
+    out = []
+    by_name = {e.name: e for e in entries}
+    for e in entries:
+        if e.name in moved:
+            continue
+        out.append((e.name, e.dtype, e.shape, e.nbytes))
+        owner = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
+        bias_key = f"{owner}.bias"
+        if owner is None:
+            continue
+        if bias_key in moved:
+            b = by_name[bias_key]
+            out.append((b.name, b.dtype, b.shape, b.nbytes))
+        elif owner in plan.new_biases and bias_key not in names:
+            itemsize = e.nbytes // max(math.prod(e.shape), 1)
+            out.append((bias_key, e.dtype, (e.shape[0],), e.shape[0] * itemsize))
+    for target in (by_key[e.name] for e in entries if e.name in by_key):
+        if target.name in plan.corrected and target.has_bias and target.bias_key not in names:
+            raise ModelError(f"the bias of {target.name} is stored in another shard than its weight; "
+                             "bias correction cannot update it", "pass --no-bias-correction")
+    return out
+
+
+def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable[[Target, torch.Tensor], Decision],
+            dev: torch.device, force: bool, reporter: Reporter, make_report) -> dict:
+    """Read each shard tensor by tensor, decide targets on a small thread pool, write in order.
 
     Untouched tensors are copied as raw bytes; a pruned tensor is written as soon as it is ready, so
     reading, computing and writing overlap and only a few tensors are in memory at once.
     """
+    arch = plan.arch
     by_key = arch.by_weight_key()
     layers: dict[str, dict] = {}
+    added: dict[str, str] = {}                                     # new tensor → shard (for the index)
     workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
     ahead = 2 * workers                                            # target tensors in flight
 
-    def job(target: Target, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        pruned = prune_weight(tensor, met, pat, st.moments[target.name] if st else None, dev)
-        return pruned, _layer_info(target, pruned)
+    def job(target: Target, tensor: torch.Tensor) -> tuple[Decision, dict]:
+        pruned, delta = decide(target, tensor)
+        return (pruned, delta), _layer_info(target, pruned, plan)
 
     with atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool:
         total = sum((src / f).stat().st_size for f in files)
         with reporter.task("pruning", total=total) as advance:
             for fname in files:
                 entries, metadata, data_start = read_header(src / fname)
+                entry_by_name = {e.name: e for e in entries}
                 targets = [e for e in entries if e.name in by_key]
-                plan = [(e.name, e.dtype, e.shape, e.nbytes) for e in entries]
+                out_plan = _output_plan(entries, plan, by_key)
                 try:
                     with safe_open(str(src / fname), framework="pt") as f, open(src / fname, "rb") as raw, \
-                            ShardWriter(tmp / fname, plan, metadata) as writer:
+                            ShardWriter(tmp / fname, out_plan, metadata) as writer:
                         futures: dict[str, Future] = {}
                         queued = iter(targets)
-                        for entry in entries:
+                        biases: dict[str, torch.Tensor] = {}       # bias tensors to write next
+                        for name, *_ in out_plan:
                             while len(futures) < ahead and (nxt := next(queued, None)) is not None:
                                 futures[nxt.name] = pool.submit(job, by_key[nxt.name], f.get_tensor(nxt.name))
-                            if entry.name in futures:
-                                tensor, info = futures.pop(entry.name).result()
-                                layers[by_key[entry.name].name] = info
-                                writer.write(entry.name, tensor_bytes(tensor))
+                            entry = entry_by_name.get(name)
+                            if name in futures:
+                                (tensor, delta), info = futures.pop(name).result()
+                                target = by_key[name]
+                                layers[target.name] = info
+                                writer.write(name, tensor_bytes(tensor))
+                                bias = _new_bias(target, delta, tensor.dtype, plan, f)
+                                if bias is not None:
+                                    biases[target.bias_key] = bias
+                            elif name in biases:
+                                writer.write(name, tensor_bytes(biases.pop(name)))
+                            elif entry is None:                    # a zero bias for a sibling that is not pruned
+                                weight = entry_by_name[f"{name[: -len('.bias')]}.weight"]
+                                writer.write(name, tensor_bytes(torch.zeros(weight.shape[0],
+                                                                            dtype=_torch_dtype(weight.dtype))))
                             else:
-                                writer.copy(entry.name, raw, data_start + entry.begin, entry.nbytes)
-                            advance(entry.nbytes)
+                                writer.copy(name, raw, data_start + entry.begin, entry.nbytes)
+                            if entry is None:
+                                added[name] = fname
+                            else:
+                                advance(entry.nbytes)
                 except SafetensorError as exc:
                     raise ModelError(f"cannot read weight shard {src / fname}: {exc}",
                                      "the file is truncated or corrupt; re-download it") from None
@@ -118,30 +337,72 @@ def _stream(src: Path, files: list[str], out: Path, arch: Architecture, met: Met
         if missing:
             raise ModelError(f"the weight shards hold no tensor {missing[0]}",
                              "the checkpoint does not match its config")
-        if (src / INDEX_NAME).is_file():
-            shutil.copy2(src / INDEX_NAME, tmp / INDEX_NAME)
+        lost = sorted(f"{n}.bias" for n in plan.new_biases if f"{n}.bias" not in added)
+        if lost:
+            raise ModelError(f"no weight found for the new bias {lost[0]}")
         copy_side_files(src, tmp)
+        _write_index(src, tmp, added)
+        if plan.bias_flags:
+            config = json.loads((tmp / "config.json").read_text())
+            config.update(plan.bias_flags)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # the report is written last, inside the temp dir: a checkpoint with a report is complete
         (tmp / REPORT_NAME).write_text(json.dumps(make_report(layers), indent=2) + "\n")
     return layers
 
 
-def _layer_info(target: Target, weight: torch.Tensor) -> dict:
+def _new_bias(target: Target, delta: torch.Tensor | None, dtype: torch.dtype, plan: Plan, f) -> torch.Tensor | None:
+    """The bias to write for a pruned target: old bias (or zeros) + delta; None when the old one stays as is."""
+    if delta is None and target.name not in plan.new_biases:
+        return None
+    bias = f.get_tensor(target.bias_key).double() if target.has_bias else torch.zeros(target.out_features,
+                                                                                       dtype=torch.float64)
+    return (bias + delta if delta is not None else bias).to(dtype)
+
+
+def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    from .checkpoint import _SAFETENSORS_DTYPES
+
+    return getattr(torch, _SAFETENSORS_DTYPES[safetensors_dtype])
+
+
+def _write_index(src: Path, tmp: Path, added: dict[str, str]) -> None:
+    if not (src / INDEX_NAME).is_file():
+        return
+    index = json.loads((src / INDEX_NAME).read_text())
+    index.setdefault("weight_map", {}).update(added)
+    files = sorted(set(index["weight_map"].values()))
+    index.setdefault("metadata", {})["total_size"] = sum(
+        sum(e.nbytes for e in read_header(tmp / f)[0]) for f in files)
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _layer_info(target: Target, weight: torch.Tensor, plan: Plan) -> dict:
     zeros = int((weight == 0).sum())
     return {"block": target.block, "shape": [target.out_features, target.in_features],
-            "zeros": zeros, "sparsity": zeros / weight.numel()}
+            "zeros": zeros, "sparsity": zeros / weight.numel(),
+            "target_sparsity": plan.pattern_for(target).target_sparsity,
+            "bias_corrected": target.name in plan.corrected,
+            "reads_norm": plan.contexts[target.name].reads_norm if target.name in plan.contexts else None}
 
 
-def _report(met: Metric, pat: Pattern, source, st: Stats | None, layers: dict, t0: float) -> dict:
+def _report(plan: Plan, source, stats_manifest: dict | None, layers: dict, t0: float, sequential: bool,
+            layer_sparsity: str, owl: dict, options: MethodOptions) -> dict:
     zeros = sum(l["zeros"] for l in layers.values())
     params = sum(l["shape"][0] * l["shape"][1] for l in layers.values())
+    layers = {name: layers[name] for name in plan.arch.targets if name in layers}
     return {
         "tool": "stade", "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": met.name, "pattern": pat.name, "group": getattr(pat, "group", None),
-        "target_sparsity": pat.target_sparsity,
-        "mode": "one-shot",  # scores from the dense model's moments (no pruned-model forward passes)
-        "model": source.identity(), "stats": st.manifest if st is not None else None,
+        "method": plan.metric.name, "pattern": plan.pattern.name, "group": getattr(plan.pattern, "group", None),
+        "target_sparsity": plan.pattern.target_sparsity,
+        "mode": "sequential" if sequential else "one-shot",
+        "options": {"ria_alpha": options.ria_alpha, "stoch_beta": options.stoch_beta, "seed": options.seed},
+        "bias_correction": {"layers": len(plan.corrected), "config_flags": plan.bias_flags,
+                            "new_bias_tensors": len(plan.new_biases)},
+        "layer_sparsity": {"method": layer_sparsity, **(owl if layer_sparsity == "owl" else {}),
+                           "blocks": {str(b): s for b, s in (plan.block_sparsity or {}).items()}},
+        "model": source.identity(), "stats": stats_manifest,
         "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
         "seconds": round(time.perf_counter() - t0, 2),
         "layers": layers,

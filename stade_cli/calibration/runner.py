@@ -45,17 +45,39 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm, RMSNorm and their per-model subclasses (LlamaRMSNorm, GemmaRMSNorm, ...)."""
+    return "norm" in type(module).__name__.lower()
+
+
 class MomentCapture:
-    """Forward pre-hooks that accumulate Moments per target linear."""
+    """Forward pre-hooks that accumulate Moments per target linear, and note which linears read a norm's output.
+
+    A linear reads a norm's output when the tensor it receives is the very tensor a normalisation
+    module returned; norm outputs are remembered only until the end of their decoder block.
+    """
 
     def __init__(self, model: torch.nn.Module, arch: Architecture, device: torch.device):
         modules = dict(model.named_modules())
         self.moments = {name: Moments.zeros(t.in_features, device) for name, t in arch.targets.items()}
         self.leader: dict[str, str] = {}
+        self.reads_norm: dict[str, bool] = {}
         self._last_x: torch.Tensor | None = None
         self._last: Moments | None = None
         self._last_name = ""
+        self._norm_outputs: dict[int, torch.Tensor] = {}
         self._handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in arch.targets]
+        for block_name in arch.blocks:
+            block = modules[block_name]
+            self._handles += [m.register_forward_hook(self._norm_hook) for m in block.modules() if is_norm(m)]
+            self._handles.append(block.register_forward_hook(self._block_done))
+
+    def _norm_hook(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            self._norm_outputs[id(output)] = output  # keep it alive so its id stays unique
+
+    def _block_done(self, module, args, output):
+        self._norm_outputs.clear()
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -67,10 +89,12 @@ class MomentCapture:
             m.sum += self._last.sum
             m.sumsq += self._last.sumsq
             self.leader.setdefault(name, self._last_name)
+            self.reads_norm.setdefault(name, self._norm_outputs.get(id(x)) is x)
         return hook
 
     def end_batch(self) -> None:
         self._last_x = self._last = None  # release the activation
+        self._norm_outputs.clear()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -131,7 +155,8 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
         "dataset": dataset, "nsamples": nsamples, "seqlen": int(windows.shape[1]), "seed": seed,
         "dtype": str(dt).replace("torch.", ""), "device": str(dev), "tokens": int(windows.numel()),
         "seconds": round(seconds, 2),
-        "modules": {n: {"in_features": t.in_features, "block": t.block} for n, t in arch.targets.items()},
+        "modules": {n: {"in_features": t.in_features, "block": t.block,
+                        "reads_norm": capture.reads_norm.get(n, False)} for n, t in arch.targets.items()},
         "shared_inputs": capture.shared_inputs(),
     }
     moments = {name: m.to("cpu") for name, m in capture.moments.items()}

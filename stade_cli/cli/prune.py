@@ -17,10 +17,17 @@ def prune(
     ctx: typer.Context,
     model: ModelArg,
     output: Output,
-    metric: Annotated[str, typer.Option(help="Scoring method: magnitude | wanda | stade.")] = "wanda",
+    metric: Annotated[str, typer.Option(help="Scoring method: magnitude | wanda | stade | stadew | ria | stochria.")] = "wanda",
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to zero, in [0, 1) [default: 0.5; implied by an N:M pattern].", show_default=False)] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4): keep N of every M consecutive inputs.")] = "unstructured",
     group: Annotated[str, typer.Option(help="Comparison group for unstructured sparsity: row (per output row) or layer.")] = "row",
+    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Fold the pruned weights' mean contribution into the bias [default: on for stade and stadew, off otherwise].", show_default=False)] = None,
+    layer_sparsity: Annotated[str, typer.Option(help="uniform, or owl (Outlier Weighted Layerwise: blocks with more outliers keep more).")] = "uniform",
+    owl_m: Annotated[float, typer.Option(help="OWL: a score is an outlier above this many times its block's mean.")] = 5.0,
+    owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities stay within sparsity ± lambda.")] = 0.08,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
+    ria_alpha: Annotated[float, typer.Option(help="RIA: exponent a of the activation norm.")] = 0.5,
+    stoch_beta: Annotated[float, typer.Option(help="stochria: fraction of each row/column sampled for its sum.")] = 0.1,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` [default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
     skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears whose name matches dense.", show_default=False)] = None,
@@ -42,11 +49,13 @@ def prune(
     if sparsity is None and ":" not in pattern:
         sparsity = 0.5
     report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
-                         stats=stats, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                         stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
+                         owl_lambda=owl_lambda, sequential=sequential, ria_alpha=ria_alpha, stoch_beta=stoch_beta, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force,
                          reporter=st.reporter)
-    st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}): "
-                    f"{report['overall']['sparsity']:.2%} of their weights are zero")
+    st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}, "
+                    f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero; "
+                    f"{report['bias_correction']['layers']} bias-corrected")
     if st.json:
         emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from . import LayerContext, register
 
 
 @register("magnitude", needs_stats=False, summary="|W|")
-def score(weight: torch.Tensor, moments=None) -> torch.Tensor:
+def score(weight: torch.Tensor, moments=None, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]
     return weight.abs()

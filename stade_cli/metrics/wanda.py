@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..calibration.moments import Moments
-from . import register
+from . import LayerContext, register
 
 
 @register("wanda", needs_stats=True, summary="|W| · ‖X‖₂")
-def score(weight: torch.Tensor, moments: Moments) -> torch.Tensor:
+def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]; norm: [in] → broadcast over rows
     return weight.abs() * moments.norm.to(weight.device, weight.dtype)
