@@ -40,17 +40,25 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
-    """A local checkpoint directory, or a hub id downloaded (safetensors only) to the local cache."""
+    """A local checkpoint directory, or a hub id downloaded (safetensors only) to the local cache.
+
+    Every weight shard's header is checked here (cheap), so a missing or truncated shard fails before
+    any expensive work.
+    """
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{ref} is a file, not a checkpoint directory")
         if not (path / "config.json").is_file():
             raise ModelError(f"{ref} has no config.json", "point MODEL at a Hugging Face checkpoint directory")
-        return ModelSource(path.resolve(), ref)
-    if _looks_like_path(ref):
+        source = ModelSource(path.resolve(), ref)
+    elif _looks_like_path(ref):
         raise ModelError(f"model path {ref} does not exist")
-    return _from_hub(ref, revision)
+    else:
+        source = _from_hub(ref, revision)
+    for name in weight_files(source.path):
+        read_header(source.path / name)
+    return source
 
 
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
@@ -91,15 +99,22 @@ def weight_files(path: Path) -> list[str]:
     return files
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over the config and the weight files' names and sizes: cheap, and changes when the model does."""
+def fingerprint(path: Path, samples: int = 16, chunk: int = 4096) -> str:
+    """sha256 over the config, the weight files' names and sizes, and a few evenly spaced 4 KiB samples
+    of each file's bytes: cheap to compute, and it changes when the weights do (a fine-tuned variant of
+    the same architecture has the same names and sizes)."""
     h = hashlib.sha256()
     config = json.loads((path / "config.json").read_text())
     for volatile in ("_name_or_path", "transformers_version"):
         config.pop(volatile, None)
     h.update(json.dumps(config, sort_keys=True).encode())
     for name in weight_files(path):
-        h.update(f"{name}:{(path / name).stat().st_size}".encode())
+        size = (path / name).stat().st_size
+        h.update(f"{name}:{size}".encode())
+        with open(path / name, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - chunk) * i // max(samples - 1, 1)))
+                h.update(f.read(chunk))
     return h.hexdigest()[:16]
 
 
@@ -170,6 +185,16 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Fail before writing when the disk that will hold ``out`` has less than ``needed`` bytes free."""
+    probe = Path(out).expanduser().parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise OutputError(f"not enough disk space for {out}: {needed:,} bytes needed, {free:,} free")
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -8,11 +8,13 @@ as they are ready. ``--sequential`` first prunes the model block by block in mem
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,9 +27,9 @@ from .arch import Architecture, Target, bias_switches, describe, meta_model
 from .calibration.moments import Moments
 from .calibration.runner import compute_stats
 from .calibration.store import Stats, load_stats
-from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atomic_dir, check_output,
+from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atomic_dir, check_output, check_space,
                          copy_side_files, load_config, read_header, resolve_model, tensor_bytes, weight_files)
-from .errors import ModelError, UsageError
+from .errors import ModelError, OutputError, UsageError
 from .masks import NM, Pattern, parse_pattern
 from .metrics import LayerContext, MethodOptions, Metric, get_metric
 from .runtime import Reporter, resolve_device
@@ -117,6 +119,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     check_output(out, force)
     source = resolve_model(model)
     files = weight_files(source.path)
+    check_space(out, sum((source.path / f).stat().st_size for f in files))
     config = load_config(source.path)
     arch = describe(meta_model(config), only=only, skip=skip)
     if not arch.targets:
@@ -292,8 +295,9 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
         pruned, delta = decide(target, tensor)
         return (pruned, delta), _layer_info(target, pruned, plan)
 
-    with atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool:
-        total = sum((src / f).stat().st_size for f in files)
+    total = sum((src / f).stat().st_size for f in files)
+    with atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
+            _disk_full_is_an_error(out, total):
         with reporter.task("pruning", total=total) as advance:
             for fname in files:
                 entries, metadata, data_start = read_header(src / fname)
@@ -349,6 +353,17 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
         # the report is written last, inside the temp dir: a checkpoint with a report is complete
         (tmp / REPORT_NAME).write_text(json.dumps(make_report(layers), indent=2) + "\n")
     return layers
+
+
+@contextmanager
+def _disk_full_is_an_error(out: Path, needed: int):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise OutputError(f"the disk filled up while writing {out}; it needs about {needed:,} bytes",
+                          "free some space and run again; nothing was left behind") from None
 
 
 def _new_bias(target: Target, delta: torch.Tensor | None, dtype: torch.dtype, plan: Plan, f) -> torch.Tensor | None:

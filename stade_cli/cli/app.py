@@ -97,16 +97,31 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors too become one line on stderr (exit 2)."""
     import signal
 
-    def _term(signum, frame):  # SIGTERM behaves like Ctrl-C: cleanup runs, exit 143
+    # click's UsageError, whether typer uses click itself or its own vendored copy
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+    def _term(signum, frame):  # SIGTERM unwinds like Ctrl-C (temp output removed), exit 143
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, _term)
-    app(prog_name="stade")
+    try:
+        code = app(args=argv, prog_name="stade", standalone_mode=False)
+    except usage_error as exc:
+        command = f"stade {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "stade --help"
+        error(f"{exc.format_message()} (see `{command}`)")
+        code = exc.exit_code
+    except typer.Abort:
+        error("interrupted")
+        code = 130
+    except KeyboardInterrupt:
+        error("interrupted; no output was written")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
