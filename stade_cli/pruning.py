@@ -7,6 +7,7 @@ as they are ready. ``--sequential`` first prunes the model block by block in mem
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import json
@@ -29,9 +30,9 @@ from .calibration.runner import compute_stats
 from .calibration.store import Stats, load_stats
 from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atomic_dir, check_output, check_space,
                          copy_side_files, load_config, read_header, resolve_model, tensor_bytes, weight_files)
-from .errors import ModelError, OutputError, UsageError
+from .errors import ModelError, OutputError, StatsError, UsageError
 from .masks import NM, Pattern, parse_pattern
-from .metrics import LayerContext, MethodOptions, Metric, get_metric
+from .metrics import LayerContext, LayerStats, MethodOptions, Metric, get_metric
 from .runtime import Reporter, resolve_device
 
 # A layer's outcome: the pruned weight (checkpoint dtype, CPU) and the bias change (float64, [out]) or None.
@@ -40,20 +41,38 @@ Decision = tuple[torch.Tensor, "torch.Tensor | None"]
 
 def select(weight: torch.Tensor, metric: Metric, pattern: Pattern, moments: Moments | None,
            ctx: LayerContext) -> torch.Tensor:
-    """The prune mask (True = zero it) of weight [out, in] under ``metric`` and ``pattern``."""
+    """The prune mask (True = zero it) of weight [out, in] under a scoring ``metric`` and ``pattern``."""
     scores = metric.score(weight.float(), moments.to(weight.device) if moments is not None else None, ctx)
     return pattern.mask(scores)
 
 
-def bias_delta(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Σ_j (W_ij − W'_ij) μ_j for every row i: the mean contribution of the pruned weights, float64 [out]."""
-    removed = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-    return removed.double() @ mean.to(weight.device, torch.float64)
+def bias_delta(weight: torch.Tensor, new_weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Σ_j (W_ij − W'_ij) μ_j for every row i: the mean contribution the layer lost, float64 [out]."""
+    return (weight.double() - new_weight.double()) @ mean.to(weight.device, torch.float64)
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero the masked weights; kept weights keep their exact bits."""
     return torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+
+
+def decide_layer(weight: torch.Tensor, metric: Metric, pattern: Pattern, stats: LayerStats, ctx: LayerContext,
+                 correct_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(new weight in weight's dtype, prune mask, bias change or None) for one layer, on weight's device.
+
+    Scoring metrics only zero weights (kept ones keep their bits); solvers (SparseGPT, DSnoT) may
+    also change the kept weights.
+    """
+    if metric.solve is not None:
+        moments = stats.moments.to(weight.device) if stats.moments is not None else None
+        gram = stats.gram.to(weight.device) if stats.gram is not None else None
+        solved, mask = metric.solve(weight.float(), LayerStats(moments, gram), pattern, ctx)
+        new = apply_mask(solved.to(weight.dtype), mask)
+    else:
+        mask = select(weight, metric, pattern, stats.moments, ctx)
+        new = apply_mask(weight, mask)
+    delta = bias_delta(weight, new, stats.moments.mean) if correct_bias else None
+    return new, mask, delta
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -70,12 +89,10 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
 
 
-def prune_weight(weight: torch.Tensor, metric: Metric, pattern: Pattern, moments: Moments | None,
+def prune_weight(weight: torch.Tensor, metric: Metric, pattern: Pattern, stats: LayerStats,
                  ctx: LayerContext, device: torch.device, correct_bias: bool = False) -> Decision:
-    w = weight.to(device)                                   # [out, in]
-    mask = select(w, metric, pattern, moments, ctx)
-    delta = bias_delta(w, mask, moments.mean) if correct_bias else None
-    return apply_mask(w, mask).cpu(), (delta.cpu() if delta is not None else None)
+    new, _, delta = decide_layer(weight.to(device), metric, pattern, stats, ctx, correct_bias)
+    return new.cpu(), (delta.cpu() if delta is not None else None)
 
 
 @dataclass
@@ -100,7 +117,7 @@ class Plan:
 def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | None = 0.5,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
           bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
-          owl_lambda: float = 0.08, sequential: bool = False, ria_alpha: float = 0.5, stoch_beta: float = 0.1,
+          owl_lambda: float = 0.08, sequential: bool = False, options: MethodOptions | None = None,
           dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None) -> dict:
@@ -112,8 +129,10 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     t0 = time.perf_counter()
     met = get_metric(metric)
     pat = parse_pattern(pattern, sparsity, group)
-    _check_options(pat, layer_sparsity, owl_m, owl_lambda, ria_alpha, stoch_beta)
-    options = MethodOptions(ria_alpha=ria_alpha, stoch_beta=stoch_beta, seed=seed)
+    options = options or MethodOptions(seed=seed)
+    _check_options(pat, layer_sparsity, owl_m, owl_lambda, options)
+    if met.solve is not None and options.init not in ("dsnot", "r2dsnot"):
+        get_metric(options.init)
     dev = resolve_device(device)
     out = Path(out).expanduser()
     check_output(out, force)
@@ -129,16 +148,21 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
     _precheck_bias(config, arch, met, bias_correction, options)
 
+    needs_gram = met.needs_gram or (met.solve is not None and get_metric(options.init).needs_gram)
     st: Stats | None = None
     if stats is not None and (needs_moments or sequential):
         st = load_stats(Path(stats))
         st.check_model(source.identity()["fingerprint"], arch.targets.values())
+        if needs_gram and not sequential and not st.has_gram:
+            raise StatsError(f"{met.name if met.needs_gram else options.init} needs Gram matrices, "
+                             f"which the stats in {stats} do not hold",
+                             "make them with `stade calibrate --gram`, or prune --sequential")
         if sequential:  # the pruned-model pass uses the same calibration windows as the cache
             m = st.manifest
             dataset, nsamples, seqlen, seed = m["dataset"], m["nsamples"], m["seqlen"], m["seed"]
     elif needs_moments and not (sequential and layer_sparsity != "owl"):
         st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
-                           only=only, skip=skip)
+                           only=only, skip=skip, gram=needs_gram)
 
     reads_norm = {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in arch.targets} \
         if st is not None else None
@@ -154,7 +178,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
 
         decisions, reads_norm, seq_manifest = prune_sequential(
             source, plan, options, bias_correction, dataset, nsamples, seqlen, seed, dev, dtype, batch_size,
-            reporter)
+            reporter, gram=needs_gram)
         st_manifest = dict(st.manifest if st is not None else {}, sequential=seq_manifest)
     else:
         st_manifest = st.manifest if st is not None else None
@@ -169,12 +193,16 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
 
     if decisions is not None:
         def decide(target: Target, tensor: torch.Tensor) -> Decision:
-            packed, delta = decisions[target.name]
-            return apply_mask(tensor, unpack_mask(packed, tensor.shape)), delta
+            kept, delta = decisions[target.name]  # a packed mask, or the updated weight of a solver
+            if kept.dtype == torch.uint8:
+                return apply_mask(tensor, unpack_mask(kept, tensor.shape)), delta
+            return kept.to(tensor.dtype), delta
     else:
         def decide(target: Target, tensor: torch.Tensor) -> Decision:
-            return prune_weight(tensor, met, plan.pattern_for(target), st.moments[target.name] if st else None,
-                                plan.contexts[target.name], dev, target.name in plan.corrected)
+            layer = LayerStats(st.moments[target.name] if st else None,
+                               st.gram(target.name) if st is not None and needs_gram else None)
+            return prune_weight(tensor, met, plan.pattern_for(target), layer, plan.contexts[target.name], dev,
+                                target.name in plan.corrected)
 
     make_report = lambda layers: _report(plan, source, st_manifest, layers, t0, sequential, layer_sparsity,  # noqa: E731
                                          dict(owl_m=owl_m, owl_lambda=owl_lambda), options)
@@ -194,8 +222,8 @@ def _precheck_bias(config, arch: Architecture, met: Metric, bias_correction: boo
     bias_switches(config, {n for n, t in arch.targets.items() if not t.has_bias})
 
 
-def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: float, ria_alpha: float,
-                   stoch_beta: float) -> None:
+def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: float,
+                   options: MethodOptions) -> None:
     if layer_sparsity not in ("uniform", "owl"):
         raise UsageError(f"--layer-sparsity must be uniform or owl (got {layer_sparsity})")
     if layer_sparsity == "owl":
@@ -206,10 +234,18 @@ def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: 
                              f"around --sparsity {pat.sparsity}")
         if not owl_m > 0:
             raise UsageError(f"--owl-m must be positive (got {owl_m})")
-    if not math.isfinite(ria_alpha):
-        raise UsageError(f"--ria-alpha must be a finite number (got {ria_alpha})")
-    if not 0 < stoch_beta <= 1:
-        raise UsageError(f"--stoch-beta must be in (0, 1] (got {stoch_beta})")
+    if not math.isfinite(options.ria_alpha):
+        raise UsageError(f"--ria-alpha must be a finite number (got {options.ria_alpha})")
+    if not 0 < options.stoch_beta <= 1:
+        raise UsageError(f"--stoch-beta must be in (0, 1] (got {options.stoch_beta})")
+    if not options.percdamp >= 0:
+        raise UsageError(f"--percdamp must be non-negative (got {options.percdamp})")
+    if options.blocksize < 1:
+        raise UsageError(f"--blocksize must be at least 1 (got {options.blocksize})")
+    if options.dsnot_cycles < 0 or not options.dsnot_threshold >= 0:
+        raise UsageError("--dsnot-cycles and --dsnot-threshold must be non-negative")
+    if isinstance(pat, NM) and options.blocksize % pat.m:
+        raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
 
 
 # ------------------------------------------------------------------------------------------- OWL
@@ -412,7 +448,7 @@ def _report(plan: Plan, source, stats_manifest: dict | None, layers: dict, t0: f
         "method": plan.metric.name, "pattern": plan.pattern.name, "group": getattr(plan.pattern, "group", None),
         "target_sparsity": plan.pattern.target_sparsity,
         "mode": "sequential" if sequential else "one-shot",
-        "options": {"ria_alpha": options.ria_alpha, "stoch_beta": options.stoch_beta, "seed": options.seed},
+        "options": dataclasses.asdict(options),
         "bias_correction": {"layers": len(plan.corrected), "config_flags": plan.bias_flags,
                             "new_bias_tensors": len(plan.new_biases)},
         "layer_sparsity": {"method": layer_sparsity, **(owl if layer_sparsity == "owl" else {}),

@@ -73,7 +73,8 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
 
 def stats_report(path: Path) -> dict:
     stats = load_stats(path)
-    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "layers": stats_summary(stats)}
+    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "layers": stats_summary(stats),
+            "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0)}
 
 
 def inspect(path: str | Path, pattern: str | None = None) -> dict:

@@ -19,7 +19,7 @@ from .calibration.runner import MomentCapture, load_model, load_tokenizer
 from .checkpoint import ModelSource, checkpoint_dtype, load_config
 from .data import calibration_windows, load_corpus
 from .errors import UsageError
-from .metrics import LayerContext, MethodOptions
+from .metrics import LayerContext, LayerStats, MethodOptions
 from .runtime import Reporter, resolve_dtype
 
 
@@ -65,9 +65,9 @@ def _hidden(output) -> torch.Tensor:
 @torch.inference_mode()
 def prune_sequential(source: ModelSource, plan, options: MethodOptions, bias_correction: bool | None,
                      dataset: str, nsamples: int, seqlen: int | None, seed: int, device: torch.device,
-                     dtype: str, batch_size: int, reporter: Reporter):
+                     dtype: str, batch_size: int, reporter: Reporter, gram: bool = False):
     """Returns ({layer: (packed mask, bias delta or None)}, {layer: reads_norm}, a manifest of the run)."""
-    from .pruning import apply_mask, bias_delta, pack_mask, select
+    from .pruning import decide_layer, pack_mask
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -86,7 +86,7 @@ def prune_sequential(source: ModelSource, plan, options: MethodOptions, bias_cor
         block = modules[block_name]
         sub = Architecture(arch.model_type, [block_name],
                            {n: t for n, t in arch.targets.items() if t.block == index})
-        capture = MomentCapture(model, sub, device)
+        capture = MomentCapture(model, sub, device, gram=gram)
         try:
             for hidden, kwargs in records:
                 block(hidden, **kwargs)
@@ -98,17 +98,19 @@ def prune_sequential(source: ModelSource, plan, options: MethodOptions, bias_cor
             ctx = LayerContext(name, capture.reads_norm.get(name, False), options)
             reads_norm[name] = ctx.reads_norm
             moments = capture.moments[name]
+            gram_matrix = capture.grams.get(capture.leader.get(name, name)) if gram else None
             weight = linear.weight
-            mask = select(weight, plan.metric, plan.pattern_for(target), moments, ctx)
             correct = plan.metric.corrects_bias(ctx) if bias_correction is None else bias_correction
-            delta = bias_delta(weight, mask, moments.mean) if correct else None
-            linear.weight.copy_(apply_mask(weight, mask))
+            new, mask, delta = decide_layer(weight, plan.metric, plan.pattern_for(target),
+                                            LayerStats(moments, gram_matrix), ctx, correct)
+            linear.weight.copy_(new)
             if delta is not None:  # the next blocks see the corrected layer, as the checkpoint will
                 if linear.bias is None:
                     linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=device),
                                                requires_grad=False)
                 linear.bias.add_(delta.to(linear.bias.dtype))
-            decisions[name] = (pack_mask(mask), delta.cpu() if delta is not None else None)
+            kept = pack_mask(mask) if plan.metric.solve is None else new.cpu()
+            decisions[name] = (kept, delta.cpu() if delta is not None else None)
         records = [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in records]
     manifest = {"dataset": dataset, "nsamples": nsamples, "seqlen": int(windows.shape[1]), "seed": seed,
                 "dtype": str(dt).replace("torch.", ""), "device": str(device)}

@@ -45,6 +45,9 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
+GRAM_FLOAT64_MAX_WIDTH = 8192   # a float64 Gram of width 8192 is 512 MiB; wider ones stay float32
+
+
 def is_norm(module: torch.nn.Module) -> bool:
     """LayerNorm, RMSNorm and their per-model subclasses (LlamaRMSNorm, GemmaRMSNorm, ...)."""
     return "norm" in type(module).__name__.lower()
@@ -57,9 +60,11 @@ class MomentCapture:
     module returned; norm outputs are remembered only until the end of their decoder block.
     """
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture, device: torch.device):
+    def __init__(self, model: torch.nn.Module, arch: Architecture, device: torch.device, gram: bool = False):
         modules = dict(model.named_modules())
         self.moments = {name: Moments.zeros(t.in_features, device) for name, t in arch.targets.items()}
+        self.gram = gram
+        self.grams: dict[str, torch.Tensor] = {}       # by leader (first linear reading that input): Σ x xᵀ
         self.leader: dict[str, str] = {}
         self.reads_norm: dict[str, bool] = {}
         self._last_x: torch.Tensor | None = None
@@ -82,8 +87,10 @@ class MomentCapture:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]  # [batch, seq, in]
-            if x is not self._last_x:  # a new input tensor: its moments once
+            if x is not self._last_x:  # a new input tensor: its moments (and Gram) once
                 self._last_x, self._last, self._last_name = x, Moments.of(x), name
+                if self.gram:
+                    self._add_gram(name, x)
             m = self.moments[name]
             m.count += self._last.count
             m.sum += self._last.sum
@@ -91,6 +98,14 @@ class MomentCapture:
             self.leader.setdefault(name, self._last_name)
             self.reads_norm.setdefault(name, self._norm_outputs.get(id(x)) is x)
         return hook
+
+    def _add_gram(self, leader: str, x: torch.Tensor) -> None:
+        """H += Σ xxᵀ: the batch's product in float32, accumulated in float64 where the width allows."""
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()               # [tokens, in]
+        if leader not in self.grams:
+            dtype = torch.float64 if x2.shape[1] <= GRAM_FLOAT64_MAX_WIDTH else torch.float32
+            self.grams[leader] = torch.zeros(x2.shape[1], x2.shape[1], dtype=dtype, device=x2.device)
+        self.grams[leader] += (x2.T @ x2).to(self.grams[leader].dtype)
 
     def end_batch(self) -> None:
         self._last_x = self._last = None  # release the activation
@@ -109,12 +124,12 @@ class MomentCapture:
 
 @torch.inference_mode()
 def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: torch.device,
-                    batch_size: int = 1, reporter: Reporter | None = None) -> MomentCapture:
+                    batch_size: int = 1, reporter: Reporter | None = None, gram: bool = False) -> MomentCapture:
     """Forward ``windows`` [n, seqlen] through the decoder (no LM head) with hooks on every target."""
     reporter = reporter or Reporter()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    capture = MomentCapture(model, arch, device)
+    capture = MomentCapture(model, arch, device, gram=gram)
     body = model.base_model  # decoder stack without the LM head: its logits are not needed here
     try:
         batches = windows.split(batch_size)
@@ -128,7 +143,8 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
 
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
                   seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
-                  reporter: Reporter | None = None, only: str | None = None, skip: str | None = None) -> Stats:
+                  reporter: Reporter | None = None, only: str | None = None, skip: str | None = None,
+                  gram: bool = False) -> Stats:
     """Calibrate in memory: the Stats that ``calibrate`` would write."""
     reporter = reporter or Reporter()
     source = model if isinstance(model, ModelSource) else resolve_model(model)
@@ -147,7 +163,7 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     t0 = time.perf_counter()
     net = load_model(source, dev, dt)
     arch = describe(net, only=only, skip=skip)
-    capture = collect_moments(net, arch, windows, dev, batch_size, reporter)
+    capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram)
     seconds = time.perf_counter() - t0
     manifest = {
         "model": source.identity(),
@@ -160,13 +176,17 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
         "shared_inputs": capture.shared_inputs(),
     }
     moments = {name: m.to("cpu") for name, m in capture.moments.items()}
-    return Stats(manifest, moments)
+    grams = {leader: h.cpu() for leader, h in capture.grams.items()}
+    if gram:
+        manifest["gram"] = {"groups": capture.shared_inputs(),
+                            "blocks": {leader: arch.targets[leader].block for leader in grams}}
+    return Stats(manifest, moments, grams=grams)
 
 
 def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
               seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1, force: bool = False,
-              reporter: Reporter | None = None) -> Path:
+              gram: bool = False, reporter: Reporter | None = None) -> Path:
     """Calibrate ``model`` and write the STATS directory ``out``; returns its path."""
     check_output(Path(out), force)  # fail before the expensive part
-    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter)
+    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram)
     return save_stats(Path(out), stats, force)

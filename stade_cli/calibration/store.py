@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -22,12 +22,43 @@ FORMAT = "stade-stats"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MOMENTS_FILE = "moments.safetensors"
+GRAM_DIR = "gram"
+
+
+def gram_file(block: int) -> str:
+    return f"block_{block:04d}.safetensors"
 
 
 @dataclass
 class Stats:
     manifest: dict
     moments: dict[str, Moments] = field(default_factory=dict)   # by module name
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # in memory, by leader (fresh calibration)
+    path: Path | None = None                                      # on disk: Gram files read on demand
+
+    @property
+    def has_gram(self) -> bool:
+        return "gram" in self.manifest
+
+    def gram(self, name: str) -> torch.Tensor:
+        """H = Σ x xᵀ over the calibration tokens of layer ``name``'s input: [in, in] (shared by q/k/v, ...)."""
+        info = self.manifest.get("gram")
+        if info is None:
+            raise StatsError("these stats hold no Gram matrices", "make them with `stade calibrate --gram`")
+        leader = next((lead for lead, members in info["groups"].items() if name in members), None)
+        if leader is None:
+            raise StatsError(f"the stats hold no Gram matrix for {name}", "re-run `stade calibrate --gram`")
+        if leader in self.grams:
+            return self.grams[leader]
+        file = self.path / GRAM_DIR / gram_file(info["blocks"][leader])
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                h = f.get_tensor(leader)
+        except (OSError, SafetensorError) as exc:
+            raise StatsError(f"cannot read the Gram matrix of {name} from {file}: {exc}") from None
+        if not torch.isfinite(h).all():
+            raise StatsError(f"the Gram matrix of {name} contains NaN or Inf", "re-calibrate in float32")
+        return h
 
     def check_model(self, fingerprint: str, targets) -> None:
         """Refuse stats made for another model, or lacking a layer / with the wrong width."""
@@ -55,6 +86,15 @@ def save_stats(out: Path, stats: Stats, force: bool = False) -> Path:
     out = Path(out).expanduser()
     with atomic_dir(out, force) as tmp:
         save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
+        if stats.grams:  # one file per block, so that prune can stream them
+            (tmp / GRAM_DIR).mkdir()
+            by_block: dict[int, dict[str, torch.Tensor]] = {}
+            for leader, h in stats.grams.items():
+                by_block.setdefault(manifest["gram"]["blocks"][leader], {})[leader] = h.contiguous()
+            for block, grams in sorted(by_block.items()):
+                save_file(grams, str(tmp / GRAM_DIR / gram_file(block)), metadata={"format": FORMAT})
+            manifest["gram"] = dict(manifest["gram"], bytes=sum(h.numel() * h.element_size()
+                                                                for h in stats.grams.values()))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -99,7 +139,11 @@ def load_stats(path: Path) -> Stats:
         if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
             raise StatsError(f"moments of {name} contain NaN or Inf", "re-calibrate, e.g. in float32 (--dtype float32)")
         moments[name] = Moments(int(count.reshape(-1)[0]), s.to(torch.float64), sq.to(torch.float64))
-    return Stats(manifest, moments)
+    if "gram" in manifest:
+        missing = [b for b in set(manifest["gram"]["blocks"].values()) if not (path / GRAM_DIR / gram_file(b)).is_file()]
+        if missing:
+            raise StatsError(f"{path / GRAM_DIR} lacks {gram_file(min(missing))}", "re-run `stade calibrate --gram`")
+    return Stats(manifest, moments, path=path)
 
 
 def stats_summary(stats: Stats) -> list[dict]:

@@ -1,6 +1,8 @@
 """`stade calibrate MODEL -o STATS`: cache per-layer input moments. stdout: the STATS path."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from .app import app, handle_errors, state
@@ -21,6 +23,7 @@ def calibrate(
     device: Device = "auto",
     dtype: DType = "auto",
     batch_size: BatchSize = 1,
+    gram: Annotated[bool, typer.Option("--gram", help="Also accumulate the Gram matrix Σxxᵀ per distinct input (for sparsegpt).")] = False,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -30,5 +33,6 @@ def calibrate(
     from ..calibration.runner import calibrate as calibrate_model  # lazy: keeps `stade --help` fast
 
     path = calibrate_model(model, output, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           device=device, dtype=dtype, batch_size=batch_size, force=force, reporter=st.reporter)
+                           device=device, dtype=dtype, batch_size=batch_size, force=force, gram=gram,
+                           reporter=st.reporter)
     emit_json({"stats": str(path)}) if st.json else emit_line(str(path))

@@ -1,0 +1,89 @@
+"""DSnoT, Dynamic Sparse No Training (Zhang et al., 2023): refine an initial mask, row by row, by swapping
+a pruned weight back in for a kept one, so that the row's expected output error shrinks.
+
+For row i with prune mask M (from --init, default wanda), D_ij = W_ij μ_j and the expected error of the
+row's output is e_i = Σ_{j pruned} D_ij. Each cycle (at most --dsnot-cycles, default 50), vectorised
+over rows:
+- regrow r: among pruned, not yet swapped weights, the one with the largest sign(e_i) · D_ir / σ_r^p
+  (p = --dsnot-pow, default 1: it moves e toward 0 most, per unit of the channel's spread);
+- prune p: among kept, not yet swapped weights whose D_ip has the opposite sign of e_i (unstructured), or
+  among kept weights of r's own M-group (N:M), the one with the lowest Wanda score |W_ip| ‖X_p‖₂;
+- the swap is accepted while |e_i| > --dsnot-threshold (default 0.1) and the new error
+  e_i + D_ip − D_ir keeps e_i's sign and is smaller in size; a row that rejects a swap stops.
+Every row keeps its number of pruned weights (and N:M its groups) by construction.
+Differences from the reference code, on purpose: every target linear is refined (the reference skips
+the MLP); under N:M, where the pruned weight is not sign-constrained, a swap must also shrink |e_i|
+(the reference can let it grow); its growth score divides by var^pow = σ^(2·pow) (--dsnot-pow 2);
+its mean x̄ is a per-sequence sum (seqlen × ours), so its threshold 0.1 corresponds to 0.1/seqlen here.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..masks import NM
+from . import LayerContext, LayerStats, get_metric, register_solver
+
+
+def initial(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, mask) to start from: --init's mask; a solver's updated kept weights, dense values elsewhere."""
+    init = get_metric(ctx.options.init)
+    if init.name in ("dsnot", "r2dsnot"):
+        from ..errors import UsageError
+
+        raise UsageError(f"--init {init.name} would refine itself; choose a scoring metric or sparsegpt")
+    if init.solve is not None:
+        new, mask = init.solve(weight, stats, pattern, ctx)
+        return torch.where(mask, weight, new), mask
+    scores = init.score(weight, stats.moments if init.needs_stats else None, ctx)
+    return weight, pattern.mask(scores)
+
+
+def refine(w: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor, keep_score: torch.Tensor, d: torch.Tensor,
+           pattern, threshold: torch.Tensor | float, cycles: int) -> torch.Tensor:
+    """The DSnoT swap loop. w, mask, grow (regrow priority), keep_score (prune the lowest), d = W·μ: [out, in]."""
+    mask = mask.clone()
+    rows = torch.arange(w.shape[0], device=w.device)
+    e = (d * mask).sum(1)                                           # [out] expected error of each row
+    sign = torch.sign(e)
+    active = e.abs() > threshold
+    touched = torch.zeros_like(mask)
+    nm = pattern if isinstance(pattern, NM) else None
+    neg_inf, pos_inf = float("-inf"), float("inf")
+    cols = torch.arange(w.shape[1], device=w.device)
+    for _ in range(cycles):
+        if not bool(active.any()):
+            break
+        g = torch.where(mask & ~touched, grow * sign[:, None], neg_inf)
+        r = g.argmax(1)
+        ok = torch.isfinite(g[rows, r])
+        if nm is None:
+            candidates = ~mask & ~touched & (d * sign[:, None] < 0)
+        else:
+            start = (r // nm.m) * nm.m
+            candidates = ~mask & ~touched & (cols[None, :] >= start[:, None]) & (cols[None, :] < start[:, None] + nm.m)
+        s = torch.where(candidates, keep_score, pos_inf)
+        p = s.argmin(1)
+        ok &= torch.isfinite(s[rows, p])
+        e_new = e + d[rows, p] - d[rows, r]
+        accept = active & ok & (torch.sign(e_new) == sign) & (e_new.abs() < e.abs())
+        idx = rows[accept]
+        mask[idx, r[accept]] = False
+        mask[idx, p[accept]] = True
+        touched[idx, r[accept]] = True
+        touched[idx, p[accept]] = True
+        e = torch.where(accept, e_new, e)
+        active = accept & (e.abs() > threshold)
+    return mask
+
+
+@register_solver("dsnot", "DSnoT mask refinement from --init (Zhang et al.)")
+def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    opts = ctx.options
+    values, mask = initial(weight, stats, pattern, ctx)
+    m = stats.moments
+    mean, std, norm = (t.to(weight.device, torch.float32) for t in (m.mean, m.std, m.norm))
+    d = values * mean                                               # [out, in]
+    grow = d / std.clamp_min(1e-8).pow(opts.dsnot_pow)
+    wanda = values.abs() * norm
+    mask = refine(values, mask, grow, wanda, d, pattern, opts.dsnot_threshold, opts.dsnot_cycles)
+    return torch.where(mask, torch.zeros((), device=weight.device), values), mask

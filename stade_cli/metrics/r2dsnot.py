@@ -1,0 +1,42 @@
+"""R²-DSnoT (Symmetric Pruning, Yi & Richtárik, arXiv 2501.18980): DSnoT with relative-importance
+reweighting and a regularised decision boundary.
+
+What the paper says of it, as far as it could be checked here (its full text was not reachable from
+this machine; its reviews describe it): DSnoT plus (1) relative-importance reweighting of the
+regrow/prune criteria, better in one phase than in both, (2) a regularised decision boundary with
+hyperparameters γ, (3) a square-root activation term. The rule implemented here, exactly:
+- prune criterion (which kept weight leaves): a blend of Wanda and RIA, each normalised by its layer
+  mean, c_ij = (1 − γ₁) · |W_ij| ‖X_j‖₂ / mean + γ₁ · RI_ij / mean with
+  RI_ij = (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|) · ‖X_j‖₂^½  (--r2-gamma1, default 0.5);
+- regrow criterion: DSnoT's, D_ij / σ_j^p with D_ij = W_ij μ_j (reweighting only the prune phase);
+- decision boundary: a row keeps swapping while |e_i| > τ + γ₂ · s_i, where τ = --dsnot-threshold and
+  s_i = sqrt(Σ_j W_ij² σ_j²) is the standard deviation of the row's dense output (--r2-gamma2, default
+  0.1): rows whose output varies widely stop at a proportionally larger error, instead of one absolute
+  threshold for every row of every layer; the sign rule and cycle limit are DSnoT's.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import LayerContext, LayerStats, register_solver
+from .dsnot import initial, refine
+from .ria import relative_importance
+
+
+@register_solver("r2dsnot", "R²-DSnoT: DSnoT with relative importance and a regularised boundary")
+def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    opts = ctx.options
+    values, mask = initial(weight, stats, pattern, ctx)
+    m = stats.moments
+    mean, std, norm = (t.to(weight.device, torch.float32) for t in (m.mean, m.std, m.norm))
+    absw = values.abs()
+    d = values * mean
+    grow = d / std.clamp_min(1e-8).pow(opts.dsnot_pow)
+    wanda = absw * norm
+    ri = relative_importance(absw, absw.sum(0), absw.sum(1)) * norm.sqrt()
+    g1 = opts.r2_gamma1
+    keep = (1 - g1) * wanda / wanda.mean().clamp_min(1e-30) + g1 * ri / ri.mean().clamp_min(1e-30)
+    spread = (values.square() @ std.square()).sqrt()                 # [out] std of each row's dense output
+    threshold = opts.dsnot_threshold + opts.r2_gamma2 * spread
+    mask = refine(values, mask, grow, keep, d, pattern, threshold, opts.dsnot_cycles)
+    return torch.where(mask, torch.zeros((), device=weight.device), values), mask
