@@ -44,6 +44,10 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
                     zeros = int((w == 0).sum())
                     layers[target.name] = {"block": target.block, "shape": list(w.shape), "zeros": zeros,
                                            "params": w.numel(), "sparsity": zeros / w.numel()}
+                    expected = ((report or {}).get("layers", {}).get(target.name) or {}).get(
+                        "target_sparsity", (report or {}).get("target_sparsity"))
+                    if expected is not None:  # floor(S·width) per row: within one weight per row of S
+                        layers[target.name]["off_target"] = abs(zeros / w.numel() - expected) > 1 / w.shape[1] + 1e-9
                     if nm is not None:
                         layers[target.name]["nm_ok"] = nm_conforms(w, nm.n, nm.m)
         except (SafetensorError, OSError) as exc:
@@ -71,17 +75,57 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     return summary
 
 
+def compare_checkpoints(a: Path, b: Path) -> dict:
+    """Which target layers differ between two checkpoints of the same architecture, and by how many weights."""
+    sa, sb = resolve_model(str(a)), resolve_model(str(b))
+    arch = describe(meta_model(load_config(sa.path)))
+    other = describe(meta_model(load_config(sb.path)))
+    if set(arch.targets) != set(other.targets):
+        raise StadeError(f"{a} and {b} do not have the same layers; they cannot be compared")
+    keys = arch.by_weight_key()
+    where_b = {k: f for f in weight_files(sb.path) for k in _keys(sb.path / f)}
+    layers = {}
+    for fname in weight_files(sa.path):
+        with safe_open(str(sa.path / fname), framework="pt") as fa:
+            for key in fa.keys():
+                if key not in keys:
+                    continue
+                with safe_open(str(sb.path / where_b[key]), framework="pt") as fb:
+                    wb = fb.get_tensor(key)
+                wa = fa.get_tensor(key)
+                if wa.shape != wb.shape:
+                    raise StadeError(f"{key} has shape {tuple(wa.shape)} in {a} but {tuple(wb.shape)} in {b}")
+                za, zb = wa == 0, wb == 0
+                layers[keys[key].name] = {"block": keys[key].block, "params": wa.numel(),
+                                          "changed": int((wa != wb).sum()), "mask_changed": int((za != zb).sum()),
+                                          "sparsity_a": float(za.float().mean()), "sparsity_b": float(zb.float().mean())}
+    layers = {n: layers[n] for n in arch.targets if n in layers}
+    return {"kind": "comparison", "a": str(sa.path), "b": str(sb.path),
+            "differing_layers": [n for n, l in layers.items() if l["changed"]],
+            "changed": sum(l["changed"] for l in layers.values()),
+            "params": sum(l["params"] for l in layers.values()), "layers": layers}
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
 def stats_report(path: Path) -> dict:
     stats = load_stats(path)
-    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "layers": stats_summary(stats),
+    # the layers whose inputs have the largest means first: there STADE (σ) and Wanda (‖X‖) disagree most
+    layers = sorted(stats_summary(stats), key=lambda r: -r["mean_abs_mean"])
+    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "layers": layers,
             "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0)}
 
 
-def inspect(path: str | Path, pattern: str | None = None) -> dict:
-    """A STATS dir (has manifest.json) or a checkpoint dir (has config.json), summarised."""
+def inspect(path: str | Path, pattern: str | None = None, against: str | Path | None = None) -> dict:
+    """A STATS dir (has manifest.json) or a checkpoint dir (has config.json), summarised; or two checkpoints compared."""
     p = Path(path).expanduser()
     if not p.exists():
         raise StadeError(f"{path} does not exist")
+    if against is not None:
+        return compare_checkpoints(p, Path(against).expanduser())
     if (p / MANIFEST).is_file():
         return stats_report(p)
     return checkpoint_summary(p, pattern)

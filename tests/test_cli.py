@@ -173,3 +173,31 @@ def test_shell_pipeline(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "out" and math.isfinite(float(lines[1]))
+
+
+def test_inspect_against_and_off_target(tiny_llama, llama_stats, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "wanda", "-o", a)
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "wanda", "--skip", r"layers\.1\.", "-o", b)
+    cmp = json.loads(run("inspect", a, "--against", b, "--json").stdout)
+    assert cmp["kind"] == "comparison"
+    assert set(cmp["differing_layers"]) == {n for n in cmp["layers"] if ".layers.1." in n}
+    assert cmp["layers"]["model.layers.1.mlp.up_proj"]["changed"] == 64 * 32 // 2
+    assert cmp["layers"]["model.layers.0.mlp.up_proj"]["changed"] == 0
+    assert "layers differ" in run("inspect", a, "--against", b).stdout
+    # a layer edited after pruning is flagged as off target
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(a / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.ones_like(sd["model.layers.0.mlp.up_proj.weight"])
+    save_file(sd, a / "model.safetensors", metadata={"format": "pt"})
+    summary = json.loads(run("inspect", a, "--json").stdout)
+    assert [n for n, l in summary["layers"].items() if l["off_target"]] == ["model.layers.0.mlp.up_proj"]
+    assert summary["report_agrees"] is False
+    assert "differ from the target" in run("inspect", a).stdout
+
+
+def test_inspect_stats_largest_means_first(llama_stats):
+    layers = json.loads(run("inspect", llama_stats, "--json").stdout)["layers"]
+    means = [l["mean_abs_mean"] for l in layers]
+    assert means == sorted(means, reverse=True)

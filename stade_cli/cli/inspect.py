@@ -18,6 +18,7 @@ def inspect(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A checkpoint directory or a STATS directory.", show_default=False)],
     pattern: Annotated[Optional[str], typer.Option(help="N:M pattern to check conformance against [default: the report's].", show_default=False)] = None,
+    against: Annotated[Optional[Path], typer.Option(help="Compare PATH with this checkpoint: which layers differ, how many weights changed.", show_default=False)] = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -25,13 +26,16 @@ def inspect(
     st = state(ctx, json_out, quiet)
     from ..report import inspect as inspect_path  # lazy: keeps `stade --help` fast
 
-    summary = inspect_path(path, pattern)
+    summary = inspect_path(path, pattern, against)
     if st.json:
         emit_json(summary)
-    elif summary["kind"] == "stats":
-        render_stats(summary)
     else:
-        render_checkpoint(summary)
+        {"stats": render_stats, "checkpoint": render_checkpoint, "comparison": render_comparison}[summary["kind"]](summary)
+
+
+def bar(fraction: float, width: int = 24) -> str:
+    full = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * full + "·" * (width - full)
 
 
 def render_checkpoint(s: dict) -> None:
@@ -43,7 +47,8 @@ def render_checkpoint(s: dict) -> None:
     if nm:
         table.add_column(s["pattern"], justify="center")
     for name, l in s["layers"].items():
-        row = [name, "×".join(map(str, l["shape"])), f"{l['zeros']:,}", f"{l['sparsity']:.2%}"]
+        sparsity = f"{l['sparsity']:.2%}" if not l.get("off_target") else f"[bold yellow]{l['sparsity']:.2%}[/]"
+        row = [name, "×".join(map(str, l["shape"])), f"{l['zeros']:,}", sparsity]
         if nm:
             row.append("ok" if l["nm_ok"] else "[red]no[/]")
         table.add_row(*row)
@@ -51,9 +56,14 @@ def render_checkpoint(s: dict) -> None:
     blocks = Table(title="per block")
     for col in ("block", "zeros", "params", "sparsity"):
         blocks.add_column(col, justify="right")
+    blocks.add_column("", justify="left")
     for b in s["blocks"]:
-        blocks.add_row(str(b["block"]), f"{b['zeros']:,}", f"{b['params']:,}", f"{b['sparsity']:.2%}")
+        blocks.add_row(str(b["block"]), f"{b['zeros']:,}", f"{b['params']:,}", f"{b['sparsity']:.2%}",
+                       f"[cyan]{bar(b['sparsity'])}[/]")
     console.print(blocks)
+    off = [n for n, l in s["layers"].items() if l.get("off_target")]
+    if off:
+        console.print(f"[bold yellow]{len(off)} layer(s) differ from the target sparsity[/] (highlighted above)")
     o = s["overall"]
     line = f"overall: {o['zeros']:,} / {o['params']:,} zero ({o['sparsity']:.2%})"
     if "report_agrees" in s:
@@ -67,7 +77,9 @@ def render_stats(s: dict) -> None:
     console.print(f"stats for {m['model']['ref']} (fingerprint {m['model']['fingerprint']}): "
                   f"{m['dataset']}, {m['nsamples']} × {m['seqlen']} tokens, seed {m['seed']}, {m['dtype']}",
                   highlight=False, markup=False)
-    table = Table()
+    if s.get("gram_bytes"):
+        console.print(f"Gram matrices: {s['gram_bytes']:,} bytes", highlight=False)
+    table = Table(title="layers by mean |μ| (largest first: where STADE and Wanda disagree most)")
     for col, justify in (("layer", "left"), ("in", "right"), ("mean |μ|", "right"), ("mean σ", "right"),
                          ("max σ", "right"), ("max |μ|", "right")):
         table.add_column(col, justify=justify)
@@ -75,3 +87,18 @@ def render_stats(s: dict) -> None:
         table.add_row(r["name"], str(r["in_features"]), f"{r['mean_abs_mean']:.4g}", f"{r['mean_std']:.4g}",
                       f"{r['max_std']:.4g}", f"{r['max_abs_mean']:.4g}")
     console.print(table)
+
+
+def render_comparison(s: dict) -> None:
+    console = stdout_console()
+    table = Table(title=f"{s['a']}  vs  {s['b']}")
+    for col, justify in (("layer", "left"), ("changed", "right"), ("mask changed", "right"),
+                         ("sparsity A", "right"), ("sparsity B", "right")):
+        table.add_column(col, justify=justify)
+    for name, l in s["layers"].items():
+        style = "" if l["changed"] else "dim"
+        table.add_row(name, f"{l['changed']:,}", f"{l['mask_changed']:,}", f"{l['sparsity_a']:.2%}",
+                      f"{l['sparsity_b']:.2%}", style=style)
+    console.print(table)
+    console.print(f"{len(s['differing_layers'])} of {len(s['layers'])} layers differ; "
+                  f"{s['changed']:,} of {s['params']:,} weights changed ({s['changed'] / max(s['params'], 1):.2%})")
