@@ -18,6 +18,8 @@ its mean x̄ is a per-sequence sum (seqlen × ours), so its threshold 0.1 corres
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..masks import NM
@@ -76,14 +78,32 @@ def refine(w: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor, keep_score: 
     return mask
 
 
-@register_solver("dsnot", "DSnoT mask refinement from --init (Zhang et al.)")
-def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = ctx.options
+@dataclass
+class Start:
+    """What the DSnoT family starts from: weight values, initial mask, channel statistics, D and its growth score."""
+
+    values: torch.Tensor    # [out, in]
+    mask: torch.Tensor      # [out, in] True = pruned
+    std: torch.Tensor       # [in]
+    norm: torch.Tensor      # [in]
+    d: torch.Tensor         # [out, in] W_ij μ_j
+    grow: torch.Tensor      # [out, in] D_ij / σ_j^pow
+
+    def finish(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.where(mask, torch.zeros((), device=self.values.device), self.values), mask
+
+
+def start(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> Start:
     values, mask = initial(weight, stats, pattern, ctx)
     m = stats.moments
     mean, std, norm = (t.to(weight.device, torch.float32) for t in (m.mean, m.std, m.norm))
-    d = values * mean                                               # [out, in]
-    grow = d / std.clamp_min(1e-8).pow(opts.dsnot_pow)
-    wanda = values.abs() * norm
-    mask = refine(values, mask, grow, wanda, d, pattern, opts.dsnot_threshold, opts.dsnot_cycles)
-    return torch.where(mask, torch.zeros((), device=weight.device), values), mask
+    d = values * mean
+    return Start(values, mask, std, norm, d, d / std.clamp_min(1e-8).pow(ctx.options.dsnot_pow))
+
+
+@register_solver("dsnot", "DSnoT mask refinement from --init (Zhang et al.)")
+def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    s = start(weight, stats, pattern, ctx)
+    wanda = s.values.abs() * s.norm
+    opts = ctx.options
+    return s.finish(refine(s.values, s.mask, s.grow, wanda, s.d, pattern, opts.dsnot_threshold, opts.dsnot_cycles))

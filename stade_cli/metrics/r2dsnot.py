@@ -19,24 +19,19 @@ from __future__ import annotations
 import torch
 
 from . import LayerContext, LayerStats, register_solver
-from .dsnot import initial, refine
+from .dsnot import refine, start
 from .ria import relative_importance
 
 
 @register_solver("r2dsnot", "R²-DSnoT: DSnoT with relative importance and a regularised boundary")
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     opts = ctx.options
-    values, mask = initial(weight, stats, pattern, ctx)
-    m = stats.moments
-    mean, std, norm = (t.to(weight.device, torch.float32) for t in (m.mean, m.std, m.norm))
-    absw = values.abs()
-    d = values * mean
-    grow = d / std.clamp_min(1e-8).pow(opts.dsnot_pow)
-    wanda = absw * norm
-    ri = relative_importance(absw, absw.sum(0), absw.sum(1)) * norm.sqrt()
+    s = start(weight, stats, pattern, ctx)
+    absw = s.values.abs()
+    wanda = absw * s.norm
+    ri = relative_importance(absw, absw.sum(0), absw.sum(1)) * s.norm.sqrt()
     g1 = opts.r2_gamma1
     keep = (1 - g1) * wanda / wanda.mean().clamp_min(1e-30) + g1 * ri / ri.mean().clamp_min(1e-30)
-    spread = (values.square() @ std.square()).sqrt()                 # [out] std of each row's dense output
+    spread = (s.values.square() @ s.std.square()).sqrt()             # [out] std of each row's dense output
     threshold = opts.dsnot_threshold + opts.r2_gamma2 * spread
-    mask = refine(values, mask, grow, keep, d, pattern, threshold, opts.dsnot_cycles)
-    return torch.where(mask, torch.zeros((), device=weight.device), values), mask
+    return s.finish(refine(s.values, s.mask, s.grow, keep, s.d, pattern, threshold, opts.dsnot_cycles))
