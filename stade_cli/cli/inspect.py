@@ -17,7 +17,7 @@ from .output import emit_json, stdout_console
 def inspect(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A checkpoint directory or a STATS directory.", show_default=False)],
-    pattern: Annotated[Optional[str], typer.Option(help="N:M pattern to check conformance against [default: the report's].", show_default=False)] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M pattern to check conformance against \\[default: the report's].", show_default=False)] = None,
     against: Annotated[Optional[Path], typer.Option(help="Compare PATH with this checkpoint: which layers differ, how many weights changed.", show_default=False)] = None,
     json_out: Json = False,
     quiet: Quiet = False,

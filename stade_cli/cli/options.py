@@ -11,7 +11,7 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")]
 Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory.")]
 NSamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
-SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window [default: the model's context length, capped by the text].", show_default=False)]
+SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window \\[default: the model's context length, capped by the text].", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
 Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")]
 DType = Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16 (auto: the checkpoint's; float32 on the CPU for half types).")]
