@@ -209,10 +209,14 @@ def check_output(out: Path, force: bool) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {probe}: permission denied")
     if probe != parent and not probe.is_dir():
         raise OutputError(f"{probe} is a file, not a directory")
+    try:  # the real test (permission bits do not bind root, read-only mounts do not show in them)
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".stade-probe-", dir=probe))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {probe}: {exc.strerror or exc}") from None
 
 
 def _alive(pid: int) -> bool:

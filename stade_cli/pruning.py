@@ -149,6 +149,8 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     _precheck_bias(config, arch, met, bias_correction, options)
 
     needs_gram = met.needs_gram or (met.solve is not None and get_metric(options.init).needs_gram)
+    if needs_gram and isinstance(pat, NM) and options.blocksize % pat.m:  # SparseGPT's blocks must hold whole groups
+        raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
     st: Stats | None = None
     if stats is not None and (needs_moments or sequential):
         st = load_stats(Path(stats))
@@ -244,8 +246,7 @@ def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: 
         raise UsageError(f"--blocksize must be at least 1 (got {options.blocksize})")
     if options.dsnot_cycles < 0 or not options.dsnot_threshold >= 0:
         raise UsageError("--dsnot-cycles and --dsnot-threshold must be non-negative")
-    if isinstance(pat, NM) and options.blocksize % pat.m:
-        raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
+
 
 
 # ------------------------------------------------------------------------------------------- OWL
