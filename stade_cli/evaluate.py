@@ -20,8 +20,14 @@ from .runtime import Reporter, resolve_device, resolve_dtype
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of ids: [B, S] under logits: [B, S, V] (float32 softmax)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    """Summed next-token NLL of ids: [B, S] under logits: [B, S, V] (float32 softmax).
+
+    The last position has no next token: its target is ignored rather than its logits sliced off, which
+    would copy the [B, S−1, V] logits.
+    """
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)     # [B, S]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
 
 
 @torch.inference_mode()

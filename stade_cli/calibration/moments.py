@@ -29,11 +29,13 @@ class Moments:
         return m
 
     def update(self, x: torch.Tensor) -> None:
-        """Add activations x: [..., in]. Upcast to float64 first, so float16 inputs near 65504 cannot overflow."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        """Add activations x: [..., in]. Squares in float32 (no overflow even near float16's 65504), sums in float64."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()                                       # half types upcast: x² ≤ 65504² fits easily
         self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sumsq += x.square().sum(0)
+        self.sum += x.sum(0, dtype=torch.float64)               # reductions accumulate in float64
+        self.sumsq += x.square().sum(0, dtype=torch.float64)
 
     def merge(self, other: "Moments") -> "Moments":
         return Moments(self.count + other.count, self.sum + other.sum.to(self.sum.device),
