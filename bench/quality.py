@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Quality benchmark: perplexity of every metric × sparsity/pattern, through the stade library.
+
+Calibrates once, then for each metric entry and each cell (an unstructured sparsity or an N:M pattern)
+prunes into a temporary directory, evaluates, and deletes the pruned checkpoint. The dense model is
+evaluated once. stdout: a markdown table; stderr: progress. Writes OUT/quality.json (settings, per-cell
+perplexity and wall time), OUT/quality.md and OUT/quality.png (needs matplotlib; skipped without it).
+
+    python bench/quality.py --model ~/.cache/stade-assets/smollm2-135m \
+        --calib A/emma.txt A/mansfieldpark.txt --eval A/prideprejudice.txt \
+        --metrics magnitude wanda stade stade:bias_correction=false --sparsities 0.5 0.6 --patterns unstructured 2:4
+
+A metric entry is ``name`` or ``name:key=value,key=value``; the options are passed to
+``stade_cli.pruning.prune`` as keyword arguments (values parsed as bool, int, float, else str). Metric
+names are not checked here: the library's registry decides.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as `python bench/quality.py` without installing the package
+    sys.path.insert(0, str(ROOT))
+
+NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_metric(entry: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` → (name, kwargs)."""
+    name, _, opts = entry.partition(":")
+    name = name.strip()
+    if not name:
+        raise SystemExit(f"error: empty metric name in {entry!r}")
+    kwargs = {}
+    for part in filter(None, (p.strip() for p in opts.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"error: metric option {part!r} in {entry!r} is not key=value")
+        kwargs[key.strip()] = parse_value(value)
+    return name, kwargs
+
+
+def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
+    """The columns: one per unstructured sparsity, one per N:M pattern."""
+    cells = []
+    for pat in patterns:
+        m = NM_RE.match(pat)
+        if m:
+            n, mm = int(m[1]), int(m[2])
+            cells.append({"label": f"{n}:{mm}", "pattern": f"{n}:{mm}", "sparsity": None,
+                          "implied_sparsity": (mm - n) / mm if mm else float("nan")})
+        elif pat.strip().lower() == "unstructured":
+            for s in sparsities:
+                cells.append({"label": f"{s * 100:g}%", "pattern": "unstructured", "sparsity": s,
+                              "implied_sparsity": s})
+        else:
+            raise SystemExit(f"error: unknown pattern {pat!r} (use unstructured or N:M, e.g. 2:4)")
+    seen = set()
+    unique = []
+    for c in cells:
+        if c["label"] not in seen:
+            seen.add(c["label"])
+            unique.append(c)
+    return unique
+
+
+def needs_stats(names: list[str]) -> bool:
+    """False only when every metric is known to need no calibration (e.g. magnitude alone)."""
+    try:
+        from stade_cli.metrics import REGISTRY
+    except Exception:  # noqa: BLE001
+        return True
+    return any(n not in REGISTRY or REGISTRY[n].needs_stats for n in names)
+
+
+def fmt_ppl(value) -> str:
+    if value is None:
+        return "error"
+    return f"{value:.2f}" if math.isfinite(value) else str(value)
+
+
+def markdown(result: dict) -> str:
+    cells = result["cells"]
+    head = "| method | " + " | ".join(c["label"] for c in cells) + " |"
+    sep = "|---|" + "---|" * len(cells)
+    lines = [head, sep]
+    dense = result.get("dense", {}).get("ppl")
+    lines.append("| dense | " + " | ".join(fmt_ppl(dense) for _ in cells) + " |")
+    for row in result["rows"]:
+        vals = [fmt_ppl(row["cells"].get(c["label"], {}).get("ppl")) if c["label"] in row["cells"] else ""
+                for c in cells]
+        lines.append(f"| {row['label']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dense = result.get("dense", {}).get("ppl")
+    if dense is not None and math.isfinite(dense):
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+    labelled_nm = False
+    for i, row in enumerate(result["rows"]):
+        color = colors[i % len(colors)]
+        xs, ys, nm = [], [], []
+        for c in result["cells"]:
+            cell = row["cells"].get(c["label"], {})
+            ppl = cell.get("ppl")
+            if ppl is None or not math.isfinite(ppl) or ppl <= 0:
+                continue
+            if c["pattern"] == "unstructured":
+                xs.append(100 * c["implied_sparsity"])
+                ys.append(ppl)
+            else:
+                nm.append((100 * c["implied_sparsity"], ppl, c["label"]))
+        if xs:
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.plot([xs[k] for k in order], [ys[k] for k in order], marker="o", color=color, label=row["label"])
+        for x, y, lab in nm:
+            ax.scatter([x], [y], marker="s", s=60, facecolors="none", edgecolors=color, linewidths=1.5,
+                       label=None if xs else row["label"], zorder=3)
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 0), fontsize=8, color=color,
+                        va="center")
+            labelled_nm = True
+    if labelled_nm:
+        ax.scatter([], [], marker="s", facecolors="none", edgecolors="gray", label="N:M (at implied sparsity)")
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    lo, hi = ax.get_ylim()
+    # minor ticks (2, 3, ... × 10^k): all labelled over a narrow range, 2 and 5 over a few decades
+    if hi / lo < 30:
+        ax.yaxis.set_minor_formatter(plain)
+    elif hi / lo < 1e4:
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("perplexity (log scale)")
+    s = result["settings"]
+    ax.set_title(f"{Path(s['model']).name}: perplexity vs sparsity", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "quality.json")
+    (out / "quality.md").write_text(markdown(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
+    p.add_argument("--calib", nargs="+", required=True, help="calibration text files (.txt/.jsonl/.parquet)")
+    p.add_argument("--eval", nargs="+", required=True, help="held-out evaluation text files")
+    p.add_argument("--metrics", nargs="+", default=["magnitude", "wanda", "stade"],
+                   help="metric entries: NAME or NAME:key=value,... (default: magnitude wanda stade)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5],
+                   help="unstructured sparsities (default: 0.5)")
+    p.add_argument("--patterns", nargs="+", default=["unstructured"],
+                   help="unstructured and/or N:M patterns such as 2:4 (default: unstructured)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
+    p.add_argument("--workdir", default=None,
+                   help="where the stats and temporary pruned checkpoints go (default: a temp dir, removed)")
+    args = p.parse_args(argv)
+
+    from stade_cli.calibration.runner import calibrate
+    from stade_cli.evaluate import evaluate
+    from stade_cli.pruning import prune
+    from stade_cli.runtime import StderrReporter
+
+    reporter = StderrReporter()
+    entries = [(e, *parse_metric(e)) for e in args.metrics]
+    cells = cell_specs(args.sparsities, args.patterns)
+    calib = ",".join(str(Path(f).expanduser()) for f in args.calib)
+    evalset = ",".join(str(Path(f).expanduser()) for f in args.eval)
+    out = Path(args.out).expanduser()
+    started = time.perf_counter()
+
+    result = {
+        "settings": {"model": args.model, "calib": args.calib, "eval": args.eval, "metrics": args.metrics,
+                     "sparsities": args.sparsities, "patterns": args.patterns, "nsamples": args.nsamples,
+                     "seqlen": args.seqlen, "max_windows": args.max_windows, "seed": args.seed,
+                     "device": args.device, "started": _dt.datetime.now().isoformat(timespec="seconds")},
+        "cells": cells, "calibration": None, "dense": None, "rows": [], "errors": 0,
+    }
+    work = Path(args.workdir).expanduser() if args.workdir else Path(tempfile.mkdtemp(prefix="stade-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    errors = 0
+    try:
+        stats_dir = None
+        if needs_stats([name for _, name, _ in entries]):
+            stats_dir = work / "stats"
+            log(f"calibrating {args.model} on {calib}: {args.nsamples} × {args.seqlen}")
+            t0 = time.perf_counter()
+            calibrate(args.model, stats_dir, dataset=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, device=args.device, force=True, reporter=reporter)
+            result["calibration"] = {"seconds": round(time.perf_counter() - t0, 2), "stats": str(stats_dir)}
+            log(f"calibrated in {result['calibration']['seconds']} s")
+
+        log("evaluating the dense model")
+        t0 = time.perf_counter()
+        dense = evaluate(args.model, dataset=evalset, seqlen=args.seqlen, max_windows=args.max_windows,
+                         device=args.device, reporter=reporter)
+        result["dense"] = {"ppl": dense["ppl"], "nll": dense["nll"], "windows": dense["windows"],
+                           "tokens": dense["tokens"], "seconds": round(time.perf_counter() - t0, 2)}
+        log(f"dense: ppl {dense['ppl']:.2f} ({dense['windows']} windows × {dense['seqlen']})")
+        write_outputs(result, out)
+
+        for label, name, kwargs in entries:
+            row = {"label": label, "metric": name, "options": kwargs, "cells": {}}
+            result["rows"].append(row)
+            for c in cells:
+                ckpt = work / "pruned"
+                cell: dict = {}
+                row["cells"][c["label"]] = cell
+                log(f"{label} @ {c['label']}: pruning")
+                t0 = time.perf_counter()
+                try:
+                    report = prune(args.model, ckpt, metric=name, sparsity=c["sparsity"], pattern=c["pattern"],
+                                   stats=stats_dir, device=args.device, force=True, reporter=reporter, **kwargs)
+                    t1 = time.perf_counter()
+                    res = evaluate(str(ckpt), dataset=evalset, seqlen=args.seqlen, max_windows=args.max_windows,
+                                   device=args.device, reporter=reporter)
+                    t2 = time.perf_counter()
+                    cell.update(ppl=res["ppl"], nll=res["nll"], achieved_sparsity=report["overall"]["sparsity"],
+                                prune_seconds=round(t1 - t0, 2), eval_seconds=round(t2 - t1, 2),
+                                seconds=round(t2 - t0, 2))
+                    log(f"{label} @ {c['label']}: ppl {res['ppl']:.2f} "
+                        f"(sparsity {report['overall']['sparsity']:.2%}, {cell['seconds']} s)")
+                except Exception as exc:  # noqa: BLE001 - one failed cell must not lose the others
+                    errors += 1
+                    cell.update(ppl=None, error=f"{type(exc).__name__}: {exc}",
+                                seconds=round(time.perf_counter() - t0, 2))
+                    log(f"{label} @ {c['label']}: FAILED: {cell['error']}")
+                    if os.environ.get("STADE_DEBUG"):
+                        traceback.print_exc()
+                finally:
+                    shutil.rmtree(ckpt, ignore_errors=True)  # disk: one pruned checkpoint at a time
+                result["errors"] = errors
+                write_outputs(result, out)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.rmtree(work / "pruned", ignore_errors=True)
+
+    result["settings"]["total_seconds"] = round(time.perf_counter() - started, 2)
+    write_outputs(result, out)
+    if plot(result, out / "quality.png"):
+        log(f"wrote {out / 'quality.png'}")
+    log(f"wrote {out / 'quality.json'} and {out / 'quality.md'}")
+    sys.stdout.write(markdown(result))
+    sys.stdout.flush()
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmark scripts: each runs end to end on a tiny model and writes finite numbers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_quality_smoke(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "quality"
+    proc = _run(["bench/quality.py", "--model", str(tiny_llama), "--calib", str(text_file), "--eval", str(text_file),
+                 "--metrics", "wanda", "--sparsities", "0.5", "--patterns", "unstructured", "2:4",
+                 "--nsamples", "2", "--seqlen", "16", "--max-windows", "2", "--out", str(out)])
+    data = json.loads((out / "quality.json").read_text())
+    assert (out / "quality.md").is_file()
+    assert _finite(data["dense"]["ppl"]) and data["dense"]["ppl"] > 1
+    assert [c["label"] for c in data["cells"]] == ["50%", "2:4"]
+    (row,) = data["rows"]
+    assert row["label"] == "wanda"
+    for label in ("50%", "2:4"):
+        cell = row["cells"][label]
+        assert _finite(cell["ppl"]) and cell["ppl"] > 1, cell
+        assert _finite(cell["seconds"])
+        assert abs(cell["achieved_sparsity"] - 0.5) < 0.05
+    # the table on stdout: dense first, then the metric
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    assert lines[0].split("|")[2].strip() == "50%" and lines[2].startswith("| dense") and lines[3].startswith("| wanda")
+    assert not list(tmp_path.glob("**/model.safetensors"))  # pruned checkpoints are not left behind
+
+
+def test_speed_smoke(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "speed.json"
+    proc = _run(["bench/speed.py", "--model", str(tiny_llama), "--calib", str(text_file), "--nsamples", "2",
+                 "--seqlen", "16", "--repeats", "1", "--warmup", "0", "--metrics", "wanda", "--patterns", "2:4",
+                 "--sizes", "0.01,0.02", "--shard-gb", "0.005", "--json", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == data
+    kinds = [f["kind"] for f in data["figures"]]
+    assert kinds == ["calibrate", "prune", "memory", "memory", "eval"]
+    for f in data["figures"]:
+        assert _finite(f["ratio"]) and f["ratio"] > 0, f
+        assert isinstance(f["pass"], bool)
+    mem = [f for f in data["figures"] if f["kind"] == "memory"]
+    assert all(_finite(f["peak_rss_gb"]) and f["peak_rss_gb"] > 0 for f in mem)
+    assert mem[0]["total_gb"] < mem[1]["total_gb"]
+    prune = next(f for f in data["figures"] if f["kind"] == "prune")
+    assert _finite(prune["secondary"]["ratio"])
+    ev = next(f for f in data["figures"] if f["kind"] == "eval")
+    assert ev["check"]["agree"], ev["check"]
