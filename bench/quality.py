@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             calibrate(args.model, stats_dir, dataset=calib, nsamples=args.nsamples, seqlen=args.seqlen,
                       seed=args.seed, device=args.device, force=True, reporter=reporter)
-            result["calibration"] = {"seconds": round(time.perf_counter() - t0, 2), "stats": str(stats_dir)}
+            result["calibration"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                     "stats": str(stats_dir) if args.workdir else None}  # a temp dir is removed
             log(f"calibrated in {result['calibration']['seconds']} s")
 
         log("evaluating the dense model")
