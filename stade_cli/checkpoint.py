@@ -1,6 +1,7 @@
 """Hugging Face checkpoints on disk: resolve MODEL, read shards one tensor at a time, write atomically."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,9 +30,14 @@ class ModelSource:
     ref: str                     # what the user typed: a path or a hub id
     revision: str | None = None  # hub revision (commit) when it came from the hub
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Computed once per source (it reads samples of every shard)."""
+        return fingerprint(self.path)
+
     def identity(self) -> dict:
         return {"ref": self.ref, "path": str(self.path), "revision": self.revision,
-                "fingerprint": fingerprint(self.path)}
+                "fingerprint": self.fingerprint}
 
 
 def _looks_like_path(ref: str) -> bool:

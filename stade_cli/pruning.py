@@ -154,7 +154,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     st: Stats | None = None
     if stats is not None and (needs_moments or sequential):
         st = load_stats(Path(stats))
-        st.check_model(source.identity()["fingerprint"], arch.targets.values())
+        st.check_model(source.fingerprint, arch.targets.values())
         if needs_gram and not sequential and not st.has_gram:
             raise StatsError(f"{met.name if met.needs_gram else options.init} needs Gram matrices, "
                              f"which the stats in {stats} do not hold",
