@@ -26,7 +26,7 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(k, dim=1, keepdim=True).values        # [rows, 1]
+    threshold = kth_smallest(scores, k)                               # [rows, 1]
     mask = scores <= threshold
     if bool((mask.sum(1) == k).all()):                                # no excess ties (the usual case)
         return mask
@@ -34,6 +34,37 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     at = mask & ~below
     need = k - below.sum(1, keepdim=True)                             # how many ties to prune per row
     return below | (at & (at.cumsum(1) <= need))
+
+
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of every row of scores [rows, n], as [rows, 1].
+
+    On the CPU numpy's introselect (``np.partition``) is 2–3× faster than ``torch.kthvalue`` and releases
+    the GIL, so the prune thread pool runs several layers at once; elsewhere torch's own kernel is used.
+    """
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
+        import numpy as np
+
+        part = np.partition(scores.contiguous().numpy(), k - 1, axis=1)
+        return torch.from_numpy(part[:, k - 1:k].copy())
+    return scores.kthvalue(k, dim=1, keepdim=True).values
+
+
+def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """lowest_k for many short rows [rows, m] (N:M groups): each element's rank by pairwise comparisons.
+
+    rank_j = #{i: s_i < s_j} + #{i < j: s_i == s_j}, the position a stable ascending sort gives it; the k
+    lowest ranks are pruned. m(m−1)/2 vectorised comparisons beat a selection kernel for small m.
+    """
+    rows, m = groups.shape
+    rank = torch.zeros((rows, m), dtype=torch.int16 if m > 127 else torch.int8, device=groups.device)
+    cols = groups.unbind(1)
+    for i in range(m):
+        for j in range(i + 1, m):
+            below = cols[i] <= cols[j]          # i (the lower index) sorts first on a tie
+            rank[:, j] += below
+            rank[:, i] += ~below
+    return rank < k
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,8 @@ class NM:
         rows, n = scores.shape
         self.check_width(n)
         groups = scores.reshape(-1, self.m)                               # [rows·n/M, M]
+        if self.m <= 16:
+            return lowest_in_groups(groups, self.m - self.n).view(rows, n)
         return lowest_k(groups, self.m - self.n).view(rows, n)
 
 

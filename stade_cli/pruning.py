@@ -430,7 +430,7 @@ def _write_index(src: Path, tmp: Path, added: dict[str, str]) -> None:
 
 
 def _layer_info(target: Target, weight: torch.Tensor, plan: Plan) -> dict:
-    zeros = int((weight == 0).sum())
+    zeros = weight.numel() - int(torch.count_nonzero(weight))
     return {"block": target.block, "shape": [target.out_features, target.in_features],
             "zeros": zeros, "sparsity": zeros / weight.numel(),
             "target_sparsity": plan.pattern_for(target).target_sparsity,

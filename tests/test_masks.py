@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stade_cli.errors import UsageError
-from stade_cli.masks import NM, Unstructured, lowest_k, parse_pattern
+from stade_cli.masks import NM, Unstructured, kth_smallest, lowest_in_groups, lowest_k, parse_pattern
 
 
 def slow_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,6 +35,30 @@ def test_lowest_k_matches_stable_sort(k):
     g = torch.Generator().manual_seed(k)
     s = torch.randint(0, 5, (6, 16), generator=g).float()  # many ties
     assert torch.equal(lowest_k(s, k), slow_lowest_k(s, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_smallest_matches_torch_kthvalue(dtype):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(9, 31, generator=g).to(dtype)
+    s[2] = 0.0                                              # a row of ties, with -0.0 among them
+    s[2, 5] = -0.0
+    for k in (1, 2, 15, 31):
+        assert torch.equal(kth_smallest(s, k), s.kthvalue(k, dim=1, keepdim=True).values)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_lowest_in_groups_matches_stable_sort(m):
+    g = torch.Generator().manual_seed(m)
+    s = torch.randint(0, 3, (40, m), generator=g).float()    # many ties
+    for k in range(m + 1):
+        assert torch.equal(lowest_in_groups(s, k), slow_lowest_k(s, k))
+
+
+def test_nm_ties_pruned_lowest_index_first():
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 2.0, 0.0]])
+    assert NM(2, 4).mask(s).tolist() == [[True, True, False, False, False, True, False, True]]
+    assert NM(2, 32).mask(torch.ones(1, 32)).tolist() == [[True] * 30 + [False] * 2]  # the kthvalue path
 
 
 def test_unstructured_row_exact_per_row_count():
