@@ -51,6 +51,11 @@ class Architecture:
     def by_weight_key(self) -> dict[str, Target]:
         return {t.weight_key: t for t in self.targets.values()}
 
+    def block(self, index: int) -> "Architecture":
+        """The same description restricted to decoder block ``index``."""
+        return Architecture(self.model_type, [self.blocks[index]],
+                            {n: t for n, t in self.targets.items() if t.block == index})
+
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder blocks, in order: modules of a ``_no_split_modules`` class sitting in a ModuleList."""

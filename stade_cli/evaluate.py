@@ -45,10 +45,35 @@ def perplexity(model, windows: torch.Tensor, device: torch.device, batch_size: i
     return total / tokens, tokens
 
 
+@torch.inference_mode()
+def blockwise_perplexity(model, arch, windows: torch.Tensor, device: torch.device, batch_size: int = 1,
+                         reporter: Reporter | None = None, placement=None) -> tuple[float, int]:
+    """``perplexity`` computed block by block (``blockwise.BlockRunner``): for a model dispatched with a device
+    map, only one block on the device at a time. The final hidden states go through the model's own head."""
+    from .blockwise import BlockRunner
+
+    spill = placement.spill if placement is not None else "auto"
+    spill_dir = placement.offload_dir if placement is not None else None
+    total, tokens = 0.0, 0
+    with BlockRunner(model, arch, windows, device, batch_size, spill, spill_dir, reporter) as runner:
+        for _, block, dev in runner.blocks("evaluating (blocks)"):
+            runner.run(block, dev, keep=True)
+        with runner.head() as head:
+            for i, (s, e) in enumerate(runner.slices):
+                logits = head(i).logits
+                batch = windows[s:e].to(logits.device)
+                total += float(window_nll(logits, batch))
+                tokens += batch.shape[0] * (batch.shape[1] - 1)
+    return total / tokens, tokens
+
+
 def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, max_windows: int | None = None,
              device: str = "auto", dtype: str = "auto", batch_size: int = 1,
-             reporter: Reporter | None = None) -> dict:
-    """Perplexity of ``model`` (a checkpoint dir or hub id) on the held-out split of ``dataset``."""
+             reporter: Reporter | None = None, placement=None) -> dict:
+    """Perplexity of ``model`` (a checkpoint dir or hub id) on the held-out split of ``dataset``.
+
+    With a ``placement`` that has a device map the model is dispatched by accelerate and run block by block.
+    """
     reporter = reporter or Reporter()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -60,10 +85,16 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     windows = eval_windows(tokenizer, load_corpus(dataset, "evaluation"), seqlen, context_length(config), max_windows)
     if len(windows) == 0:
         raise UsageError("no evaluation window fits the text")
-    net = load_model(source, dev, dt)
+    net = load_model(source, dev, dt, placement)
     t0 = time.perf_counter()
-    nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
-    return {"model": source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll,
+    if placement is not None and placement.dispatched:
+        from .arch import describe
+
+        nll, tokens = blockwise_perplexity(net, describe(net), windows, dev, batch_size, reporter, placement)
+    else:
+        nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
+    extra = {"placement": placement.describe()} if placement is not None and placement.dispatched else {}
+    return {"model": source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll, **extra,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "tokens": tokens,
             "device": str(dev), "dtype": str(dt).replace("torch.", ""),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -120,10 +120,13 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
           owl_lambda: float = 0.08, sequential: bool = False, options: MethodOptions | None = None,
           dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
-          skip: str | None = None, force: bool = False, reporter: Reporter | None = None) -> dict:
+          skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
+          placement=None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
-    ``bias_correction`` None means the metric's default (on for stade and stadew).
+    ``bias_correction`` None means the metric's default (on for stade and stadew). ``placement``
+    (``blockwise.Placement``: device map, memory budget, offload dir, spilling) applies to the forward
+    passes: ``--sequential`` and calibrating on the fly.
     """
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
             dataset, nsamples, seqlen, seed = m["dataset"], m["nsamples"], m["seqlen"], m["seed"]
     elif needs_moments and not (sequential and layer_sparsity != "owl"):
         st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
-                           only=only, skip=skip, gram=needs_gram)
+                           only=only, skip=skip, gram=needs_gram, placement=placement)
 
     reads_norm = {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in arch.targets} \
         if st is not None else None
@@ -180,7 +183,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
 
         decisions, reads_norm, seq_manifest = prune_sequential(
             source, plan, options, bias_correction, dataset, nsamples, seqlen, seed, dev, dtype, batch_size,
-            reporter, gram=needs_gram)
+            reporter, gram=needs_gram, placement=placement)
         st_manifest = dict(st.manifest if st is not None else {}, sequential=seq_manifest)
     else:
         st_manifest = st.manifest if st is not None else None

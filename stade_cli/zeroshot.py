@@ -189,7 +189,7 @@ def _task_metrics(raw: dict) -> dict:
 
 def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: int | None = None,
               task_path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-              batch_size: int = 1, reporter: Reporter | None = None) -> dict:
+              batch_size: int = 1, reporter: Reporter | None = None, placement=None) -> dict:
     """Accuracy of ``model`` (a checkpoint dir or hub id) on lm-evaluation-harness ``tasks``.
 
     Returns ``{model, tasks: {name: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, ..., samples,
@@ -227,7 +227,7 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
         task_objects = _load_tasks(manager, names)
 
     tokenizer = load_tokenizer(source)
-    net = load_model(source, dev, dt)
+    net = load_model(source, dev, dt, placement)  # with a device map, accelerate's hooks move the blocks
     t0 = time.perf_counter()
     with _harness_output(verbose):
         lm = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, max_length=context_length(config))

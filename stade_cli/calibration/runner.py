@@ -21,15 +21,35 @@ from .moments import Moments
 from .store import Stats, save_stats
 
 
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
+    """The model in eval mode: all on ``device``, or dispatched by accelerate when ``placement`` has a
+    device map (blocks on the GPU(s), the CPU or disk; run block by block with ``blockwise.BlockRunner``)."""
     from transformers import AutoModelForCausalLM
 
     silence_transformers()
+    kwargs = {}
+    offload_tmp = None
+    if placement is not None and placement.dispatched:
+        import tempfile
+
+        kwargs["device_map"] = placement.device_map
+        if placement.max_memory:
+            kwargs["max_memory"] = placement.max_memory
+        elif device.type == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        kwargs["offload_folder"] = placement.offload_dir or (offload_tmp := tempfile.mkdtemp(prefix="stade-offload-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - truncated shards, bad configs, ...
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"cannot load the model from {source.path}: {first}") from None
+    if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does
+        import shutil
+        import weakref
+
+        weakref.finalize(model, shutil.rmtree, offload_tmp, True)
+    if kwargs.get("device_map") is not None:
+        return model.eval()
     return model.to(device).eval()
 
 
@@ -122,29 +142,56 @@ class MomentCapture:
         return groups
 
 
-@torch.inference_mode()
+class Collected:
+    """What calibration gathered over all blocks, on the CPU: the union of the per-block captures."""
+
+    def __init__(self):
+        self.moments: dict[str, Moments] = {}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.leader: dict[str, str] = {}
+        self.reads_norm: dict[str, bool] = {}
+
+    def add(self, capture: MomentCapture) -> None:
+        self.moments.update({n: m.to("cpu") for n, m in capture.moments.items()})
+        self.grams.update({n: h.cpu() for n, h in capture.grams.items()})
+        self.leader.update(capture.leader)
+        self.reads_norm.update(capture.reads_norm)
+
+    shared_inputs = MomentCapture.shared_inputs
+
+
 def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: torch.device,
-                    batch_size: int = 1, reporter: Reporter | None = None, gram: bool = False) -> MomentCapture:
-    """Forward ``windows`` [n, seqlen] through the decoder (no LM head) with hooks on every target."""
+                    batch_size: int = 1, reporter: Reporter | None = None, gram: bool = False,
+                    placement=None) -> Collected:
+    """Run ``windows`` [n, seqlen] through the decoder block by block with moment hooks on every target.
+
+    Each block sees all windows before the next one runs (``blockwise.BlockRunner``), so only one block
+    has to be on the device; the LM head never runs.
+    """
+    from ..blockwise import BlockRunner
+
     reporter = reporter or Reporter()
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    capture = MomentCapture(model, arch, device, gram=gram)
-    body = model.base_model  # decoder stack without the LM head: its logits are not needed here
-    try:
-        batches = windows.split(batch_size)
-        for batch in reporter.track(batches, "calibrating", total=len(batches)):
-            body(input_ids=batch.to(device), use_cache=False)
-            capture.end_batch()
-    finally:
-        capture.remove()
-    return capture
+    spill = placement.spill if placement is not None else "auto"
+    spill_dir = placement.offload_dir if placement is not None else None
+    collected = Collected()
+    last = len(arch.blocks) - 1
+    with BlockRunner(model, arch, windows, device, batch_size, spill, spill_dir, reporter) as runner:
+        for index, block, dev in runner.blocks("calibrating"):
+            capture = MomentCapture(model, arch.block(index), dev, gram=gram)
+            try:
+                runner.run(block, dev, keep=index < last, after_batch=capture.end_batch)
+            finally:
+                capture.remove()
+            collected.add(capture)
+    return collected
 
 
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
                   seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                   reporter: Reporter | None = None, only: str | None = None, skip: str | None = None,
-                  gram: bool = False) -> Stats:
+                  gram: bool = False, placement=None) -> Stats:
     """Calibrate in memory: the Stats that ``calibrate`` would write."""
     reporter = reporter or Reporter()
     source = model if isinstance(model, ModelSource) else resolve_model(model)
@@ -161,9 +208,9 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     reporter.log(f"calibrating {source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
                  f"{dev}, {str(dt).replace('torch.', '')}")
     t0 = time.perf_counter()
-    net = load_model(source, dev, dt)
+    net = load_model(source, dev, dt, placement)
     arch = describe(net, only=only, skip=skip)
-    capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram)
+    capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram, placement=placement)
     seconds = time.perf_counter() - t0
     manifest = {
         "model": source.identity(),
@@ -175,8 +222,10 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
                         "reads_norm": capture.reads_norm.get(n, False)} for n, t in arch.targets.items()},
         "shared_inputs": capture.shared_inputs(),
     }
-    moments = {name: m.to("cpu") for name, m in capture.moments.items()}
-    grams = {leader: h.cpu() for leader, h in capture.grams.items()}
+    if placement is not None and placement.dispatched:
+        manifest["placement"] = placement.describe()
+    moments = capture.moments
+    grams = capture.grams
     if gram:
         manifest["gram"] = {"groups": capture.shared_inputs(),
                             "blocks": {leader: arch.targets[leader].block for leader in grams}}
@@ -185,8 +234,9 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
 
 def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
               seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1, force: bool = False,
-              gram: bool = False, reporter: Reporter | None = None) -> Path:
+              gram: bool = False, reporter: Reporter | None = None, placement=None) -> Path:
     """Calibrate ``model`` and write the STATS directory ``out``; returns its path."""
     check_output(Path(out), force)  # fail before the expensive part
-    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram)
+    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram,
+                          placement=placement)
     return save_stats(Path(out), stats, force)

@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from .app import app, handle_errors, state
-from .options import BatchSize, Dataset, Device, DType, Force, ModelArg, NSamples, Output, SeqLen, Seed, Json, Quiet
+from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
+                      Output, Quiet, SeqLen, Seed, Spill, placement)
 from .output import emit_json, emit_line
 
 
@@ -25,6 +26,10 @@ def calibrate(
     batch_size: BatchSize = 1,
     gram: Annotated[bool, typer.Option("--gram", help="Also accumulate the Gram matrix Σxxᵀ per distinct input (for sparsegpt).")] = False,
     force: Force = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    spill: Spill = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -34,5 +39,5 @@ def calibrate(
 
     path = calibrate_model(model, output, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                            device=device, dtype=dtype, batch_size=batch_size, force=force, gram=gram,
-                           reporter=st.reporter)
+                           reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     emit_json({"stats": str(path)}) if st.json else emit_line(str(path))

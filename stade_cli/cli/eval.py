@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app, handle_errors, state
-from .options import BatchSize, Dataset, Device, DType, MaxWindows, ModelArg, SeqLen, Json, Quiet
+from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Json, MaxMemory, MaxWindows, ModelArg, OffloadDir,
+                      Quiet, SeqLen, Spill, placement)
 from .output import emit_json, emit_line, stdout_console
 
 Tasks = Annotated[Optional[str], typer.Option(
@@ -53,6 +54,10 @@ def eval_command(
     device: Device = "auto",
     dtype: DType = "auto",
     batch_size: BatchSize = 1,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    spill: Spill = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -65,25 +70,27 @@ def eval_command(
         if clash := _given(ctx, PERPLEXITY_ONLY):
             raise UsageError(f"{', '.join(clash)} only apply to perplexity and cannot be combined with --tasks",
                              "run perplexity and zero-shot as two commands")
-        return _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size)
+        return _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size,
+                          placement(device_map, max_memory, offload_dir, spill))
     if needs := _given(ctx, TASKS_ONLY):
         raise UsageError(f"{', '.join(needs)} only apply to zero-shot evaluation", "add --tasks NAME[,NAME...]")
 
     from ..evaluate import evaluate  # lazy: keeps `stade --help` fast
 
     result = evaluate(model, dataset=dataset, seqlen=seqlen, max_windows=max_windows, device=device,
-                      dtype=dtype, batch_size=batch_size, reporter=st.reporter)
+                      dtype=dtype, batch_size=batch_size, reporter=st.reporter,
+                      placement=placement(device_map, max_memory, offload_dir, spill))
     st.reporter.log(f"{result['windows']} windows × {result['seqlen']} tokens in {result['seconds']:.1f}s")
     emit_json(result) if st.json else emit_line(f"{result['ppl']:.4f}")
 
 
-def _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size) -> None:
+def _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size, where) -> None:
     from rich.table import Table
 
     from ..zeroshot import zero_shot  # lazy: lm_eval is an optional extra and slow to import
 
     r = zero_shot(model, tasks, num_fewshot=num_fewshot, limit=limit, task_path=task_path, device=device,
-                  dtype=dtype, batch_size=batch_size, reporter=st.reporter)
+                  dtype=dtype, batch_size=batch_size, reporter=st.reporter, placement=where)
     st.reporter.log(f"{len(r['tasks'])} task(s) in {r['seconds']:.1f}s")
     if st.json:
         emit_json(r)

@@ -19,3 +19,16 @@ BatchSize = Annotated[int, typer.Option(help="Windows per forward pass.")]
 MaxWindows = Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
+
+# Models larger than the device: accelerate's device map, run block by block (see stade_cli/blockwise.py).
+_BIG = "Models larger than the device"
+DeviceMap = Annotated[Optional[str], typer.Option(help="Dispatch the model with accelerate: auto | balanced | sequential. Blocks run one at a time on their device; the rest stays on the CPU or disk.", rich_help_panel=_BIG, show_default=False)]
+MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget per device for the device map, e.g. 0=20GiB,cpu=64GiB (implies --device-map auto).", rich_help_panel=_BIG, show_default=False)]
+OffloadDir = Annotated[Optional[Path], typer.Option(help="Where offloaded weights and spilled block inputs go \\[default: a temp dir].", rich_help_panel=_BIG, show_default=False)]
+Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the device when they fit, else memory-mapped on disk) | device | disk.", rich_help_panel=_BIG)]
+
+
+def placement(device_map: str | None, max_memory: str | None, offload_dir: Path | None, spill: str):
+    from ..blockwise import Placement  # lazy: keeps `stade --help` fast
+
+    return Placement(device_map, max_memory, offload_dir, spill)

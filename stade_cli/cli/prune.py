@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app, handle_errors, state
-from .options import BatchSize, Dataset, Device, DType, Force, ModelArg, NSamples, Output, SeqLen, Seed, Json, Quiet
+from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
+                      Output, Quiet, SeqLen, Seed, Spill, placement)
 from .output import emit_json, emit_line
 
 
@@ -47,6 +48,10 @@ def prune(
     dtype: DType = "auto",
     batch_size: BatchSize = 1,
     force: Force = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_dir: OffloadDir = None,
+    spill: Spill = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -66,7 +71,7 @@ def prune(
                                                r2_gamma1=r2_gamma1, r2_gamma2=r2_gamma2),
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force,
-                         reporter=st.reporter)
+                         reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}, "
                     f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero; "
                     f"{report['bias_correction']['layers']} bias-corrected")

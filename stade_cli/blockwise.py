@@ -1,0 +1,410 @@
+"""Run a decoder block by block over all calibration (or evaluation) windows.
+
+The inputs of the first block are captured once (a forward pre-hook on a stand-in for block 0, so nothing
+raises and no block runs); then every block in turn is brought onto its execution device, runs on all the
+cached hidden states, and its outputs become the next block's inputs. Only the current block and the
+cached hidden states need to be on the device, which is what lets calibrate, ``prune --sequential`` and
+eval handle models larger than the device: the model is loaded with an accelerate device map
+(``--device-map``, ``--max-memory``, ``--offload-dir``), and ``onloaded`` takes one block at a time off
+accelerate's hooks and onto its device, then hands it back.
+
+The cached hidden states (windows × seqlen × hidden) stay on the device when they fit, else they are
+memory-mapped files on disk (``HiddenCache``); the log says which.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .arch import Architecture
+from .errors import UsageError
+from .runtime import Reporter
+
+SPILL_MODES = ("auto", "device", "disk")
+
+
+# ------------------------------------------------------------------------------------------- devices
+def _hook(module: nn.Module):
+    return getattr(module, "_hf_hook", None)
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+
+
+def execution_device(modules: list[nn.Module], default: torch.device) -> torch.device:
+    """Where accelerate runs these modules (the first hooked one that says), else ``default``."""
+    for m in modules:
+        hook = _hook(m)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for m in modules:
+        for _, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t.device.type != "meta":
+                return t.device
+    return default
+
+
+@contextmanager
+def onloaded(modules: list[nn.Module], device: torch.device):
+    """Take ``modules`` off accelerate's hooks, with all their tensors on ``device``; restore on exit.
+
+    Offloaded tensors (on the meta device, their values in the hook's weights map on the CPU or on disk)
+    are loaded from the weights map; on exit they go back to meta and the hooks are re-attached, so an
+    offloaded module is back to its offloaded state and any change made to its weights inside is dropped.
+    Modules without hooks (a model loaded without a device map) are left where they are.
+    """
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    saved = []
+    try:
+        for m in modules:
+            hook = _hook(m)
+            names = _own_tensors(m)
+            if hook is None or not names:
+                continue
+            values = {}
+            for n in names:
+                current = getattr(m, n)
+                if current is not None and current.device.type == "meta":
+                    wmap = getattr(hook, "weights_map", None)
+                    if wmap is None or n not in wmap:
+                        raise RuntimeError(f"offloaded tensor {n} of {type(m).__name__} has no stored value")
+                    values[n] = wmap[n]
+            remove_hook_from_module(m)
+            saved.append((m, hook, names, set(values)))
+            for n in names:
+                if getattr(m, n) is not None:
+                    set_module_tensor_to_device(m, n, device, value=values.get(n))
+        yield
+    finally:
+        for m, hook, names, offloaded in reversed(saved):
+            for n in offloaded:
+                set_module_tensor_to_device(m, n, "meta")
+            add_hook_to_module(m, hook)
+
+
+def move(obj, device: torch.device):
+    """Tensors inside tuples/lists/dicts moved to ``device`` (the keyword arguments of a block call)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------------------- hidden states
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+class HiddenCache:
+    """Hidden states [windows, seqlen, hidden] for a block's inputs and outputs, on the device or on disk.
+
+    Two buffers (read and write) swap after every block. On disk they are files memory-mapped with
+    ``torch.from_file`` in a temp dir (under ``spill_dir``), removed by ``close``.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, on_disk: bool,
+                 spill_dir: str | Path | None = None):
+        self.shape, self.dtype, self.device, self.on_disk = shape, dtype, device, on_disk
+        self.dir: Path | None = None
+        if on_disk:
+            base = Path(spill_dir).expanduser() if spill_dir else None
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix="stade-hidden-", dir=base))
+            n = math.prod(shape)
+            self._bufs = [torch.from_file(str(self.dir / f"hidden{i}.bin"), shared=True, size=n,
+                                          dtype=dtype).view(shape) for i in (0, 1)]
+        else:
+            self._bufs = [torch.empty(shape, dtype=dtype, device=device) for _ in (0, 1)]
+        self._read = 0
+
+    @staticmethod
+    def nbytes(shape, dtype: torch.dtype) -> int:
+        return 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        return self._bufs[self._read][start:stop].to(self.device, non_blocking=False)
+
+    def put(self, start: int, stop: int, value: torch.Tensor, into_next: bool = True) -> None:
+        self._bufs[1 - self._read if into_next else self._read][start:stop].copy_(value)
+
+    def swap(self) -> None:
+        self._read = 1 - self._read
+
+    def close(self) -> None:
+        self._bufs = []
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _StandIn(nn.Module):
+    """Takes block 0's place while its inputs are captured: returns its input, so no block runs.
+
+    Attribute lookups it cannot answer go to the real block (models read e.g. ``layer.attention_type``).
+    """
+
+    def __init__(self, real: nn.Module, replay: Callable[[], torch.Tensor] | None = None, as_tuple: bool = False):
+        super().__init__()
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_replay", replay)
+        object.__setattr__(self, "_as_tuple", as_tuple)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self._replay() if self._replay is not None else hidden_states
+        return (out,) if self._as_tuple else out
+
+
+@contextmanager
+def _blocks_replaced(model: nn.Module, arch: Architecture, stand_in: nn.Module):
+    """The decoder's block list temporarily cut to one stand-in module."""
+    modules = dict(model.named_modules())
+    list_name = arch.blocks[0].rsplit(".", 1)[0]                 # e.g. "model.layers"
+    owner_name, _, attr = list_name.rpartition(".")
+    owner = modules[owner_name] if owner_name else model
+    full = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList([stand_in]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, full)
+
+
+class BlockRunner:
+    """Block-by-block forward of ``windows`` [n, seqlen] through ``model`` (see the module docstring).
+
+    ``model`` may be a plain model on ``device`` or one dispatched by accelerate with a device map.
+    """
+
+    def __init__(self, model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device,
+                 batch_size: int = 1, spill: str = "auto", spill_dir: str | Path | None = None,
+                 reporter: Reporter | None = None):
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+        if spill not in SPILL_MODES:
+            raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
+        self.model, self.arch, self.device, self.reporter = model, arch, device, reporter or Reporter()
+        self.windows = windows
+        self.modules = dict(model.named_modules())
+        self.blocks_list = [self.modules[b] for b in arch.blocks]
+        inside = {id(m) for b in self.blocks_list for m in b.modules()}
+        self.outer = [m for m in model.modules() if id(m) not in inside and _own_tensors(m)]
+        self.slices = [(s, min(s + batch_size, len(windows))) for s in range(0, len(windows), batch_size)]
+        self.kwargs: list[dict] = []
+        self.as_tuple = False
+        self.cache: HiddenCache | None = None
+        if (where := device_map_summary(model)) is not None:
+            self.reporter.log(f"device map: {where}; each block runs on its execution device in turn")
+        self._capture(spill, spill_dir)
+
+    # -- phase 1: the first block's inputs
+    @torch.inference_mode()
+    def _capture(self, spill: str, spill_dir) -> None:
+        first = self.blocks_list[0]
+        dev = execution_device(self.outer, self.device)
+        records: list[torch.Tensor] = []
+
+        def record(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            records.append(hidden)
+            self.kwargs.append(kwargs)
+
+        stand_in = _StandIn(first)
+        handle = stand_in.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with onloaded(self.outer, dev), _blocks_replaced(self.model, self.arch, stand_in):
+                for s, e in self.slices:
+                    self.model.base_model(input_ids=self.windows[s:e].to(dev), use_cache=False)
+                    if self.cache is None:  # sized from the first batch
+                        shape = (len(self.windows), *records[0].shape[1:])
+                        self.cache = self._make_cache(shape, records[0].dtype, spill, spill_dir)
+                    self.cache.put(s, e, records.pop(), into_next=False)
+        finally:
+            handle.remove()
+
+    def _make_cache(self, shape, dtype, spill: str, spill_dir) -> HiddenCache:
+        dev = execution_device(list(self.blocks_list[0].modules()), self.device)
+        need = HiddenCache.nbytes(shape, dtype)
+        free = available_bytes(dev)
+        on_disk = spill == "disk" or (spill == "auto" and need > free // 2)
+        where = (f"memory-mapped on disk ({spill_dir or tempfile.gettempdir()})" if on_disk
+                 else f"kept on {dev}")
+        self.reporter.log(f"cached block inputs: {_size(need)} ({shape[0]} × {shape[1]} × {shape[2]}, in and out) "
+                          f"{where}" + ("" if spill != "auto" else f"; {_size(free)} free"))
+        return HiddenCache(shape, dtype, dev if not on_disk else torch.device("cpu"), on_disk, spill_dir)
+
+    # -- phase 2: the blocks
+    def blocks(self, label: str = "blocks") -> Iterator[tuple[int, nn.Module, torch.device]]:
+        """(index, block, its device) for every block, the block onloaded while the loop body runs."""
+        for index, block in enumerate(self.reporter.track(self.blocks_list, label, total=len(self.blocks_list))):
+            dev = execution_device(list(block.modules()), self.device)
+            with onloaded(list(block.modules()), dev):
+                yield index, block, dev
+
+    @torch.inference_mode()
+    def run(self, block: nn.Module, device: torch.device, keep: bool = True,
+            after_batch: Callable[[], None] | None = None) -> None:
+        """All cached hidden states through ``block``; with ``keep`` its outputs become the next inputs."""
+        same = self.kwargs and device == _kw_device(self.kwargs[0], device)
+        for (s, e), kwargs in zip(self.slices, self.kwargs):
+            out = block(self.cache.get(s, e).to(device), **(kwargs if same else move(kwargs, device)))
+            if isinstance(out, (tuple, list)):
+                self.as_tuple = True
+            if keep:
+                self.cache.put(s, e, _hidden(out))
+            if after_batch is not None:
+                after_batch()
+        if keep:
+            self.cache.swap()
+
+    # -- phase 3: the model's head on the last hidden states
+    @contextmanager
+    def head(self) -> Iterator[Callable[[int], torch.Tensor]]:
+        """A function window-slice index → the model's output (logits) from the final hidden states."""
+        current = {"i": 0}
+        dev = execution_device(self.outer, self.device)
+        stand_in = _StandIn(self.blocks_list[0],
+                            replay=lambda: self.cache.get(*self.slices[current["i"]]).to(dev), as_tuple=self.as_tuple)
+
+        def output(i: int):
+            current["i"] = i
+            s, e = self.slices[i]
+            return self.model(input_ids=self.windows[s:e].to(dev), use_cache=False)
+
+        with onloaded(self.outer, dev), _blocks_replaced(self.model, self.arch, stand_in):
+            yield output
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _kw_device(kwargs: dict, default: torch.device) -> torch.device:
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+        if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
+            return v[0].device
+    return default
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
+
+
+def device_map_summary(model: nn.Module) -> str | None:
+    """``"3 modules on disk, 2 on cpu"`` for a model dispatched by accelerate, else None."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return None
+    counts: dict[str, int] = {}
+    for dev in placed.values():
+        key = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} module{'s' if n > 1 else ''} on {d}" for d, n in sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------------------- loading
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=20GiB,cpu=64GiB`` (also ``cuda:0=...``, ``disk=...``) → accelerate's max_memory dict."""
+    if not text:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or not key or not value:
+            raise UsageError(f"--max-memory entry '{part}' is not DEVICE=SIZE", "e.g. --max-memory 0=20GiB,cpu=64GiB")
+        if key.startswith("cuda:"):
+            key = key[5:]
+        dev = int(key) if key.isdigit() else key
+        if not isinstance(dev, int) and dev not in ("cpu", "disk", "mps", "xpu", "npu"):
+            raise UsageError(f"--max-memory device '{key}' is not a GPU index, cpu or disk")
+        try:
+            size = int(value) if value.isdigit() else convert_file_size_to_int(value.upper().replace("IB", "iB"))
+        except (ValueError, TypeError):
+            raise UsageError(f"--max-memory size '{value}' is not a size", "e.g. 20GiB, 500MB or a byte count") from None
+        if size <= 0:
+            raise UsageError(f"--max-memory size '{value}' must be positive")
+        out[dev] = size
+    return out
+
+
+class Placement:
+    """Where the model lives while it runs: an accelerate device map (or none: all on the device) and
+    where the cached hidden states go (``spill``: auto, device or disk)."""
+
+    def __init__(self, device_map: str | None = None, max_memory: str | dict | None = None,
+                 offload_dir: str | Path | None = None, spill: str = "auto"):
+        if spill not in SPILL_MODES:
+            raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
+        if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential (got {device_map})")
+        if (max_memory or offload_dir) and device_map is None:
+            device_map = "auto"                     # a memory budget or an offload dir only make sense with one
+        self.device_map = device_map
+        self.max_memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+        self.offload_dir = str(Path(offload_dir).expanduser()) if offload_dir else None
+        self.spill = spill
+
+    @property
+    def dispatched(self) -> bool:
+        return self.device_map is not None
+
+    def describe(self) -> dict:
+        return {"device_map": self.device_map,
+                "max_memory": {str(k): v for k, v in self.max_memory.items()} if self.max_memory else None,
+                "offload_dir": self.offload_dir, "spill": self.spill}

@@ -1,0 +1,166 @@
+"""Models larger than the device: accelerate device maps with disk offload, block-by-block runs, spilled
+block inputs. On the CPU a small --max-memory budget forces accelerate to put part of the model on disk;
+every result must equal the in-memory run's exactly."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from stade_cli.arch import describe
+from stade_cli.blockwise import BlockRunner, HiddenCache, Placement, onloaded, parse_max_memory
+from stade_cli.calibration.runner import load_model
+from stade_cli.checkpoint import resolve_model
+from stade_cli.cli.app import app
+from stade_cli.errors import UsageError
+from stade_cli.evaluate import blockwise_perplexity, perplexity
+
+runner = CliRunner()
+DATA = ["--dataset", "builtin", "--nsamples", 4, "--seqlen", 32]
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def budget(model_dir: Path) -> str:
+    """A CPU budget of about half the weights: accelerate must put the rest on disk."""
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return f"cpu={size // 2}"
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tiny_factory):
+    """Four blocks (so a device map can split them) and tied embeddings (as SmolLM2 has)."""
+    return tiny_factory("llama", num_hidden_layers=4, tie_word_embeddings=True)
+
+
+def test_budget_puts_blocks_on_disk(deep_llama, tmp_path):
+    model = load_model(resolve_model(str(deep_llama)), torch.device("cpu"), torch.float32,
+                       Placement(max_memory=budget(deep_llama), offload_dir=tmp_path / "off"))
+    where = set(model.hf_device_map.values())
+    assert "disk" in where and "cpu" in where, model.hf_device_map
+    assert any(p.device.type == "meta" for p in model.parameters())     # really offloaded
+
+
+def test_calibrate_offloaded_equals_in_memory(deep_llama, tmp_path):
+    run("calibrate", deep_llama, "-o", tmp_path / "mem", *DATA)
+    r = run("calibrate", deep_llama, "-o", tmp_path / "off", *DATA, "--max-memory", budget(deep_llama),
+            "--offload-dir", tmp_path / "od")
+    assert "on disk" in r.stderr                                         # the log says where the blocks went
+    a, b = load_file(tmp_path / "mem" / "moments.safetensors"), load_file(tmp_path / "off" / "moments.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((tmp_path / "off" / "manifest.json").read_text())
+    assert manifest["placement"]["device_map"] == "auto"
+    assert not list((tmp_path / "od").glob("stade-hidden-*"))          # spilled inputs cleaned up
+
+
+@pytest.mark.parametrize("metric", ["wanda", "stade", "sparsegpt"])
+def test_sequential_offloaded_equals_in_memory(deep_llama, tmp_path, metric):
+    run("prune", deep_llama, "--metric", metric, "--sequential", *DATA, "-o", tmp_path / "mem")
+    run("prune", deep_llama, "--metric", metric, "--sequential", *DATA, "-o", tmp_path / "off",
+        "--max-memory", budget(deep_llama), "--offload-dir", tmp_path / "od", "--spill", "disk")
+    a, b = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "off" / "stade_report.json").read_text())
+    assert report["mode"] == "sequential" and report["stats"]["sequential"]["placement"]["spill"] == "disk"
+
+
+def test_eval_offloaded_equals_in_memory(deep_llama, tmp_path):
+    args = ["eval", deep_llama, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 6, "--json"]
+    mem = json.loads(run(*args).stdout)
+    off = json.loads(run(*args, "--max-memory", budget(deep_llama), "--offload-dir", tmp_path / "od").stdout)
+    assert off["nll"] == pytest.approx(mem["nll"], rel=1e-6)
+    assert off["placement"]["device_map"] == "auto" and "placement" not in mem
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "mistral", "gemma"])
+def test_blockwise_perplexity_equals_plain_forward(tiny_factory, arch):
+    """The head replay (final hidden states through the model's own norm and LM head) is exact per architecture."""
+    source = resolve_model(str(tiny_factory(arch)))
+    model = load_model(source, torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 384, (5, 24), generator=torch.Generator().manual_seed(0))
+    plain = perplexity(model, windows, torch.device("cpu"), batch_size=2)
+    blocks = blockwise_perplexity(model, describe(model), windows, torch.device("cpu"), batch_size=2)
+    assert blocks[1] == plain[1]
+    assert blocks[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
+
+
+def test_spilled_inputs_equal_device_inputs(tiny_llama, tmp_path):
+    model = load_model(resolve_model(str(tiny_llama)), torch.device("cpu"), torch.float32)
+    arch = describe(model)
+    windows = torch.randint(0, 384, (3, 16), generator=torch.Generator().manual_seed(1))
+    finals = []
+    for spill in ("device", "disk"):
+        logs: list[str] = []
+
+        class Log:
+            def log(self, m):
+                logs.append(m)
+
+            def track(self, it, *a, **k):
+                return it
+
+        with BlockRunner(model, arch, windows, torch.device("cpu"), 2, spill, tmp_path, Log()) as r:
+            for _, block, dev in r.blocks():
+                r.run(block, dev)
+            finals.append(r.cache.get(0, 3).clone())
+            files = list(tmp_path.glob("stade-hidden-*/*.bin"))
+            assert bool(files) == (spill == "disk")
+        assert ("memory-mapped on disk" in logs[-1]) == (spill == "disk"), logs
+    assert torch.equal(finals[0], finals[1])
+    assert not list(tmp_path.glob("stade-hidden-*"))                    # closed: files removed
+
+
+def test_onloaded_restores_offloaded_modules(deep_llama, tmp_path):
+    model = load_model(resolve_model(str(deep_llama)), torch.device("cpu"), torch.float32,
+                       Placement(max_memory=budget(deep_llama), offload_dir=tmp_path / "off"))
+    block = next(b for n, b in model.named_modules()
+                 if n.endswith(".3") and any(p.device.type == "meta" for p in b.parameters()))
+    with onloaded(list(block.modules()), torch.device("cpu")):
+        assert all(p.device.type == "cpu" for p in block.parameters())
+        assert not any(hasattr(m, "_hf_hook") and m._hf_hook.offload for m in block.modules() if list(m.parameters(recurse=False)))
+    assert all(p.device.type == "meta" for p in block.parameters())
+    model(input_ids=torch.tensor([[1, 2, 3]]))                           # the hooks work again
+
+
+def test_hidden_cache_size():
+    assert HiddenCache.nbytes((4, 8, 16), torch.bfloat16) == 2 * 4 * 8 * 16 * 2
+
+
+def test_parse_max_memory():
+    assert parse_max_memory("0=20GiB, cpu=64GiB") == {0: 20 * 2**30, "cpu": 64 * 2**30}
+    assert parse_max_memory("cuda:1=1000,disk=2GB") == {1: 1000, "disk": 2 * 10**9}
+    assert parse_max_memory(None) is None
+    for bad in ("cpu", "gpu=1GB", "cpu=lots", "cpu=0"):
+        with pytest.raises(UsageError):
+            parse_max_memory(bad)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-memory", "cpu=lots"], "--max-memory size 'lots'"),
+    (["--max-memory", "vram=1GB"], "--max-memory device 'vram'"),
+    (["--device-map", "everywhere"], "--device-map must be"),
+    (["--spill", "tape"], "--spill must be"),
+])
+def test_bad_placement_is_one_line(tiny_llama, tmp_path, args, needle):
+    r = run("calibrate", tiny_llama, "-o", tmp_path / "s", *DATA, *args, code=2)
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.cuda
+def test_device_map_on_gpu_equals_cpu(deep_llama, tmp_path):
+    run("calibrate", deep_llama, "-o", tmp_path / "cpu", *DATA, "--device", "cpu")
+    run("calibrate", deep_llama, "-o", tmp_path / "gpu", *DATA, "--device", "cuda", "--device-map", "auto",
+        "--max-memory", "0=1MB,cpu=1GB")
+    a, b = load_file(tmp_path / "cpu" / "moments.safetensors"), load_file(tmp_path / "gpu" / "moments.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
