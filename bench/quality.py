@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
+    p.add_argument("--stats", default=None,
+                   help="reuse this stats directory (from `stade calibrate`) instead of calibrating; its manifest "
+                        "must match --calib/--nsamples/--seqlen/--seed, which are then only recorded")
     p.add_argument("--workdir", default=None,
                    help="where the stats and temporary pruned checkpoints go (default: a temp dir, removed)")
     args = p.parse_args(argv)
@@ -244,7 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     errors = 0
     try:
         stats_dir = None
-        if needs_stats([name for _, name, _ in entries]):
+        if args.stats:
+            from stade_cli.calibration.store import load_stats
+
+            stats_dir = Path(args.stats).expanduser()
+            manifest = load_stats(stats_dir).manifest
+            given = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+            differ = {k: manifest.get(k) for k, v in given.items() if manifest.get(k) != v}
+            if differ:
+                raise SystemExit(f"error: --stats {stats_dir} was made with {differ}, not {given}")
+            result["calibration"] = {"seconds": manifest.get("seconds"), "stats": str(stats_dir),
+                                     "dataset": manifest.get("dataset"), "reused": True}
+            log(f"reusing the stats in {stats_dir} ({manifest.get('nsamples')} × {manifest.get('seqlen')})")
+        elif needs_stats([name for _, name, _ in entries]):
             stats_dir = work / "stats"
             log(f"calibrating {args.model} on {calib}: {args.nsamples} × {args.seqlen}")
             t0 = time.perf_counter()
