@@ -234,9 +234,8 @@ def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: 
     if layer_sparsity == "owl":
         if isinstance(pat, NM):
             raise UsageError("--layer-sparsity owl needs --pattern unstructured (N:M fixes every layer's sparsity)")
-        if not owl_lambda >= 0 or not pat.sparsity - owl_lambda >= 0 or not pat.sparsity + owl_lambda < 1:
-            raise UsageError(f"--owl-lambda {owl_lambda} takes block sparsities outside [0, 1) "
-                             f"around --sparsity {pat.sparsity}")
+        if not 0 <= owl_lambda < 0.5:
+            raise UsageError(f"--owl-lambda must be in [0, 0.5) (got {owl_lambda})")
         if not owl_m > 0:
             raise UsageError(f"--owl-m must be positive (got {owl_m})")
     if not math.isfinite(options.ria_alpha):
@@ -262,7 +261,11 @@ def owl_outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 
 def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
-    """S_l = S − (D̂_l − mean D̂), D̂_l = 2λ (D_l − min D) / (max D − min D): mean S, within S ± λ."""
+    """S_l = S − (D̂_l − mean D̂), D̂_l = 2λ (D_l − min D) / (max D − min D).
+
+    The mean is S and max − min = 2λ; each S_l lies within S ± 2λ (within S ± λ only when mean D̂ = λ,
+    e.g. outlier ratios spread symmetrically). As in the OWL reference code.
+    """
     lo, hi = min(ratios), max(ratios)
     if hi == lo:
         return [sparsity] * len(ratios)
@@ -285,7 +288,13 @@ def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stat
                     per_block.setdefault(t.block, []).append(w.abs() * st.moments[t.name].norm.to(device, w.dtype))
     blocks = sorted(per_block)
     ratios = [owl_outlier_ratio(per_block[b], m) for b in blocks]
-    return dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))
+    out = dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))
+    bad = {b: s for b, s in out.items() if not 0 <= s < 1}
+    if bad:
+        b, s = next(iter(bad.items()))
+        raise UsageError(f"OWL gives block {b} sparsity {s:.3f}, outside [0, 1) (--sparsity {sparsity}, "
+                         f"--owl-lambda {lam}; the block sparsities span 2 × lambda)", "lower --owl-lambda")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- writing

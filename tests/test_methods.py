@@ -98,6 +98,10 @@ def test_owl_by_hand():
     assert s == pytest.approx([0.58, 0.42, 0.50])
     assert sum(s) / 3 == pytest.approx(0.5)
     assert owl_sparsities([0.2, 0.2], 0.6, 0.08) == [0.6, 0.6]
+    # skewed outlier ratios: the span is 2λ but the low end goes below S − λ (as in the reference code)
+    skew = owl_sparsities([0.0, 0.0, 0.0, 1.0], 0.5, 0.1)                 # D̂ = [0, 0, 0, 0.2], mean 0.05
+    assert skew == pytest.approx([0.55, 0.55, 0.55, 0.35])
+    assert max(skew) - min(skew) == pytest.approx(0.2) and sum(skew) / 4 == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------------ through the CLI
@@ -204,6 +208,9 @@ def test_owl_report_and_bounds(tiny_llama, stats, tmp_path):
     assert all(0.4 - 1e-9 <= s <= 0.6 + 1e-9 for s in blocks.values())
     for l in report["layers"].values():
         assert l["zeros"] == math.floor(blocks[str(l["block"])] * l["shape"][1]) * l["shape"][0]
+    r = run("prune", tiny_llama, "--layer-sparsity", "owl", "--sparsity", 0.9, "--owl-lambda", 0.2, "--stats", stats,
+            "-o", tmp_path / "y", code=2)                              # block 1 would get 1.1
+    assert "outside [0, 1)" in r.stderr and not (tmp_path / "y").exists()
     r = run("prune", tiny_llama, "--layer-sparsity", "owl", "--pattern", "2:4", "--stats", stats, "-o", tmp_path / "x",
             code=2)
     assert "unstructured" in r.stderr

@@ -25,7 +25,7 @@ def prune(
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Fold the pruned weights' mean contribution into the bias \\[default: on for stade and stadew, off otherwise].", show_default=False)] = None,
     layer_sparsity: Annotated[str, typer.Option(help="uniform, or owl (Outlier Weighted Layerwise: blocks with more outliers keep more).")] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a score is an outlier above this many times its block's mean.")] = 5.0,
-    owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities stay within sparsity ± lambda.")] = 0.08,
+    owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span 2 × lambda around a mean of --sparsity.")] = 0.08,
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
     ria_alpha: Annotated[float, typer.Option(help="RIA: exponent a of the activation norm.")] = 0.5,
     stoch_beta: Annotated[float, typer.Option(help="stochria: fraction of each row/column sampled for its sum.")] = 0.1,
