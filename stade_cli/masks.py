@@ -28,12 +28,15 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = kth_smallest(scores, k)                               # [rows, 1]
     mask = scores <= threshold
-    if bool((mask.sum(1) == k).all()):                                # no excess ties (the usual case)
+    excess = (mask.sum(1) != k).nonzero().squeeze(1)                  # rows with more ties than needed
+    if excess.numel() == 0:
         return mask
-    below = scores < threshold
-    at = mask & ~below
+    sub, thr = scores[excess], threshold[excess]
+    below = sub < thr
+    at = (sub == thr)
     need = k - below.sum(1, keepdim=True)                             # how many ties to prune per row
-    return below | (at & (at.cumsum(1) <= need))
+    mask[excess] = below | (at & (at.cumsum(1) <= need))
+    return mask
 
 
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -345,7 +345,7 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
         return (pruned, delta), _layer_info(target, pruned, plan)
 
     total = sum((src / f).stat().st_size for f in files)
-    with atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
+    with _one_thread_per_worker(dev, workers), atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
             _disk_full_is_an_error(out, total):
         with reporter.task("pruning", total=total) as advance:
             for fname in files:
@@ -402,6 +402,20 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
         # the report is written last, inside the temp dir: a checkpoint with a report is complete
         (tmp / REPORT_NAME).write_text(json.dumps(make_report(layers), indent=2) + "\n")
     return layers
+
+
+@contextmanager
+def _one_thread_per_worker(dev: torch.device, workers: int):
+    """On the CPU the pool already keeps every core busy: torch's own intra-op threads would oversubscribe."""
+    if dev.type != "cpu" or workers < 2:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager
