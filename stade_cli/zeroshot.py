@@ -231,6 +231,12 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
     t0 = time.perf_counter()
     with _harness_output(verbose):
         lm = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, max_length=context_length(config))
+        if getattr(net, "hf_device_map", None):
+            # HFLM takes a pre-built model's device from its first parameter, which is "meta" when that one is
+            # offloaded; inputs belong on the device the embeddings run on (accelerate moves the rest).
+            from .blockwise import execution_device
+
+            lm._device = execution_device([net.get_input_embeddings()], dev)
         with _no_git_describe():
             out = lm_eval.simple_evaluate(model=lm, tasks=task_objects, num_fewshot=num_fewshot, limit=limit,
                                           task_manager=manager, log_samples=False)

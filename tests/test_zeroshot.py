@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -127,3 +128,14 @@ def test_option_errors(tiny_llama, args, message):
     """Contradictory or out-of-range options fail with exit 2 before lm_eval is even imported."""
     r = run("eval", tiny_llama, *args, code=2)
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zero_shot_offloaded_equals_in_memory(tiny_llama, task_dir, tmp_path):
+    """--tasks with a device map that sends part of the model to disk: accelerate's hooks, same accuracies."""
+    pytest.importorskip("lm_eval")
+    size = sum(f.stat().st_size for f in Path(tiny_llama).glob("*.safetensors"))
+    args = ["eval", tiny_llama, "--tasks", "tiny_mc", "--task-path", task_dir, "--json", "--limit", 4]
+    mem = json.loads(run(*args).stdout)["tasks"]["tiny_mc"]
+    off = json.loads(run(*args, "--max-memory", f"cpu={size // 2}", "--offload-dir", tmp_path / "od").stdout)["tasks"]
+    assert off["tiny_mc"]["acc"] == mem["acc"] and off["tiny_mc"]["acc_norm"] == mem["acc_norm"]
+    assert math.isfinite(mem["acc"])
