@@ -32,7 +32,7 @@ from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atom
                          copy_side_files, load_config, read_header, resolve_model, tensor_bytes, weight_files)
 from .errors import ModelError, OutputError, StatsError, UsageError
 from .masks import NM, Pattern, parse_pattern
-from .metrics import LayerContext, LayerStats, MethodOptions, Metric, get_metric
+from .metrics import REGISTRY, LayerContext, LayerStats, MethodOptions, Metric, get_metric
 from .runtime import Reporter, resolve_device
 
 # A layer's outcome: the pruned weight (checkpoint dtype, CPU) and the bias change (float64, [out]) or None.
@@ -169,8 +169,16 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
                            only=only, skip=skip, gram=needs_gram, placement=placement)
 
-    reads_norm = {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in arch.targets} \
-        if st is not None else None
+    reads_norm = None
+    if st is not None:
+        entries = {n: st.manifest["modules"].get(n, {}) for n in arch.targets}
+        roles = [m for m in {met.name, options.init} if m in REGISTRY and REGISTRY[m].needs_roles]
+        unknown = [n for n, e in entries.items() if "reads_norm" not in e]
+        if roles and unknown and not sequential:
+            raise StatsError(f"{roles[0]} needs to know which linears read a normalisation layer's output, and "
+                             f"{stats or 'these stats'} do not record it (for {unknown[0]})",
+                             "re-run `stade calibrate` with this version")
+        reads_norm = {n: bool(e.get("reads_norm", False)) for n, e in entries.items()}
     plan = Plan(arch, met, pat, contexts={})
     if layer_sparsity == "owl":
         plan.block_sparsity = owl_block_sparsity(source.path, files, arch, st, pat.target_sparsity, owl_m,

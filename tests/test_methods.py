@@ -165,6 +165,22 @@ def test_opt_updates_existing_biases(tiny_factory, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_stadew_refuses_stats_without_roles(tiny_llama, stats, tmp_path):
+    """Stats that do not record which linears read a norm's output must not silently make stadew = stade."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(stats, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["modules"].values():
+        entry.pop("reads_norm")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    r = run("prune", tiny_llama, "--metric", "stadew", "--stats", old, "-o", tmp_path / "out", code=1)
+    assert "read a normalisation layer's output" in r.stderr and "re-run `stade calibrate`" in r.stderr
+    assert not (tmp_path / "out").exists()
+    run("prune", tiny_llama, "--metric", "stade", "--stats", old, "-o", tmp_path / "ok")   # roles not needed
+
+
 def test_stadew_roles(tiny_llama, stats, tmp_path):
     out = tmp_path / "out"
     run("prune", tiny_llama, "--metric", "stadew", "--stats", stats, "-o", out)

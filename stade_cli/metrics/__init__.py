@@ -68,15 +68,17 @@ class Metric:
     corrects_bias: Callable[[LayerContext], bool] = _never
     solve: SolveFn | None = None                        # set: the method updates weights / refines masks
     needs_gram: bool = False
+    needs_roles: bool = False                           # reads which linears read a norm's output (stadew)
 
 
 REGISTRY: dict[str, Metric] = {}
 
 
-def register(name: str, needs_stats: bool, summary: str, corrects_bias: Callable[[LayerContext], bool] = _never):
+def register(name: str, needs_stats: bool, summary: str, corrects_bias: Callable[[LayerContext], bool] = _never,
+             needs_roles: bool = False):
     """Register a scoring metric: ``score(weight, moments, ctx) -> scores``."""
     def wrap(fn: ScoreFn) -> ScoreFn:
-        REGISTRY[name] = Metric(name, fn, needs_stats, summary, corrects_bias)
+        REGISTRY[name] = Metric(name, fn, needs_stats, summary, corrects_bias, needs_roles=needs_roles)
         return fn
     return wrap
 

@@ -16,6 +16,6 @@ from .wanda import score as wanda_score
 
 
 @register("stadew", needs_stats=True, summary="Wanda after norms, bias-corrected STADE elsewhere",
-          corrects_bias=lambda ctx: not ctx.reads_norm)
+          corrects_bias=lambda ctx: not ctx.reads_norm, needs_roles=True)
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext) -> torch.Tensor:
     return (wanda_score if ctx.reads_norm else stade_score)(weight, moments, ctx)
