@@ -12,7 +12,6 @@ import datetime as _dt
 import errno
 import json
 import math
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager

@@ -4,7 +4,6 @@ every result must equal the in-memory run's exactly."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
