@@ -163,3 +163,15 @@ def test_device_map_on_gpu_equals_cpu(deep_llama, tmp_path):
     a, b = load_file(tmp_path / "cpu" / "moments.safetensors"), load_file(tmp_path / "gpu" / "moments.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("arch", ["opt", "gemma", "qwen2"])
+def test_offloaded_eval_other_architectures(tiny_factory, tmp_path, arch):
+    """Disk offload + block-by-block eval on architectures with other heads (OPT's final norm and
+    projections, Gemma's scaled embeddings, Qwen2's biases)."""
+    model = tiny_factory(arch, num_hidden_layers=4)
+    args = ["eval", model, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 4, "--json"]
+    mem = json.loads(run(*args).stdout)
+    r = run(*args, "--max-memory", budget(model), "--offload-dir", tmp_path / "od")
+    assert "on disk" in r.stderr
+    assert json.loads(r.stdout)["nll"] == pytest.approx(mem["nll"], rel=1e-6)
