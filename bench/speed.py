@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cpus": os.cpu_count(), "machine": platform.machine()},
         "figures": [], "info": {},
     }
-    order = {"calibrate": 0, "prune": 1, "memory": 2, "eval": 3}
+    order = {"calibrate": 0, "prune": 1, "solver": 2, "memory": 3, "eval": 4}
 
     def save() -> None:  # after every section, so an interrupted run keeps what it measured
         result["figures"].sort(key=lambda f: order[f["kind"]])

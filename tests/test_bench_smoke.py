@@ -53,7 +53,7 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     data = json.loads(out.read_text())
     assert json.loads(proc.stdout) == data
     kinds = [f["kind"] for f in data["figures"]]
-    assert kinds == ["calibrate", "prune", "memory", "memory", "eval"]
+    assert kinds == ["calibrate", "prune", "solver", "memory", "memory", "eval"]
     for f in data["figures"]:
         assert _finite(f["ratio"]) and f["ratio"] > 0, f
         assert isinstance(f["pass"], bool)
@@ -62,5 +62,7 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     assert mem[0]["total_gb"] < mem[1]["total_gb"]
     prune = next(f for f in data["figures"] if f["kind"] == "prune")
     assert _finite(prune["secondary"]["ratio"])
+    solver = next(f for f in data["figures"] if f["kind"] == "solver")
+    assert solver["measured_s"] > 0 and solver["baseline_s"] > 0 and solver["pass"]   # recorded, no target
     ev = next(f for f in data["figures"] if f["kind"] == "eval")
     assert ev["check"]["agree"], ev["check"]
