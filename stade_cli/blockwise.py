@@ -217,12 +217,10 @@ class BlockRunner:
     """
 
     def __init__(self, model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device,
-                 batch_size: int = 1, spill: str = "auto", spill_dir: str | Path | None = None,
-                 reporter: Reporter | None = None):
+                 batch_size: int = 1, placement: "Placement | None" = None, reporter: Reporter | None = None):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-        if spill not in SPILL_MODES:
-            raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
+        placement = placement or Placement()
         self.model, self.arch, self.device, self.reporter = model, arch, device, reporter or Reporter()
         self.windows = windows
         self.modules = dict(model.named_modules())
@@ -235,7 +233,7 @@ class BlockRunner:
         self.cache: HiddenCache | None = None
         if (where := device_map_summary(model)) is not None:
             self.reporter.log(f"device map: {where}; each block runs on its execution device in turn")
-        self._capture(spill, spill_dir)
+        self._capture(placement.spill, placement.offload_dir)
 
     # -- phase 1: the first block's inputs
     @torch.inference_mode()

@@ -52,10 +52,8 @@ def blockwise_perplexity(model, arch, windows: torch.Tensor, device: torch.devic
     map, only one block on the device at a time. The final hidden states go through the model's own head."""
     from .blockwise import BlockRunner
 
-    spill = placement.spill if placement is not None else "auto"
-    spill_dir = placement.offload_dir if placement is not None else None
     total, tokens = 0.0, 0
-    with BlockRunner(model, arch, windows, device, batch_size, spill, spill_dir, reporter) as runner:
+    with BlockRunner(model, arch, windows, device, batch_size, placement, reporter) as runner:
         for _, block, dev in runner.blocks("evaluating (blocks)"):
             runner.run(block, dev, keep=True)
         with runner.head() as head:

@@ -44,8 +44,7 @@ def prune_sequential(source: ModelSource, plan, options: MethodOptions, bias_cor
     reporter.log(f"sequential pruning: {len(arch.blocks)} blocks, {nsamples} × {windows.shape[1]} tokens")
     decisions: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     reads_norm: dict[str, bool] = {}
-    with BlockRunner(model, arch, windows, device, batch_size, placement.spill, placement.offload_dir,
-                     reporter) as runner:
+    with BlockRunner(model, arch, windows, device, batch_size, placement, reporter) as runner:
         last = len(arch.blocks) - 1
         for index, block, dev in runner.blocks("pruning blocks"):
             sub = arch.block(index)

@@ -107,7 +107,8 @@ def test_spilled_inputs_equal_device_inputs(tiny_llama, tmp_path):
             def track(self, it, *a, **k):
                 return it
 
-        with BlockRunner(model, arch, windows, torch.device("cpu"), 2, spill, tmp_path, Log()) as r:
+        with BlockRunner(model, arch, windows, torch.device("cpu"), 2, Placement(offload_dir=tmp_path, spill=spill),
+                         Log()) as r:
             for _, block, dev in r.blocks():
                 r.run(block, dev)
             finals.append(r.cache.get(0, 3).clone())

@@ -171,13 +171,9 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
     from ..blockwise import BlockRunner
 
     reporter = reporter or Reporter()
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    spill = placement.spill if placement is not None else "auto"
-    spill_dir = placement.offload_dir if placement is not None else None
     collected = Collected()
     last = len(arch.blocks) - 1
-    with BlockRunner(model, arch, windows, device, batch_size, spill, spill_dir, reporter) as runner:
+    with BlockRunner(model, arch, windows, device, batch_size, placement, reporter) as runner:
         for index, block, dev in runner.blocks("calibrating"):
             capture = MomentCapture(model, arch.block(index), dev, gram=gram)
             try:
