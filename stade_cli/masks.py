@@ -26,7 +26,9 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = kth_smallest(scores, k)                               # [rows, 1]
+    if _numpy_ok(scores):
+        return torch.from_numpy(_lowest_k_numpy(scores.numpy(), k))
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values        # [rows, 1]
     mask = scores <= threshold
     excess = (mask.sum(1) != k).nonzero().squeeze(1)                  # rows with more ties than needed
     if excess.numel() == 0:
@@ -39,18 +41,33 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of every row of scores [rows, n], as [rows, 1].
+def _lowest_k_numpy(a, k: int):
+    """lowest_k on a numpy float array: introselect (``np.partition``), 2–3× faster than ``torch.kthvalue``
+    and free of the GIL, so the prune thread pool runs several layers at once; then numpy's compares and
+    counts, 3× faster than torch's single-threaded ones."""
+    import numpy as np
 
-    On the CPU numpy's introselect (``np.partition``) is 2–3× faster than ``torch.kthvalue`` and releases
-    the GIL, so the prune thread pool runs several layers at once; elsewhere torch's own kernel is used.
-    """
-    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
-        import numpy as np
+    threshold = np.partition(a, k - 1, axis=1)[:, k - 1:k]
+    flags = a <= threshold
+    at_most = np.count_nonzero(flags, axis=1)
+    excess = np.flatnonzero(at_most != k)
+    if excess.size:                   # more ties at the threshold than needed: prune the lowest-index ones
+        if excess.size * 2 > a.shape[0]:                              # most rows: no gather
+            excess, sub, thr, at_most = None, a, threshold, at_most
+        else:
+            sub, thr, at_most = a[excess], threshold[excess], at_most[excess]
+        rows, cols = np.divmod(np.flatnonzero(sub == thr), sub.shape[1])  # each row's ties in index order
+        ties = np.bincount(rows, minlength=sub.shape[0])
+        need = k - (at_most - ties)                                   # ties to prune in each row
+        rank = np.arange(rows.size) - (np.cumsum(ties) - ties)[rows]  # a tie's rank among its row's ties
+        drop = rank >= need[rows]
+        rows = rows[drop]
+        flags[rows if excess is None else excess[rows], cols[drop]] = False
+    return flags
 
-        part = np.partition(scores.contiguous().numpy(), k - 1, axis=1)
-        return torch.from_numpy(part[:, k - 1:k].copy())
-    return scores.kthvalue(k, dim=1, keepdim=True).values
+
+def _numpy_ok(scores: torch.Tensor) -> bool:
+    return scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad
 
 
 def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +77,8 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
     lowest ranks are pruned. m(m−1)/2 vectorised comparisons beat a selection kernel for small m.
     """
     rows, m = groups.shape
+    if _numpy_ok(groups) and m <= 64:
+        return _lowest_in_groups_numpy(groups, k)
     rank = torch.zeros((rows, m), dtype=torch.int16 if m > 127 else torch.int8, device=groups.device)
     cols = groups.unbind(1)
     for i in range(m):
@@ -68,6 +87,28 @@ def lowest_in_groups(groups: torch.Tensor, k: int) -> torch.Tensor:
             rank[:, j] += below
             rank[:, i] += ~below
     return rank < k
+
+
+def _lowest_in_groups_numpy(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """lowest_in_groups on the CPU, 7× faster: columns made contiguous, in-place int8 sums of the comparisons.
+
+    With b_ij = [s_i <= s_j] for i < j, rank_i = (m − 1 − i) − Σ_{j>i} b_ij + Σ_{j<i} b_ji; only the two sums
+    are accumulated, and rank_i < k is tested as acc_i < k − (m − 1 − i).
+    """
+    import numpy as np
+
+    rows, m = groups.shape
+    cols = np.ascontiguousarray(groups.numpy().T)                    # [m, rows]
+    acc = np.zeros((m, rows), dtype=np.int8)
+    below = np.empty(rows, dtype=np.bool_)
+    for i in range(m):
+        for j in range(i + 1, m):
+            np.less_equal(cols[i], cols[j], out=below)
+            as_int = below.view(np.int8)
+            np.add(acc[j], as_int, out=acc[j])
+            np.subtract(acc[i], as_int, out=acc[i])
+    limit = np.array([k - (m - 1 - i) for i in range(m)], dtype=np.int8)[:, None]
+    return torch.from_numpy(np.ascontiguousarray(np.less(acc, limit).T))
 
 
 @dataclass(frozen=True)

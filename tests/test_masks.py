@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stade_cli.errors import UsageError
-from stade_cli.masks import NM, Unstructured, kth_smallest, lowest_in_groups, lowest_k, parse_pattern
+from stade_cli.masks import NM, Unstructured, lowest_in_groups, lowest_k, parse_pattern
 
 
 def slow_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,27 +30,36 @@ def test_ties_pruned_lowest_index_first():
     assert lowest_k(s, 2).tolist() == [[True, True, False, False], [False, True, False, True]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy paths; torch's
 @pytest.mark.parametrize("k", [0, 1, 3, 7, 16])
-def test_lowest_k_matches_stable_sort(k):
+def test_lowest_k_matches_stable_sort(k, dtype):
     g = torch.Generator().manual_seed(k)
-    s = torch.randint(0, 5, (6, 16), generator=g).float()  # many ties
+    s = torch.randint(0, 5, (6, 16), generator=g).to(dtype)  # many ties
     assert torch.equal(lowest_k(s, k), slow_lowest_k(s, k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kth_smallest_matches_torch_kthvalue(dtype):
+def test_lowest_k_signed_zeros_and_wide_rows(dtype):
     g = torch.Generator().manual_seed(3)
-    s = torch.randn(9, 31, generator=g).to(dtype)
+    s = torch.randn(9, 31, generator=g).abs().to(dtype)
     s[2] = 0.0                                              # a row of ties, with -0.0 among them
     s[2, 5] = -0.0
+    s[4, ::2] = s[4, 1]                                     # many ties around the threshold
     for k in (1, 2, 15, 31):
-        assert torch.equal(kth_smallest(s, k), s.kthvalue(k, dim=1, keepdim=True).values)
+        assert torch.equal(lowest_k(s, k), slow_lowest_k(s, k))
+    wide = torch.randint(0, 3, (2, 40_000), generator=g).to(dtype)    # tie ranks past int16
+    expected = torch.zeros_like(wide, dtype=torch.bool)
+    for r in range(2):                                      # stable sort: ties in index order
+        expected[r, torch.sort(wide[r].float(), stable=True).indices[:39_000]] = True
+    assert torch.equal(lowest_k(wide, 39_000), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # the numpy path; the torch path
 @pytest.mark.parametrize("m", [2, 4, 8, 16])
-def test_lowest_in_groups_matches_stable_sort(m):
+def test_lowest_in_groups_matches_stable_sort(m, dtype):
     g = torch.Generator().manual_seed(m)
-    s = torch.randint(0, 3, (40, m), generator=g).float()    # many ties
+    s = torch.randint(0, 3, (40, m), generator=g).to(dtype)  # many ties
+    s[0, 0] = -0.0                                           # equal to +0.0
     for k in range(m + 1):
         assert torch.equal(lowest_in_groups(s, k), slow_lowest_k(s, k))
 
@@ -111,3 +120,30 @@ def test_parse_pattern():
 def test_nm_width_must_divide():
     with pytest.raises(UsageError, match="divisible by 8"):
         NM(4, 8).check_width(12, "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_apply_mask_keeps_exact_bits(dtype):
+    from stade_cli.pruning import apply_mask
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 12, generator=g).to(dtype)
+    w[0, :4] = torch.tensor([-0.0, float("nan"), float("-inf"), float("inf")]).to(dtype)
+    mask = torch.rand(7, 12, generator=g) < 0.5
+    mask[0, :4] = False
+    mask[1, :] = True
+    out = apply_mask(w, mask)
+    assert out.dtype == dtype and out.shape == w.shape
+    for i in range(7):
+        for j in range(12):
+            got, want = out[i, j : j + 1], (torch.zeros(1, dtype=dtype) if mask[i, j] else w[i, j : j + 1])
+            assert got.view(torch.uint8).tolist() == want.view(torch.uint8).tolist()   # +0.0 where pruned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_count_zeros_counts_both_signed_zeros(dtype):
+    from stade_cli.pruning import count_zeros
+
+    w = torch.tensor([[0.0, -0.0, 1.0, float("nan")], [-2.0, 0.0, float("inf"), 1e-30]]).to(dtype)
+    slow = sum(1 for v in w.flatten().tolist() if v == 0.0)
+    assert count_zeros(w) == slow == (4 if dtype == torch.float16 else 3)   # 1e-30 underflows in float16
