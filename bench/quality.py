@@ -10,9 +10,11 @@ perplexity and wall time), OUT/quality.md and OUT/quality.png (needs matplotlib;
         --calib A/emma.txt A/mansfieldpark.txt --eval A/prideprejudice.txt \
         --metrics magnitude wanda stade stade:bias_correction=false --sparsities 0.5 0.6 --patterns unstructured 2:4
 
-A metric entry is ``name`` or ``name:key=value,key=value``; the options are passed to
-``stade_cli.pruning.prune`` as keyword arguments (values parsed as bool, int, float, else str). Metric
-names are not checked here: the library's registry decides.
+A metric entry is ``name`` or ``name:key=value,key=value`` (values parsed as bool, int, float, else str):
+keys naming a ``MethodOptions`` field (``init``, ``percdamp``, ``dsnot_threshold``, ``ria_alpha``, ...) set
+the method's options, the others are passed to ``stade_cli.pruning.prune`` as keyword arguments
+(``bias_correction``, ``layer_sparsity``, ...). Metric names are not checked here: the library's registry
+decides. ``dsnot:init=stade`` refines STADE's mask.
 """
 from __future__ import annotations
 
@@ -69,6 +71,20 @@ def parse_metric(entry: str) -> tuple[str, dict]:
             raise SystemExit(f"error: metric option {part!r} in {entry!r} is not key=value")
         kwargs[key.strip()] = parse_value(value)
     return name, kwargs
+
+
+def prune_kwargs(kwargs: dict, seed: int) -> dict:
+    """Split an entry's options: MethodOptions fields become ``options=``, the rest stay prune() keywords."""
+    from dataclasses import fields
+
+    from stade_cli.metrics import MethodOptions
+
+    names = {f.name for f in fields(MethodOptions)}
+    method = {k: v for k, v in kwargs.items() if k in names}
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    if method:
+        rest["options"] = MethodOptions(**{"seed": seed, **method})
+    return rest
 
 
 def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
@@ -289,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 try:
                     report = prune(args.model, ckpt, metric=name, sparsity=c["sparsity"], pattern=c["pattern"],
-                                   stats=stats_dir, device=args.device, force=True, reporter=reporter, **kwargs)
+                                   stats=stats_dir, device=args.device, force=True, reporter=reporter,
+                                   **prune_kwargs(kwargs, args.seed))
                     t1 = time.perf_counter()
                     res = evaluate(str(ckpt), dataset=evalset, seqlen=args.seqlen, max_windows=args.max_windows,
                                    device=args.device, reporter=reporter)

@@ -47,6 +47,8 @@ class Architecture:
     model_type: str
     blocks: list[str]                      # module names of the decoder blocks, in order
     targets: dict[str, Target] = field(default_factory=dict)   # by module name, in model order
+    # config flag → linears that gain a bias when it is turned on (see bias_flag_table), when known
+    bias_flags: dict[str, list[str]] | None = None
 
     def by_weight_key(self) -> dict[str, Target]:
         return {t.weight_key: t for t in self.targets.values()}
@@ -54,7 +56,27 @@ class Architecture:
     def block(self, index: int) -> "Architecture":
         """The same description restricted to decoder block ``index``."""
         return Architecture(self.model_type, [self.blocks[index]],
-                            {n: t for n, t in self.targets.items() if t.block == index})
+                            {n: t for n, t in self.targets.items() if t.block == index}, self.bias_flags)
+
+    def to_data(self) -> dict:
+        """A JSON-able description (stored with calibration stats, so prune need not rebuild the model)."""
+        return {"format": DATA_FORMAT, "model_type": self.model_type, "blocks": self.blocks,
+                "targets": [[t.name, t.block, t.in_features, t.out_features, t.has_bias]
+                            for t in self.targets.values()],
+                "bias_flags": self.bias_flags}
+
+    @classmethod
+    def from_data(cls, data, only: str | None = None, skip: str | None = None) -> "Architecture | None":
+        """The description ``to_data`` wrote, filtered by --only/--skip; None if absent or of another format."""
+        if not isinstance(data, dict) or data.get("format") != DATA_FORMAT:
+            return None
+        keep = target_filter(only, skip)
+        targets = {name: Target(name, block, fan_in, fan_out, bool(bias))
+                   for name, block, fan_in, fan_out, bias in data["targets"] if keep(name)}
+        return cls(data["model_type"], list(data["blocks"]), targets, data.get("bias_flags"))
+
+
+DATA_FORMAT = 1       # of Architecture.to_data; a change of the rules in describe() must bump it
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -81,11 +103,17 @@ def compile_filters(only: str | None, skip: str | None):
     return only_re, skip_re
 
 
+def target_filter(only: str | None, skip: str | None):
+    """name → whether --only/--skip keep that linear."""
+    only_re, skip_re = compile_filters(only, skip)
+    return lambda name: (not only_re or only_re.search(name)) and not (skip_re and skip_re.search(name))
+
+
 def describe(model: nn.Module, only: str | None = None, skip: str | None = None) -> Architecture:
     """Blocks and target linears of ``model`` (a real or meta-device model)."""
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     quirk_excludes = [re.compile(p) for p in QUIRKS.get(model_type, {}).get("exclude", [])]
-    only_re, skip_re = compile_filters(only, skip)
+    keep = target_filter(only, skip)
     blocks = decoder_blocks(model)
     arch = Architecture(model_type=model_type, blocks=[n for n, _ in blocks])
     for index, (block_name, block) in enumerate(blocks):
@@ -93,11 +121,7 @@ def describe(model: nn.Module, only: str | None = None, skip: str | None = None)
             if not isinstance(mod, nn.Linear) or not sub_name:
                 continue
             name = f"{block_name}.{sub_name}"
-            if any(p.search(name) for p in quirk_excludes):
-                continue
-            if only_re and not only_re.search(name):
-                continue
-            if skip_re and skip_re.search(name):
+            if any(p.search(name) for p in quirk_excludes) or not keep(name):
                 continue
             arch.targets[name] = Target(name, index, mod.in_features, mod.out_features, mod.bias is not None)
     return arch
@@ -123,27 +147,21 @@ def context_length(config) -> int:
     return 2048
 
 
-def bias_switches(config, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
-    """Config flags to turn on so that every linear named in ``needed`` has a bias.
+def bias_flag_table(config) -> dict[str, list[str]]:
+    """Config flags that give linears a bias, and the linears each one gives a bias to.
 
-    Found generically: each boolean config field with "bias" in its name that is off is tried on a
-    meta-device model; a flag is used only if everything it adds is biases of linears (Llama's
-    ``attention_bias``/``mlp_bias``, Gemma's ``attention_bias``, ...). Returns the flags and every linear
-    that gains a bias through them (the siblings get zero biases). Raises if ``needed`` cannot be covered.
+    Found generically: each boolean config field with "bias" in its name that is off (and any flag listed
+    in QUIRKS) is tried on a meta-device model; it is kept only if everything it adds is biases of
+    linears (Llama's ``attention_bias``/``mlp_bias``, Gemma's ``attention_bias``, ...).
     """
     import copy
 
-    if not needed:
-        return {}, set()
     base_model = meta_model(config)
     base_keys = set(base_model.state_dict())
     linears = {name for name, mod in base_model.named_modules() if isinstance(mod, nn.Linear)}
-    flags: dict[str, bool] = {}
-    gained: set[str] = set()
+    table: dict[str, list[str]] = {}
     candidates = [k for k, v in sorted(config.to_dict().items()) if "bias" in k and v is False]
     for flag in candidates + QUIRKS.get(config.model_type, {}).get("bias_flags", []):
-        if needed <= gained:
-            break
         trial = copy.deepcopy(config)
         setattr(trial, flag, True)
         try:
@@ -151,13 +169,32 @@ def bias_switches(config, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
         except ModelError:
             continue
         owners = {k[: -len(".bias")] for k in added if k.endswith(".bias")}
-        if not added or len(owners) != len(added) or not owners <= linears or not owners & (needed - gained):
-            continue
-        flags[flag] = True
-        gained |= owners
+        if added and len(owners) == len(added) and owners <= linears:
+            table[flag] = sorted(owners)
+    return table
+
+
+def bias_switches(arch: Architecture, config, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
+    """Config flags to turn on so that every linear named in ``needed`` has a bias.
+
+    From ``arch.bias_flags`` when the description carries them (stats made by ``calibrate``), else from
+    ``bias_flag_table(config)``. Returns the flags and every linear that gains a bias through them (the
+    siblings get zero biases). Raises if ``needed`` cannot be covered.
+    """
+    if not needed:
+        return {}, set()
+    table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(config)
+    flags: dict[str, bool] = {}
+    gained: set[str] = set()
+    for flag, owners in table.items():
+        if needed <= gained:
+            break
+        if set(owners) & (needed - gained):
+            flags[flag] = True
+            gained |= set(owners)
     missing = sorted(needed - gained)
     if missing:
-        raise ModelError(f"this {config.model_type} model cannot hold a bias on {missing[0]} "
+        raise ModelError(f"this {arch.model_type} model cannot hold a bias on {missing[0]} "
                          f"({len(missing)} layer(s) in all), which bias correction needs",
                          "pass --no-bias-correction, or --skip those layers")
     return flags, gained

@@ -163,21 +163,28 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     source = resolve_model(model)
     files = weight_files(source.path)
     check_space(out, sum((source.path / f).stat().st_size for f in files))
-    config = load_config(source.path)
-    arch = describe(meta_model(config), only=only, skip=skip)
+    needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
+    st: Stats | None = None
+    if stats is not None and (needs_moments or sequential):
+        st = load_stats(Path(stats))
+        st.check_fingerprint(source.fingerprint)
+    # the stats' fingerprint covers config.json: their stored description stands for the model's, and
+    # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
+    config = None
+    arch = Architecture.from_data(st.manifest.get("architecture"), only, skip) if st is not None else None
+    if arch is None:
+        config = load_config(source.path)
+        arch = describe(meta_model(config), only=only, skip=skip)
     if not arch.targets:
         raise UsageError("no layer left to prune", "check --only/--skip")
     for t in arch.targets.values():
         pat.check_width(t.in_features, t.name)
-    needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
     _precheck_bias(config, arch, met, bias_correction, options)
 
     needs_gram = met.needs_gram or (met.solve is not None and get_metric(options.init).needs_gram)
     if needs_gram and isinstance(pat, NM) and options.blocksize % pat.m:  # SparseGPT's blocks must hold whole groups
         raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
-    st: Stats | None = None
-    if stats is not None and (needs_moments or sequential):
-        st = load_stats(Path(stats))
+    if st is not None:
         st.check_model(source.fingerprint, arch.targets.values())
         if needs_gram and not sequential and not st.has_gram:
             raise StatsError(f"{met.name if met.needs_gram else options.init} needs Gram matrices, "
@@ -223,7 +230,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         plan.corrected = {n for n in arch.targets
                           if (met.corrects_bias(plan.contexts[n]) if bias_correction is None else bias_correction)}
     needed = {n for n in plan.corrected if not arch.targets[n].has_bias}
-    plan.bias_flags, plan.new_biases = bias_switches(config, needed)
+    plan.bias_flags, plan.new_biases = bias_switches(arch, config, needed)
 
     if decisions is not None:
         def decide(target: Target, tensor: torch.Tensor) -> Decision:
@@ -253,7 +260,7 @@ def _precheck_bias(config, arch: Architecture, met: Metric, bias_correction: boo
         by_role = {met.corrects_bias(LayerContext(n, r, options)) for n in ("",) for r in (False, True)}
         if by_role != {True}:
             return  # depends on which layers read a norm's output: checked once that is known
-    bias_switches(config, {n for n, t in arch.targets.items() if not t.has_bias})
+    bias_switches(arch, config, {n for n, t in arch.targets.items() if not t.has_bias})
 
 
 def _check_options(pat: Pattern, layer_sparsity: str, owl_m: float, owl_lambda: float,

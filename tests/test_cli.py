@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,3 +202,40 @@ def test_inspect_stats_largest_means_first(llama_stats):
     layers = json.loads(run("inspect", llama_stats, "--json").stdout)["layers"]
     means = [l["mean_abs_mean"] for l in layers]
     assert means == sorted(means, reverse=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_prune_from_stats_uses_their_architecture(arch, tiny_factory, tmp_path, monkeypatch):
+    """calibrate stores the model's description (targets, bias flags); prune from those stats builds no model
+    and writes the same checkpoint as with the description rebuilt from config.json."""
+    import stade_cli.arch
+    import stade_cli.pruning
+    from stade_cli.arch import Architecture, bias_flag_table
+    from stade_cli.checkpoint import load_config
+
+    model = tiny_factory(arch)
+    stats = tmp_path / "stats"
+    calibrate(model, stats)
+    manifest = json.loads((stats / "manifest.json").read_text())
+    stored = Architecture.from_data(manifest["architecture"])
+    rebuilt = describe(meta_model(load_config(model)))
+    assert stored.targets == rebuilt.targets and stored.blocks == rebuilt.blocks
+    assert stored.bias_flags == bias_flag_table(load_config(model))
+    if arch == "llama":
+        assert set(stored.bias_flags) == {"attention_bias", "mlp_bias"}
+    only = Architecture.from_data(manifest["architecture"], only=r"mlp|fc", skip=r"down|fc2")
+    assert set(only.targets) == {n for n in rebuilt.targets if re.search("mlp|fc", n) and not re.search("down|fc2", n)}
+
+    args = ["prune", model, "--stats", stats, "--metric", "stade", "--sparsity", 0.5, "--skip", "k_proj"]
+    with monkeypatch.context() as m:                     # the fast path builds nothing
+        def no_model(*_):
+            raise AssertionError("prune from stats built a model")
+        m.setattr(stade_cli.pruning, "meta_model", no_model)
+        m.setattr(stade_cli.arch, "meta_model", no_model)
+        run(*args, "-o", tmp_path / "fast")
+    del manifest["architecture"]                         # stats of an older stade: rebuilt from the config
+    (stats / "manifest.json").write_text(json.dumps(manifest))
+    run(*args, "-o", tmp_path / "slow")
+    for name in os.listdir(tmp_path / "fast"):
+        if name != "stade_report.json":
+            assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name

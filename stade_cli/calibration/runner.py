@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch import Architecture, context_length, describe
+from ..arch import Architecture, bias_flag_table, context_length, describe
 from ..checkpoint import ModelSource, check_output, checkpoint_dtype, load_config, resolve_model
 from ..data import calibration_windows, load_corpus
 from ..errors import ModelError, UsageError
@@ -208,8 +208,11 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     arch = describe(net, only=only, skip=skip)
     capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram, placement=placement)
     seconds = time.perf_counter() - t0
+    whole = describe(net)                           # unfiltered: prune applies its own --only/--skip
+    whole.bias_flags = bias_flag_table(config)
     manifest = {
         "model": source.identity(),
+        "architecture": whole.to_data(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": dataset, "nsamples": nsamples, "seqlen": int(windows.shape[1]), "seed": seed,
         "dtype": str(dt).replace("torch.", ""), "device": str(dev), "tokens": int(windows.numel()),

@@ -60,13 +60,17 @@ class Stats:
             raise StatsError(f"the Gram matrix of {name} contains NaN or Inf", "re-calibrate in float32")
         return h
 
-    def check_model(self, fingerprint: str, targets) -> None:
-        """Refuse stats made for another model, or lacking a layer / with the wrong width."""
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Refuse stats made for another model (or another config of it)."""
         theirs = self.manifest.get("model", {}).get("fingerprint")
         if theirs != fingerprint:
             made_for = self.manifest.get("model", {}).get("ref", "?")
             raise StatsError(f"these stats were made for another model ({made_for}, fingerprint {theirs}; "
                              f"this model is {fingerprint})", "run `stade calibrate` on this model")
+
+    def check_model(self, fingerprint: str, targets) -> None:
+        """Refuse stats made for another model, or lacking a layer / with the wrong width."""
+        self.check_fingerprint(fingerprint)
         for t in targets:
             m = self.moments.get(t.name)
             if m is None:
