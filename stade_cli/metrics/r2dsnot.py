@@ -1,10 +1,17 @@
 """R²-DSnoT (Symmetric Pruning, Yi & Richtárik, arXiv 2501.18980): DSnoT with relative-importance
 reweighting and a regularised decision boundary.
 
-What the paper says of it, as far as it could be checked here (its full text was not reachable from
-this machine; its reviews describe it): DSnoT plus (1) relative-importance reweighting of the
-regrow/prune criteria, better in one phase than in both, (2) a regularised decision boundary with
-hyperparameters γ, (3) a square-root activation term. The rule implemented here, exactly:
+The paper's own definition (its Section 4 and Appendix D) could not be read from where this was built:
+only its abstract and the peer reviews of its conference version were reachable. What those say of
+R²-DSnoT, verbatim: "DSnoT with three additional improvements"; "incorporating relative importance,
+regularizing, and taking the square root of the activation"; "extends DSnoT with a few heuristic terms
+(relative importance, lₚ regularizer)"; hyperparameters "γ₁, γ₂, and the relative-importance scaling
+factor"; the paper, quoted by a reviewer: "Applying relative reweighting during either the growing or
+pruning phase improves performance significantly [...] However applying reweighting to both phases
+simultaneously leads to substantial performance degradation"; "the regularization tradeoff has limited
+impact". Our reading of those three terms (one phase reweighted, a γ-regularised stopping boundary, the
+activation under a square root), not a verified transcription of the paper's formulas and defaults.
+The rule implemented here, exactly:
 - prune criterion (which kept weight leaves): a blend of Wanda and RIA, each normalised by its layer
   mean, c_ij = (1 − γ₁) · |W_ij| ‖X_j‖₂ / mean + γ₁ · RI_ij / mean with
   RI_ij = (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|) · ‖X_j‖₂^½  (--r2-gamma1, default 0.5);
