@@ -50,6 +50,15 @@ def bias_delta(weight: torch.Tensor, new_weight: torch.Tensor, mean: torch.Tenso
     return (weight.double() - new_weight.double()) @ mean.to(weight.device, torch.float64)
 
 
+def pruned_contribution(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """bias_delta when the new weight is the old one with the masked entries zeroed: Σ_{j pruned} W_ij μ_j.
+
+    The same float64 product of the same exact differences (the pruned weights themselves), 3–4× cheaper:
+    one float64 copy instead of two and a subtraction.
+    """
+    return apply_mask(weight, ~mask).double() @ mean.to(weight.device, torch.float64)
+
+
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -77,10 +86,11 @@ def decide_layer(weight: torch.Tensor, metric: Metric, pattern: Pattern, stats: 
         gram = stats.gram.to(weight.device) if stats.gram is not None else None
         solved, mask = metric.solve(weight.float(), LayerStats(moments, gram), pattern, ctx)
         new = apply_mask(solved.to(weight.dtype), mask)
+        delta = bias_delta(weight, new, stats.moments.mean) if correct_bias else None
     else:
         mask = select(weight, metric, pattern, stats.moments, ctx)
         new = apply_mask(weight, mask)
-    delta = bias_delta(weight, new, stats.moments.mean) if correct_bias else None
+        delta = pruned_contribution(weight, mask, stats.moments.mean) if correct_bias else None
     return new, mask, delta
 
 

@@ -11,7 +11,7 @@ from stade_cli.calibration.moments import Moments
 from stade_cli.cli.app import app
 from stade_cli.masks import NM, Unstructured
 from stade_cli.metrics import LayerContext, MethodOptions, get_metric
-from stade_cli.pruning import bias_delta, owl_outlier_ratio, owl_sparsities, select
+from stade_cli.pruning import apply_mask, bias_delta, owl_outlier_ratio, owl_sparsities, pruned_contribution, select
 
 runner = CliRunner()
 
@@ -45,6 +45,17 @@ def test_bias_correction_keeps_the_mean_output_exactly():
     dense, pruned = (x @ w.T + b).mean(0), (x @ w2.T + b2).mean(0)
     assert torch.allclose(dense, pruned, atol=1e-12, rtol=0)
     assert not torch.allclose(dense, (x @ w2.T + b).mean(0), atol=1e-3)  # without it the mean moves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pruned_contribution_is_bias_delta_of_the_mask(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 10, generator=g).to(dtype)
+    mask = torch.rand(6, 10, generator=g) < 0.5
+    mean = torch.randn(10, generator=g, dtype=torch.float64)
+    assert torch.equal(pruned_contribution(w, mask, mean), bias_delta(w, apply_mask(w, mask), mean))
+    slow = [sum(float(w[i, j]) * float(mean[j]) for j in range(10) if mask[i, j]) for i in range(6)]
+    assert torch.allclose(pruned_contribution(w, mask, mean), torch.tensor(slow, dtype=torch.float64), rtol=1e-12)
 
 
 def test_bias_delta_by_hand():
