@@ -335,7 +335,7 @@ def build_synthetic(path: Path, total_gb: float, shard_gb: float, dtype_name: st
     import torch
     from safetensors.torch import save_file
 
-    from stade_cli.arch import describe, meta_model
+    from stade_cli.arch import bias_flag_table, describe, meta_model
     from stade_cli.calibration.moments import Moments
     from stade_cli.calibration.store import Stats, save_stats
     from stade_cli.checkpoint import fingerprint, load_config
@@ -376,6 +376,7 @@ def build_synthetic(path: Path, total_gb: float, shard_gb: float, dtype_name: st
 
     # stats without running the model: random positive moments in the format save_stats writes
     arch = describe(meta_model(load_config(path)))
+    arch.bias_flags = bias_flag_table(load_config(path))
     count = 4096
     moments = {}
     for name, t in arch.targets.items():
@@ -393,6 +394,7 @@ def build_synthetic(path: Path, total_gb: float, shard_gb: float, dtype_name: st
                         "reads_norm": n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
                     for n, t in arch.targets.items()},
         "shared_inputs": {},
+        "architecture": arch.to_data(),   # as calibrate stores it: prune then builds no model
     }
     stats_dir = path.parent / (path.name + "-stats")
     save_stats(stats_dir, Stats(manifest, moments))

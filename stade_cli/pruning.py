@@ -68,8 +68,12 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Computed on the weight's bits as integers, bits × keep: branch-free, so 8× faster on the CPU than
     ``torch.where`` on a random half-and-half mask (0.5 against 4.2 ns per weight).
     """
-    if weight.is_floating_point() and not weight.is_complex() and weight.element_size() in _SAME_SIZE_INT:
+    if weight.is_floating_point() and weight.element_size() in _SAME_SIZE_INT:
         bits = weight.view(_SAME_SIZE_INT[weight.element_size()])
+        if weight.device.type == "cpu" and weight.is_contiguous() and mask.is_contiguous():
+            import numpy as np   # numpy multiplies int by bool as is; torch first copies the mask to int
+
+            return torch.from_numpy(np.multiply(bits.numpy(), np.logical_not(mask.numpy()))).view(weight.dtype)
         return (bits * ~mask).view(weight.dtype)
     return torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
 
@@ -101,8 +105,10 @@ def count_zeros(tensor: torch.Tensor) -> int:
     if tensor.device.type == "cpu" and tensor.is_floating_point() and size in (2, 4, 8) and tensor.is_contiguous():
         import numpy as np
 
-        bits = tensor.view(_SAME_SIZE_INT[size]).numpy()
-        return tensor.numel() - int(np.count_nonzero(bits << 1))
+        bits = tensor.view(_SAME_SIZE_INT[size]).numpy().reshape(-1)
+        step = 1 << 20                                                # chunks: no tensor-sized temporary
+        nonzero = sum(int(np.count_nonzero(bits[i:i + step] << 1)) for i in range(0, bits.size, step))
+        return tensor.numel() - nonzero
     return int((tensor == 0).sum())
 
 

@@ -230,8 +230,11 @@ def big_model(tiny_factory):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_leaves_no_output(big_model, tmp_path, sig, code):
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-c", "from stade_cli.cli.app import main; main()", "prune",
-                             str(big_model), "--metric", "magnitude", "-o", str(out)],
+    # each tensor write is slowed down, so the signal surely lands mid-prune (pruning itself takes < 1 s)
+    slow = ("import time, stade_cli.checkpoint as c; write = c.ShardWriter.write; "
+            "c.ShardWriter.write = lambda self, *a: (time.sleep(0.05), write(self, *a))[1]; "
+            "from stade_cli.cli.app import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "prune", str(big_model), "--metric", "magnitude", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".o.stade-tmp-*")) and time.time() < deadline and proc.poll() is None:

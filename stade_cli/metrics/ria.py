@@ -18,11 +18,11 @@ def relative_importance(absw: torch.Tensor, col_sum: torch.Tensor, row_sum: torc
     # absw: [out, in]; col_sum: [in]; row_sum: [out]
     col = torch.where(col_sum > 0, col_sum, torch.ones_like(col_sum))
     row = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    return absw / col + absw / row[:, None]
+    return (absw / col).add_(absw / row[:, None])
 
 
 @register("ria", needs_stats=True, summary="(|W|/colsum + |W|/rowsum) · ‖X‖₂^a")
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext) -> torch.Tensor:
     absw = weight.abs()
     act = moments.norm.to(weight.device, weight.dtype).pow(ctx.options.ria_alpha)
-    return relative_importance(absw, absw.sum(0), absw.sum(1)) * act
+    return relative_importance(absw, absw.sum(0), absw.sum(1)).mul_(act)

@@ -15,4 +15,4 @@ from . import LayerContext, register
 @register("stade", needs_stats=True, summary="|W| · std(X), bias-corrected", corrects_bias=lambda ctx: True)
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]; std: [in]
-    return weight.abs() * moments.std.to(weight.device, weight.dtype)
+    return weight.abs().mul_(moments.std.to(weight.device, weight.dtype))   # in place on the fresh |W|

@@ -42,4 +42,4 @@ def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext) -> torch.Te
     row_sum = subset_sums(absw, max(1, math.ceil(beta * in_f)), g)         # [out]
     col_sum = subset_sums(absw.t(), max(1, math.ceil(beta * out_f)), g)    # [in]
     act = moments.norm.to(weight.device, weight.dtype).pow(ctx.options.ria_alpha)
-    return relative_importance(absw, col_sum, row_sum) * act
+    return relative_importance(absw, col_sum, row_sum).mul_(act)

@@ -10,4 +10,4 @@ from . import LayerContext, register
 @register("wanda", needs_stats=True, summary="|W| · ‖X‖₂")
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]; norm: [in] → broadcast over rows
-    return weight.abs() * moments.norm.to(weight.device, weight.dtype)
+    return weight.abs().mul_(moments.norm.to(weight.device, weight.dtype))   # in place on the fresh |W|
