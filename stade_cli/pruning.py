@@ -181,13 +181,15 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     check_space(out, sum((source.path / f).stat().st_size for f in files))
     needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
     st: Stats | None = None
-    if stats is not None and (needs_moments or sequential):
-        st = load_stats(Path(stats))
-        st.check_fingerprint(source.fingerprint)
-    # the stats' fingerprint covers config.json: their stored description stands for the model's, and
-    # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
-    config = None
-    arch = Architecture.from_data(st.manifest.get("architecture"), only, skip) if st is not None else None
+    arch = config = None
+    if stats is not None:
+        given = load_stats(Path(stats))
+        given.check_fingerprint(source.fingerprint)
+        # the fingerprint covers config.json: the stats' stored description stands for the model's, and
+        # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
+        arch = Architecture.from_data(given.manifest.get("architecture"), only, skip)
+        if needs_moments or sequential:
+            st = given
     if arch is None:
         config = load_config(source.path)
         arch = describe(meta_model(config), only=only, skip=skip)
