@@ -190,8 +190,9 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         arch = Architecture.from_data(given.manifest.get("architecture"), only, skip)
         if needs_moments or sequential:
             st = given
-    if arch is None:
+    if arch is None or arch.bias_flags is None:
         config = load_config(source.path)
+    if arch is None:
         arch = describe(meta_model(config), only=only, skip=skip)
     if not arch.targets:
         raise UsageError("no layer left to prune", "check --only/--skip")

@@ -233,9 +233,13 @@ def test_prune_from_stats_uses_their_architecture(arch, tiny_factory, tmp_path, 
         m.setattr(stade_cli.pruning, "meta_model", no_model)
         m.setattr(stade_cli.arch, "meta_model", no_model)
         run(*args, "-o", tmp_path / "fast")
+    manifest["architecture"]["bias_flags"] = None        # a description without the flags: read from the config
+    (stats / "manifest.json").write_text(json.dumps(manifest))
+    run(*args, "-o", tmp_path / "flags")
     del manifest["architecture"]                         # stats of an older stade: rebuilt from the config
     (stats / "manifest.json").write_text(json.dumps(manifest))
     run(*args, "-o", tmp_path / "slow")
-    for name in os.listdir(tmp_path / "fast"):
-        if name != "stade_report.json":
-            assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
+    for other in ("flags", "slow"):
+        for name in os.listdir(tmp_path / "fast"):
+            if name != "stade_report.json":
+                assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / other / name).read_bytes(), name
