@@ -178,12 +178,15 @@ def bias_switches(arch: Architecture, config, needed: set[str]) -> tuple[dict[st
     """Config flags to turn on so that every linear named in ``needed`` has a bias.
 
     From ``arch.bias_flags`` when the description carries them (stats made by ``calibrate``), else from
-    ``bias_flag_table(config)``. Returns the flags and every linear that gains a bias through them (the
-    siblings get zero biases). Raises if ``needed`` cannot be covered.
+    ``bias_flag_table(config)``, kept in ``arch.bias_flags`` (prune asks twice: before and after calibrating).
+    Returns the flags and every linear that gains a bias through them (the siblings get zero biases).
+    Raises if ``needed`` cannot be covered.
     """
     if not needed:
         return {}, set()
-    table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(config)
+    if arch.bias_flags is None:
+        arch.bias_flags = bias_flag_table(config)
+    table = arch.bias_flags
     flags: dict[str, bool] = {}
     gained: set[str] = set()
     for flag, owners in table.items():
