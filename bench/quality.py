@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as `python bench/quality.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
+from stade_cli.outputs import json_with_keys, remove_output, replace_file  # noqa: E402
+
 NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -200,17 +202,34 @@ def plot(result: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    replace_file(path, buf.getvalue(), lambda p: True, "results of bench/quality.py")
     return True
 
 
+OUTPUT_FILES = ("quality.json", "quality.md", "quality.png")
+_OURS = json_with_keys("settings", "cells", "rows")
+
+
+def check_out(out: Path) -> None:
+    """--out may be new, or hold results of this script: its quality.* files are replaced, nothing else
+    in it is touched. A quality.md or quality.png beside no quality.json of ours is someone else's."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file (give a directory)")
+    present = [n for n in OUTPUT_FILES if (out / n).exists() or (out / n).is_symlink()]
+    if present and not ((out / "quality.json").is_file() and _OURS(out / "quality.json")):
+        raise SystemExit(f"error: --out {out} holds {', '.join(present)}, which bench/quality.py did not write "
+                         "(choose another --out, or move them yourself)")
+
+
 def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "quality.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "quality.json")
-    (out / "quality.md").write_text(markdown(result))
+    """quality.json and quality.md, each replaced atomically (a reader never sees half a file)."""
+    replace_file(out / "quality.json", json.dumps(result, indent=2) + "\n", _OURS, "results of bench/quality.py")
+    replace_file(out / "quality.md", markdown(result), lambda p: True, "results of bench/quality.py")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = ",".join(str(Path(f).expanduser()) for f in args.calib)
     evalset = ",".join(str(Path(f).expanduser()) for f in args.eval)
     out = Path(args.out).expanduser()
+    check_out(out)
     started = time.perf_counter()
 
     result = {
@@ -324,14 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                     if os.environ.get("STADE_DEBUG"):
                         traceback.print_exc()
                 finally:
-                    shutil.rmtree(ckpt, ignore_errors=True)  # disk: one pruned checkpoint at a time
+                    remove_output(ckpt, "checkpoint")  # disk: one pruned checkpoint at a time (only stade's own)
                 result["errors"] = errors
                 write_outputs(result, out)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            shutil.rmtree(work / "pruned", ignore_errors=True)
+            remove_output(work / "pruned", "checkpoint")
 
     result["settings"]["total_seconds"] = round(time.perf_counter() - started, 2)
     write_outputs(result, out)

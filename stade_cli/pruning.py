@@ -25,12 +25,13 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .arch import Architecture, Target, bias_switches, describe, meta_model
 from .calibration.moments import Moments
-from .calibration.runner import compute_stats
+from .calibration.runner import compute_stats, run_inputs
 from .calibration.store import Stats, load_stats
-from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, atomic_dir, check_output, check_space,
-                         copy_side_files, load_config, read_header, resolve_model, tensor_bytes, weight_files)
+from .checkpoint import (INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, copy_side_files, load_config, read_header,
+                         resolve_model, tensor_bytes, weight_files)
 from .errors import ModelError, OutputError, StatsError, UsageError
 from .masks import NM, Pattern, parse_pattern
+from .outputs import Output, check_space
 from .metrics import REGISTRY, LayerContext, LayerStats, MethodOptions, Metric, get_metric
 from .runtime import Reporter, resolve_device
 
@@ -175,99 +176,101 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         get_metric(options.init)
     dev = resolve_device(device)
     out = Path(out).expanduser()
-    check_output(out, force)
-    source = resolve_model(model)
-    files = weight_files(source.path)
-    check_space(out, sum((source.path / f).stat().st_size for f in files))
-    needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
-    st: Stats | None = None
-    arch = config = None
-    if stats is not None:
-        given = load_stats(Path(stats))
-        given.check_fingerprint(source.fingerprint)
-        # the fingerprint covers config.json: the stats' stored description stands for the model's, and
-        # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
-        arch = Architecture.from_data(given.manifest.get("architecture"), only, skip)
-        if needs_moments or sequential:
-            st = given
-    if arch is None or arch.bias_flags is None:
-        config = load_config(source.path)
-    if arch is None:
-        arch = describe(meta_model(config), only=only, skip=skip)
-    if not arch.targets:
-        raise UsageError("no layer left to prune", "check --only/--skip")
-    for t in arch.targets.values():
-        pat.check_width(t.in_features, t.name)
-    _precheck_bias(config, arch, met, bias_correction, options)
+    dest = Output(out, "checkpoint", force, reporter.log)
+    dest.check_inputs(run_inputs(model, dataset, placement, stats))
+    with dest:                                                   # checked and locked before any work
+        source = resolve_model(model)
+        dest.check_inputs(run_inputs(source, dataset, placement, stats))   # a hub model: its cache snapshot
+        files = weight_files(source.path)
+        check_space(out, sum((source.path / f).stat().st_size for f in files))
+        needs_moments = met.needs_stats or bias_correction is True or layer_sparsity == "owl"
+        st: Stats | None = None
+        arch = config = None
+        if stats is not None:
+            given = load_stats(Path(stats))
+            given.check_fingerprint(source.fingerprint)
+            # the fingerprint covers config.json: the stats' stored description stands for the model's, and
+            # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
+            arch = Architecture.from_data(given.manifest.get("architecture"), only, skip)
+            if needs_moments or sequential:
+                st = given
+        if arch is None or arch.bias_flags is None:
+            config = load_config(source.path)
+        if arch is None:
+            arch = describe(meta_model(config), only=only, skip=skip)
+        if not arch.targets:
+            raise UsageError("no layer left to prune", "check --only/--skip")
+        for t in arch.targets.values():
+            pat.check_width(t.in_features, t.name)
+        _precheck_bias(config, arch, met, bias_correction, options)
 
-    needs_gram = met.needs_gram or (met.solve is not None and get_metric(options.init).needs_gram)
-    if needs_gram and isinstance(pat, NM) and options.blocksize % pat.m:  # SparseGPT's blocks must hold whole groups
-        raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
-    if st is not None:
-        st.check_model(source.fingerprint, arch.targets.values())
-        if needs_gram and not sequential and not st.has_gram:
-            raise StatsError(f"{met.name if met.needs_gram else options.init} needs Gram matrices, "
-                             f"which the stats in {stats} do not hold",
-                             "make them with `stade calibrate --gram`, or prune --sequential")
-        if sequential:  # the pruned-model pass uses the same calibration windows as the cache
-            m = st.manifest
-            dataset, nsamples, seqlen, seed = m["dataset"], m["nsamples"], m["seqlen"], m["seed"]
-    elif needs_moments and not (sequential and layer_sparsity != "owl"):
-        st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
-                           only=only, skip=skip, gram=needs_gram, placement=placement)
+        needs_gram = met.needs_gram or (met.solve is not None and get_metric(options.init).needs_gram)
+        if needs_gram and isinstance(pat, NM) and options.blocksize % pat.m:  # SparseGPT's blocks must hold whole groups
+            raise UsageError(f"--blocksize {options.blocksize} must be a multiple of M = {pat.m} for {pat.name}")
+        if st is not None:
+            st.check_model(source.fingerprint, arch.targets.values())
+            if needs_gram and not sequential and not st.has_gram:
+                raise StatsError(f"{met.name if met.needs_gram else options.init} needs Gram matrices, "
+                                 f"which the stats in {stats} do not hold",
+                                 "make them with `stade calibrate --gram`, or prune --sequential")
+            if sequential:  # the pruned-model pass uses the same calibration windows as the cache
+                m = st.manifest
+                dataset, nsamples, seqlen, seed = m["dataset"], m["nsamples"], m["seqlen"], m["seed"]
+        elif needs_moments and not (sequential and layer_sparsity != "owl"):
+            st = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
+                               only=only, skip=skip, gram=needs_gram, placement=placement)
 
-    reads_norm = None
-    if st is not None:
-        entries = {n: st.manifest["modules"].get(n, {}) for n in arch.targets}
-        roles = [m for m in {met.name, options.init} if m in REGISTRY and REGISTRY[m].needs_roles]
-        unknown = [n for n, e in entries.items() if "reads_norm" not in e]
-        if roles and unknown and not sequential:
-            raise StatsError(f"{roles[0]} needs to know which linears read a normalisation layer's output, and "
-                             f"{stats or 'these stats'} do not record it (for {unknown[0]})",
-                             "re-run `stade calibrate` with this version")
-        reads_norm = {n: bool(e.get("reads_norm", False)) for n, e in entries.items()}
-    plan = Plan(arch, met, pat, contexts={})
-    if layer_sparsity == "owl":
-        plan.block_sparsity = owl_block_sparsity(source.path, files, arch, st, pat.target_sparsity, owl_m,
-                                                 owl_lambda, dev)
-        reporter.log("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan.block_sparsity.values()))
+        reads_norm = None
+        if st is not None:
+            entries = {n: st.manifest["modules"].get(n, {}) for n in arch.targets}
+            roles = [m for m in {met.name, options.init} if m in REGISTRY and REGISTRY[m].needs_roles]
+            unknown = [n for n, e in entries.items() if "reads_norm" not in e]
+            if roles and unknown and not sequential:
+                raise StatsError(f"{roles[0]} needs to know which linears read a normalisation layer's output, and "
+                                 f"{stats or 'these stats'} do not record it (for {unknown[0]})",
+                                 "re-run `stade calibrate` with this version")
+            reads_norm = {n: bool(e.get("reads_norm", False)) for n, e in entries.items()}
+        plan = Plan(arch, met, pat, contexts={})
+        if layer_sparsity == "owl":
+            plan.block_sparsity = owl_block_sparsity(source.path, files, arch, st, pat.target_sparsity, owl_m,
+                                                     owl_lambda, dev)
+            reporter.log("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in plan.block_sparsity.values()))
 
-    decisions: dict[str, Decision] | None = None
-    if sequential:
-        from .sequential import prune_sequential
+        decisions: dict[str, Decision] | None = None
+        if sequential:
+            from .sequential import prune_sequential
 
-        decisions, reads_norm, seq_manifest = prune_sequential(
-            source, plan, options, bias_correction, dataset, nsamples, seqlen, seed, dev, dtype, batch_size,
-            reporter, gram=needs_gram, placement=placement)
-        st_manifest = dict(st.manifest if st is not None else {}, sequential=seq_manifest)
-    else:
-        st_manifest = st.manifest if st is not None else None
-    plan.contexts = {n: LayerContext(n, (reads_norm or {}).get(n, False), options) for n in arch.targets}
-    if decisions is not None:
-        plan.corrected = {n for n, (_, delta) in decisions.items() if delta is not None}
-    elif st is not None:
-        plan.corrected = {n for n in arch.targets
-                          if (met.corrects_bias(plan.contexts[n]) if bias_correction is None else bias_correction)}
-    needed = {n for n in plan.corrected if not arch.targets[n].has_bias}
-    plan.bias_flags, plan.new_biases = bias_switches(arch, config, needed)
+            decisions, reads_norm, seq_manifest = prune_sequential(
+                source, plan, options, bias_correction, dataset, nsamples, seqlen, seed, dev, dtype, batch_size,
+                reporter, gram=needs_gram, placement=placement)
+            st_manifest = dict(st.manifest if st is not None else {}, sequential=seq_manifest)
+        else:
+            st_manifest = st.manifest if st is not None else None
+        plan.contexts = {n: LayerContext(n, (reads_norm or {}).get(n, False), options) for n in arch.targets}
+        if decisions is not None:
+            plan.corrected = {n for n, (_, delta) in decisions.items() if delta is not None}
+        elif st is not None:
+            plan.corrected = {n for n in arch.targets
+                              if (met.corrects_bias(plan.contexts[n]) if bias_correction is None else bias_correction)}
+        needed = {n for n in plan.corrected if not arch.targets[n].has_bias}
+        plan.bias_flags, plan.new_biases = bias_switches(arch, config, needed)
 
-    if decisions is not None:
-        def decide(target: Target, tensor: torch.Tensor) -> Decision:
-            kept, delta = decisions[target.name]  # a packed mask, or the updated weight of a solver
-            if kept.dtype == torch.uint8:
-                return apply_mask(tensor, unpack_mask(kept, tensor.shape)), delta
-            return kept.to(tensor.dtype), delta
-    else:
-        def decide(target: Target, tensor: torch.Tensor) -> Decision:
-            layer = LayerStats(st.moments[target.name] if st else None,
-                               st.gram(target.name) if st is not None and needs_gram else None)
-            return prune_weight(tensor, met, plan.pattern_for(target), layer, plan.contexts[target.name], dev,
-                                target.name in plan.corrected)
+        if decisions is not None:
+            def decide(target: Target, tensor: torch.Tensor) -> Decision:
+                kept, delta = decisions[target.name]  # a packed mask, or the updated weight of a solver
+                if kept.dtype == torch.uint8:
+                    return apply_mask(tensor, unpack_mask(kept, tensor.shape)), delta
+                return kept.to(tensor.dtype), delta
+        else:
+            def decide(target: Target, tensor: torch.Tensor) -> Decision:
+                layer = LayerStats(st.moments[target.name] if st else None,
+                                   st.gram(target.name) if st is not None and needs_gram else None)
+                return prune_weight(tensor, met, plan.pattern_for(target), layer, plan.contexts[target.name], dev,
+                                    target.name in plan.corrected)
 
-    make_report = lambda layers: _report(plan, source, st_manifest, layers, t0, sequential, layer_sparsity,  # noqa: E731
-                                         dict(owl_m=owl_m, owl_lambda=owl_lambda), options)
-    _stream(source.path, files, out, plan, decide, dev, force, reporter, make_report)
-    return json.loads((out / REPORT_NAME).read_text())
+        make_report = lambda layers: _report(plan, source, st_manifest, layers, t0, sequential, layer_sparsity,  # noqa: E731
+                                             dict(owl_m=owl_m, owl_lambda=owl_lambda), options)
+        return _stream(source.path, files, dest, plan, decide, dev, reporter, make_report)
 
 
 def _precheck_bias(config, arch: Architecture, met: Metric, bias_correction: bool | None,
@@ -381,9 +384,11 @@ def _output_plan(entries: list[TensorEntry], plan: Plan, by_key: dict[str, Targe
     return out
 
 
-def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable[[Target, torch.Tensor], Decision],
-            dev: torch.device, force: bool, reporter: Reporter, make_report) -> dict:
-    """Read each shard tensor by tensor, decide targets on a small thread pool, write in order.
+def _stream(src: Path, files: list[str], dest: Output, plan: Plan,
+            decide: Callable[[Target, torch.Tensor], Decision], dev: torch.device, reporter: Reporter,
+            make_report) -> dict:
+    """Read each shard tensor by tensor, decide targets on a small thread pool, write in order into
+    ``dest``'s staging directory, which is put in place when complete; returns the report.
 
     Untouched tensors are copied as raw bytes; a pruned tensor is written as soon as it is ready, so
     reading, computing and writing overlap and only a few tensors are in memory at once.
@@ -400,8 +405,8 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
         return (pruned, delta), _layer_info(target, pruned, plan)
 
     total = sum((src / f).stat().st_size for f in files)
-    with _one_thread_per_worker(dev, workers), atomic_dir(out, force) as tmp, ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
-            _disk_full_is_an_error(out, total):
+    with _one_thread_per_worker(dev, workers), dest.staging() as tmp, \
+            ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, _disk_full_is_an_error(dest.path, total):
         with reporter.task("pruning", total=total) as advance:
             for fname in files:
                 entries, metadata, data_start = read_header(src / fname)
@@ -454,9 +459,9 @@ def _stream(src: Path, files: list[str], out: Path, plan: Plan, decide: Callable
             config = json.loads((tmp / "config.json").read_text())
             config.update(plan.bias_flags)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # the report is written last, inside the temp dir: a checkpoint with a report is complete
-        (tmp / REPORT_NAME).write_text(json.dumps(make_report(layers), indent=2) + "\n")
-    return layers
+        report = json.dumps(make_report(layers), indent=2) + "\n"
+        (tmp / REPORT_NAME).write_text(report)
+    return json.loads(report)
 
 
 @contextmanager

@@ -3,10 +3,8 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,12 +70,14 @@ def test_config_not_causal_lm(tmp_path):
 
 
 def test_hub_id_offline_fails_fast(tmp_path):
-    t0 = time.perf_counter()
+    """Offline, a hub id not in the cache is a cache miss, not a network attempt: the endpoint points at a
+    port where nothing listens, and the error is the cache lookup's, with nothing written anywhere."""
     proc = cli("prune", "someone/some-model-that-is-not-cached", "-o", tmp_path / "o",
-               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert time.perf_counter() - t0 < 60
+               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert proc.returncode == 1 and "HF_HUB_OFFLINE" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LocalEntryNotFoundError" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_index_names_missing_shard(tiny_llama, tmp_path):
@@ -219,41 +219,6 @@ def test_not_enough_space_fails_before_writing(tiny_llama, tmp_path, monkeypatch
     monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=10))
     fails("prune", tiny_llama, "--metric", "magnitude", "-o", tmp_path / "o", contains=("disk space", "10 free"))
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="module")
-def big_model(tiny_factory):
-    """A tiny-architecture model with enough weight that pruning it takes a few seconds."""
-    return tiny_factory("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=16)
-
-
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_leaves_no_output(big_model, tmp_path, sig, code):
-    out = tmp_path / "o"
-    # each tensor write is slowed down, so the signal surely lands mid-prune (pruning itself takes < 1 s)
-    slow = ("import time, stade_cli.checkpoint as c; write = c.ShardWriter.write; "
-            "c.ShardWriter.write = lambda self, *a: (time.sleep(0.05), write(self, *a))[1]; "
-            "from stade_cli.cli.app import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", slow, "prune", str(big_model), "--metric", "magnitude", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".o.stade-tmp-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "prune finished before it could be interrupted"
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
-    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
-    assert "Traceback" not in err
-
-
-def test_stale_temp_dir_is_removed(tiny_llama, tmp_path):
-    stale = tmp_path / ".o.stade-tmp-999999999"
-    stale.mkdir()
-    (stale / "half.safetensors").write_text("x")
-    result = runner.invoke(app, ["prune", str(tiny_llama), "--metric", "magnitude", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 # ------------------------------------------------------------------------------------------- numerics

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from ..arch import Architecture, bias_flag_table, context_length, describe
-from ..checkpoint import ModelSource, check_output, checkpoint_dtype, load_config, resolve_model
-from ..data import calibration_windows, load_corpus
+from ..checkpoint import ModelSource, checkpoint_dtype, load_config, resolve_model
+from ..data import calibration_windows, load_corpus, local_paths
 from ..errors import ModelError, UsageError
+from ..outputs import Output
 from ..runtime import Reporter, resolve_device, resolve_dtype, silence_transformers
 from .moments import Moments
-from .store import Stats, save_stats
+from .store import Stats, write_stats
 
 
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
@@ -234,8 +235,28 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
 def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
               seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1, force: bool = False,
               gram: bool = False, reporter: Reporter | None = None, placement=None) -> Path:
-    """Calibrate ``model`` and write the STATS directory ``out``; returns its path."""
-    check_output(Path(out), force)  # fail before the expensive part
-    stats = compute_stats(model, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram,
-                          placement=placement)
-    return save_stats(Path(out), stats, force)
+    """Calibrate ``model`` and write the STATS directory ``out``; returns its path.
+
+    ``force`` replaces an empty directory or stats that stade wrote, never anything else (``outputs.py``).
+    """
+    reporter = reporter or Reporter()
+    out = Path(out).expanduser()
+    dest = Output(out, "stats", force, reporter.log)
+    dest.check_inputs(run_inputs(model, dataset, placement))
+    with dest:                                        # checked and locked before the expensive part
+        source = resolve_model(model)
+        dest.check_inputs(run_inputs(source, dataset, placement))   # a hub model: its cache snapshot
+        stats = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram,
+                              placement=placement)
+        with dest.staging() as tmp:
+            write_stats(tmp, stats)
+    return out
+
+
+def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, stats=None) -> list[tuple[str, Path]]:
+    """What a run reads (and so must never write): the model, the stats, the local data, the offload folder."""
+    path = model.path if isinstance(model, ModelSource) else Path(model).expanduser()
+    inputs = [("the model directory", path), ("the stats directory", stats)]
+    inputs += [("the calibration data", p) for p in local_paths(dataset)]
+    offload = getattr(placement, "offload_dir", None)
+    return inputs + [("the offload directory", offload)]

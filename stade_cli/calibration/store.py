@@ -1,6 +1,6 @@
 """The STATS directory: ``moments.safetensors`` (per module: count, sum, sumsq) and ``manifest.json``.
 
-Written atomically (a temp dir renamed at the end). Loading validates everything a later prune relies
+Written atomically and only over stats stade wrote (see ``outputs.py``). Loading validates everything a later prune relies
 on, so a bad cache fails before any weight is touched.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..checkpoint import atomic_dir
+from ..outputs import Output
 from ..errors import StatsError
 from .moments import Moments
 
@@ -80,6 +80,15 @@ class Stats:
 
 
 def save_stats(out: Path, stats: Stats, force: bool = False) -> Path:
+    """Write ``stats`` to the new STATS directory ``out`` (``force``: replace stats that stade wrote there)."""
+    out = Path(out).expanduser()
+    with Output(out, "stats", force) as target, target.staging() as tmp:
+        write_stats(tmp, stats)
+    return out
+
+
+def write_stats(tmp: Path, stats: Stats) -> None:
+    """The STATS files into the (staging) directory ``tmp``."""
     tensors = {}
     for name, m in stats.moments.items():
         tensors[f"{name}.count"] = torch.tensor([m.count], dtype=torch.int64)
@@ -87,20 +96,17 @@ def save_stats(out: Path, stats: Stats, force: bool = False) -> Path:
         tensors[f"{name}.sumsq"] = m.sumsq.detach().cpu().contiguous()
     manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
                     files=[MOMENTS_FILE])
-    out = Path(out).expanduser()
-    with atomic_dir(out, force) as tmp:
-        save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
-        if stats.grams:  # one file per block, so that prune can stream them
-            (tmp / GRAM_DIR).mkdir()
-            by_block: dict[int, dict[str, torch.Tensor]] = {}
-            for leader, h in stats.grams.items():
-                by_block.setdefault(manifest["gram"]["blocks"][leader], {})[leader] = h.contiguous()
-            for block, grams in sorted(by_block.items()):
-                save_file(grams, str(tmp / GRAM_DIR / gram_file(block)), metadata={"format": FORMAT})
-            manifest["gram"] = dict(manifest["gram"], bytes=sum(h.numel() * h.element_size()
-                                                                for h in stats.grams.values()))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+    save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
+    if stats.grams:  # one file per block, so that prune can stream them
+        (tmp / GRAM_DIR).mkdir()
+        by_block: dict[int, dict[str, torch.Tensor]] = {}
+        for leader, h in stats.grams.items():
+            by_block.setdefault(manifest["gram"]["blocks"][leader], {})[leader] = h.contiguous()
+        for block, grams in sorted(by_block.items()):
+            save_file(grams, str(tmp / GRAM_DIR / gram_file(block)), metadata={"format": FORMAT})
+        manifest["gram"] = dict(manifest["gram"], bytes=sum(h.numel() * h.element_size()
+                                                            for h in stats.grams.values()))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(path: Path) -> dict:

@@ -9,9 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from ..errors import StadeError
+from ..errors import Interrupted, StadeError
 from ..runtime import StderrReporter
 from .output import State, error
+
+INTERRUPTED = "no partial output is left, and the output path holds what it held before (unless the new output was complete)"
 
 app = typer.Typer(
     name="stade",
@@ -73,8 +75,11 @@ def handle_errors(fn):
             error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            error("interrupted; no output was written")
+            error(f"interrupted: {INTERRUPTED}")
             raise typer.Exit(130) from None
+        except Interrupted as exc:
+            error(f"interrupted by {exc.name}: {INTERRUPTED}")
+            raise typer.Exit(exc.exit_code) from None
         except MemoryError:
             if debug:
                 raise
@@ -104,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     # click's UsageError, whether typer uses click itself or its own vendored copy
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
-    def _term(signum, frame):  # SIGTERM unwinds like Ctrl-C (temp output removed), exit 143
-        raise SystemExit(143)
+    def _term(signum, frame):  # SIGTERM / SIGHUP unwind like Ctrl-C (staging removed), exit 128 + signal
+        raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, _term)
+    if hasattr(signal, "SIGHUP"):  # the terminal closed
+        signal.signal(signal.SIGHUP, _term)
     try:
         code = app(args=argv, prog_name="stade", standalone_mode=False)
     except usage_error as exc:
@@ -118,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         error("interrupted")
         code = 130
     except KeyboardInterrupt:
-        error("interrupted; no output was written")
+        error(f"interrupted: {INTERRUPTED}")
         code = 130
+    except Interrupted as exc:
+        error(f"interrupted by {exc.name}: {INTERRUPTED}")
+        code = exc.exit_code
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -8,7 +8,7 @@ import typer
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face hub id.", show_default=False)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (atomically).", show_default=False)]
-Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an empty directory or an output of this kind that stade wrote (never anything else).")]
 Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory.")]
 NSamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
 SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window \\[default: the model's context length, capped by the text].", show_default=False)]
