@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import context_length
-from .calibration.runner import load_model, load_tokenizer
+from .calibration.runner import loaded_model, load_tokenizer
 from .checkpoint import checkpoint_dtype, load_config, resolve_model
 from .data import eval_windows, load_corpus
 from .errors import UsageError
@@ -83,14 +83,14 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     windows = eval_windows(tokenizer, load_corpus(dataset, "evaluation"), seqlen, context_length(config), max_windows)
     if len(windows) == 0:
         raise UsageError("no evaluation window fits the text")
-    net = load_model(source, dev, dt, placement)
-    t0 = time.perf_counter()
-    if placement is not None and placement.dispatched:
-        from .arch import describe
+    with loaded_model(source, dev, dt, placement) as net:
+        t0 = time.perf_counter()
+        if placement is not None and placement.dispatched:
+            from .arch import describe
 
-        nll, tokens = blockwise_perplexity(net, describe(net), windows, dev, batch_size, reporter, placement)
-    else:
-        nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
+            nll, tokens = blockwise_perplexity(net, describe(net), windows, dev, batch_size, reporter, placement)
+        else:
+            nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
     extra = {"placement": placement.describe()} if placement is not None and placement.dispatched else {}
     return {"model": source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll, **extra,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "tokens": tokens,

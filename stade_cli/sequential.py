@@ -15,7 +15,7 @@ from torch import nn
 
 from .arch import context_length
 from .blockwise import BlockRunner, Placement
-from .calibration.runner import MomentCapture, load_model, load_tokenizer
+from .calibration.runner import MomentCapture, load_model, load_tokenizer, release_model
 from .checkpoint import ModelSource, checkpoint_dtype, load_config
 from .data import calibration_windows, load_corpus
 from .errors import UsageError
@@ -77,5 +77,5 @@ def prune_sequential(source: ModelSource, plan, options: MethodOptions, bias_cor
                 "dtype": str(dt).replace("torch.", ""), "device": str(device)}
     if placement.dispatched:
         manifest["placement"] = placement.describe()
-    del model
+    release_model(model)    # accelerate's offload folder now (on an error: when the model is collected)
     return decisions, reads_norm, manifest

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .arch import context_length
-from .calibration.runner import load_model, load_tokenizer
+from .calibration.runner import load_model, load_tokenizer, release_model
 from .checkpoint import checkpoint_dtype, load_config, resolve_model
 from .errors import DataError, StadeError, UsageError
 from .runtime import Reporter, resolve_device, resolve_dtype
@@ -241,6 +241,7 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
             out = lm_eval.simple_evaluate(model=lm, tasks=task_objects, num_fewshot=num_fewshot, limit=limit,
                                           task_manager=manager, log_samples=False)
     seconds = round(time.perf_counter() - t0, 2)
+    release_model(net)      # accelerate's offload folder now (on an error: when the model is collected)
 
     # leaf tasks only: group aggregates are left out (lm_eval < 0.4.12 lists plain tasks in group_subtasks too)
     groups = set(out.get("groups", {})) | {g for g, kids in out.get("group_subtasks", {}).items()

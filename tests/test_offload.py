@@ -176,3 +176,17 @@ def test_offloaded_eval_other_architectures(tiny_factory, tmp_path, arch):
     r = run(*args, "--max-memory", budget(model), "--offload-dir", tmp_path / "od")
     assert "on disk" in r.stderr
     assert json.loads(r.stdout)["nll"] == pytest.approx(mem["nll"], rel=1e-6)
+
+
+def test_offload_dir_keeps_a_users_files(deep_llama, tmp_path):
+    """accelerate writes fixed names (index.json, NAME.dat): they go to a new folder of stade's own."""
+    od = tmp_path / "od"
+    od.mkdir()
+    (od / "index.json").write_text('{"mine": true}')
+    r = run("calibrate", deep_llama, "-o", tmp_path / "s", *DATA, "--max-memory", budget(deep_llama),
+            "--offload-dir", od, "--spill", "disk")
+    assert "on disk" in r.stderr
+    assert sorted(p.name for p in od.iterdir()) == ["index.json"]
+    assert (od / "index.json").read_text() == '{"mine": true}'
+    run("calibrate", deep_llama, "-o", od, "--force", *DATA, "--offload-dir", od, code=2)   # an input, not an output
+    assert sorted(p.name for p in od.iterdir()) == ["index.json"]

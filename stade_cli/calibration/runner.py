@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,20 +39,48 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
             kwargs["max_memory"] = placement.max_memory
         elif device.type == "cpu":
             kwargs["device_map"] = {"": "cpu"}
-        kwargs["offload_folder"] = placement.offload_dir or (offload_tmp := tempfile.mkdtemp(prefix="stade-offload-"))
+        # a new folder of our own, inside --offload-dir when given: accelerate writes fixed names
+        # (index.json, NAME.dat) that must never land on a user's files
+        base = placement.offload_dir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - truncated shards, bad configs, ...
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    except BaseException as exc:
+        if offload_tmp is not None:
+            import shutil
+
+            shutil.rmtree(offload_tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]   # truncated shards, bad configs, ...
         raise ModelError(f"cannot load the model from {source.path}: {first}") from None
-    if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does
+    if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does, or on release_model
         import shutil
         import weakref
 
-        weakref.finalize(model, shutil.rmtree, offload_tmp, True)
+        model._stade_release = weakref.finalize(model, shutil.rmtree, offload_tmp, True)
     if kwargs.get("device_map") is not None:
         return model.eval()
     return model.to(device).eval()
+
+
+def release_model(model) -> None:
+    """Remove what loading ``model`` put on disk (accelerate's offload folder) now, not when it is collected."""
+    release = getattr(model, "_stade_release", None)
+    if release is not None:
+        release()
+
+
+@contextmanager
+def loaded_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
+    """``load_model`` for the length of a ``with`` block; its offload folder is removed at the end."""
+    model = load_model(source, device, dtype, placement)
+    try:
+        yield model
+    finally:
+        release_model(model)
 
 
 def load_tokenizer(source: ModelSource):
@@ -205,11 +234,11 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     reporter.log(f"calibrating {source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
                  f"{dev}, {str(dt).replace('torch.', '')}")
     t0 = time.perf_counter()
-    net = load_model(source, dev, dt, placement)
-    arch = describe(net, only=only, skip=skip)
-    capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram, placement=placement)
+    with loaded_model(source, dev, dt, placement) as net:
+        arch = describe(net, only=only, skip=skip)
+        capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram, placement=placement)
+        whole = describe(net)                       # unfiltered: prune applies its own --only/--skip
     seconds = time.perf_counter() - t0
-    whole = describe(net)                           # unfiltered: prune applies its own --only/--skip
     whole.bias_flags = bias_flag_table(config)
     manifest = {
         "model": source.identity(),
