@@ -11,7 +11,7 @@ perplexity and wall time), OUT/quality.md and OUT/quality.png (needs matplotlib;
         --metrics magnitude wanda stade stade:bias_correction=false --sparsities 0.5 0.6 --patterns unstructured 2:4
 
 A metric entry is ``name`` or ``name:key=value,key=value`` (values parsed as bool, int, float, else str):
-keys naming a ``MethodOptions`` field (``init``, ``percdamp``, ``dsnot_threshold``, ``ria_alpha``, ...) set
+keys naming a method option (``init``, ``percdamp``, ``dsnot_threshold``, ``ria_alpha``, ...) set
 the method's options, the others are passed to ``stade_cli.pruning.prune`` as keyword arguments
 (``bias_correction``, ``layer_sparsity``, ...). Metric names are not checked here: the library's registry
 decides. ``dsnot:init=stade`` refines STADE's mask.
@@ -76,16 +76,15 @@ def parse_metric(entry: str) -> tuple[str, dict]:
 
 
 def prune_kwargs(kwargs: dict, seed: int) -> dict:
-    """Split an entry's options: MethodOptions fields become ``options=``, the rest stay prune() keywords."""
-    from dataclasses import fields
+    """Split an entry's options: method options (``stade_cli.metrics.option_specs()``) become ``options=``,
+    the rest stay prune() keywords."""
+    from stade_cli.metrics import option_specs
 
-    from stade_cli.metrics import MethodOptions
-
-    names = {f.name for f in fields(MethodOptions)}
+    names = set(option_specs())
     method = {k: v for k, v in kwargs.items() if k in names}
     rest = {k: v for k, v in kwargs.items() if k not in names}
     if method:
-        rest["options"] = MethodOptions(**{"seed": seed, **method})
+        rest["options"] = {"seed": seed, **method}
     return rest
 
 

@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from stade_cli.arch import context_length
-    from stade_cli.calibration.runner import compute_stats, load_tokenizer
+    from stade_cli.calibration.runner import compute_stats
+    from stade_cli.loading import load_tokenizer
     from stade_cli.calibration.store import save_stats
     from stade_cli.checkpoint import load_config, resolve_model
     from stade_cli.data import calibration_windows, eval_windows, load_corpus

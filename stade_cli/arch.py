@@ -174,19 +174,13 @@ def bias_flag_table(config) -> dict[str, list[str]]:
     return table
 
 
-def bias_switches(arch: Architecture, config, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
-    """Config flags to turn on so that every linear named in ``needed`` has a bias.
-
-    From ``arch.bias_flags`` when the description carries them (stats made by ``calibrate``), else from
-    ``bias_flag_table(config)``, kept in ``arch.bias_flags`` (prune asks twice: before and after calibrating).
-    Returns the flags and every linear that gains a bias through them (the siblings get zero biases).
-    Raises if ``needed`` cannot be covered.
+def bias_switches(table: dict[str, list[str]], model_type: str, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
+    """Config flags of ``table`` (``bias_flag_table``: flag → the linears it gives a bias) to turn on so that
+    every linear named in ``needed`` has a bias. Returns the flags and every linear that gains a bias
+    through them (the siblings get zero biases). Raises if ``needed`` cannot be covered.
     """
     if not needed:
         return {}, set()
-    if arch.bias_flags is None:
-        arch.bias_flags = bias_flag_table(config)
-    table = arch.bias_flags
     flags: dict[str, bool] = {}
     gained: set[str] = set()
     for flag, owners in table.items():
@@ -197,7 +191,7 @@ def bias_switches(arch: Architecture, config, needed: set[str]) -> tuple[dict[st
             gained |= set(owners)
     missing = sorted(needed - gained)
     if missing:
-        raise ModelError(f"this {arch.model_type} model cannot hold a bias on {missing[0]} "
+        raise ModelError(f"this {model_type} model cannot hold a bias on {missing[0]} "
                          f"({len(missing)} layer(s) in all), which bias correction needs",
                          "pass --no-bias-correction, or --skip those layers")
     return flags, gained

@@ -26,9 +26,9 @@ from torch import nn
 
 from .arch import Architecture
 from .errors import UsageError
+from .loading import Placement
 from .runtime import Reporter
 
-SPILL_MODES = ("auto", "device", "disk")
 
 
 # ------------------------------------------------------------------------------------------- devices
@@ -354,55 +354,3 @@ def device_map_summary(model: nn.Module) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def parse_max_memory(text: str | None) -> dict | None:
-    """``0=20GiB,cpu=64GiB`` (also ``cuda:0=...``, ``disk=...``) → accelerate's max_memory dict."""
-    if not text:
-        return None
-    from accelerate.utils import convert_file_size_to_int
-
-    out: dict = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if not eq or not key or not value:
-            raise UsageError(f"--max-memory entry '{part}' is not DEVICE=SIZE", "e.g. --max-memory 0=20GiB,cpu=64GiB")
-        if key.startswith("cuda:"):
-            key = key[5:]
-        dev = int(key) if key.isdigit() else key
-        if not isinstance(dev, int) and dev not in ("cpu", "disk", "mps", "xpu", "npu"):
-            raise UsageError(f"--max-memory device '{key}' is not a GPU index, cpu or disk")
-        try:
-            size = int(value) if value.isdigit() else convert_file_size_to_int(value.upper().replace("IB", "iB"))
-        except (ValueError, TypeError):
-            raise UsageError(f"--max-memory size '{value}' is not a size", "e.g. 20GiB, 500MB or a byte count") from None
-        if size <= 0:
-            raise UsageError(f"--max-memory size '{value}' must be positive")
-        out[dev] = size
-    return out
-
-
-class Placement:
-    """Where the model lives while it runs: an accelerate device map (or none: all on the device) and
-    where the cached hidden states go (``spill``: auto, device or disk)."""
-
-    def __init__(self, device_map: str | None = None, max_memory: str | dict | None = None,
-                 offload_dir: str | Path | None = None, spill: str = "auto"):
-        if spill not in SPILL_MODES:
-            raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
-        if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential (got {device_map})")
-        if (max_memory or offload_dir) and device_map is None:
-            device_map = "auto"                     # a memory budget or an offload dir only make sense with one
-        self.device_map = device_map
-        self.max_memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
-        self.offload_dir = str(Path(offload_dir).expanduser()) if offload_dir else None
-        self.spill = spill
-
-    @property
-    def dispatched(self) -> bool:
-        return self.device_map is not None
-
-    def describe(self) -> dict:
-        return {"device_map": self.device_map,
-                "max_memory": {str(k): v for k, v in self.max_memory.items()} if self.max_memory else None,
-                "offload_dir": self.offload_dir, "spill": self.spill}

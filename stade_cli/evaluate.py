@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .arch import context_length
-from .calibration.runner import loaded_model, load_tokenizer
-from .checkpoint import checkpoint_dtype, load_config, resolve_model
 from .data import eval_windows, load_corpus
 from .errors import UsageError
-from .runtime import Reporter, resolve_device, resolve_dtype
+from .loading import Runtime, check_batch_size
+from .runtime import Reporter
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -73,17 +72,14 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     With a ``placement`` that has a device map the model is dispatched by accelerate and run block by block.
     """
     reporter = reporter or Reporter()
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    source = resolve_model(model)
-    config = load_config(source.path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, checkpoint_dtype(config), dev)
-    tokenizer = load_tokenizer(source)
-    windows = eval_windows(tokenizer, load_corpus(dataset, "evaluation"), seqlen, context_length(config), max_windows)
+    check_batch_size(batch_size)
+    rt = Runtime.of(model, device, dtype)
+    dev = rt.device
+    windows = eval_windows(rt.tokenizer(), load_corpus(dataset, "evaluation"), seqlen, context_length(rt.config),
+                           max_windows)
     if len(windows) == 0:
         raise UsageError("no evaluation window fits the text")
-    with loaded_model(source, dev, dt, placement) as net:
+    with rt.model(placement) as net:
         t0 = time.perf_counter()
         if placement is not None and placement.dispatched:
             from .arch import describe
@@ -92,7 +88,7 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
         else:
             nll, tokens = perplexity(net, windows, dev, batch_size, reporter)
     extra = {"placement": placement.describe()} if placement is not None and placement.dispatched else {}
-    return {"model": source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll, **extra,
+    return {"model": rt.source.ref, "dataset": dataset, "ppl": math.exp(nll), "nll": nll, **extra,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "tokens": tokens,
-            "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "device": str(dev), "dtype": rt.dtype_name,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,8 +1,7 @@
 """Zero-shot (or few-shot) accuracy with lm-evaluation-harness, on an already loaded model.
 
 Needs the optional extra ``stade-cli[lm-eval]`` (PyPI ``lm-eval``). The model and tokenizer are
-loaded the same way as everywhere else in stade (``resolve_model``, ``resolve_device``,
-``resolve_dtype``, ``load_model``) and handed to lm_eval's ``HFLM`` wrapper, so ``--device`` and
+loaded the same way as everywhere else in stade (``loading.Runtime``, ``load_model``) and handed to lm_eval's ``HFLM`` wrapper, so ``--device`` and
 ``--dtype`` mean the same thing as for perplexity.
 """
 from __future__ import annotations
@@ -18,10 +17,9 @@ import time
 from pathlib import Path
 
 from .arch import context_length
-from .calibration.runner import load_model, load_tokenizer, release_model
-from .checkpoint import checkpoint_dtype, load_config, resolve_model
 from .errors import DataError, StadeError, UsageError
-from .runtime import Reporter, resolve_device, resolve_dtype
+from .loading import Runtime, check_batch_size, load_model, load_tokenizer, release_model
+from .runtime import Reporter
 
 INSTALL_HINT = "pip install 'stade-cli[lm-eval]'"
 ACC_METRICS = ("acc", "acc_norm")     # shown first, in this order; other metrics follow
@@ -203,8 +201,7 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
         raise UsageError(f"--num-fewshot must be 0 or more (got {num_fewshot})")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_batch_size(batch_size)
     include = None
     if task_path is not None:
         path = Path(task_path).expanduser()
@@ -213,10 +210,8 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
         include = str(path.resolve())
 
     lm_eval, _, HFLM = _import_lm_eval()
-    source = resolve_model(model)
-    config = load_config(source.path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, checkpoint_dtype(config), dev)
+    rt = Runtime.of(model, device, dtype)
+    source, config, dev, dt = rt.source, rt.config, rt.device, rt.dtype
 
     reporter.log("indexing lm-eval tasks")
     with _harness_output(verbose):

@@ -71,8 +71,6 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
 def test_quality_metric_entry_options():
     import importlib.util
 
-    from stade_cli.metrics import MethodOptions
-
     spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
@@ -80,5 +78,5 @@ def test_quality_metric_entry_options():
     assert name == "dsnot"
     split = quality.prune_kwargs(kwargs, seed=3)
     assert split == {"bias_correction": False,
-                     "options": MethodOptions(seed=3, init="stade", dsnot_threshold=0.05)}
+                     "options": {"seed": 3, "init": "stade", "dsnot_threshold": 0.05}}
     assert quality.prune_kwargs({"layer_sparsity": "owl"}, seed=0) == {"layer_sparsity": "owl"}

@@ -209,7 +209,7 @@ def test_prune_from_stats_uses_their_architecture(arch, tiny_factory, tmp_path, 
     """calibrate stores the model's description (targets, bias flags); prune from those stats builds no model
     and writes the same checkpoint as with the description rebuilt from config.json."""
     import stade_cli.arch
-    import stade_cli.pruning
+    import stade_cli.plan
     from stade_cli.arch import Architecture, bias_flag_table
     from stade_cli.checkpoint import load_config
 
@@ -230,7 +230,7 @@ def test_prune_from_stats_uses_their_architecture(arch, tiny_factory, tmp_path, 
     with monkeypatch.context() as m:                     # the fast path builds nothing
         def no_model(*_):
             raise AssertionError("prune from stats built a model")
-        m.setattr(stade_cli.pruning, "meta_model", no_model)
+        m.setattr(stade_cli.plan, "meta_model", no_model)
         m.setattr(stade_cli.arch, "meta_model", no_model)
         run(*args, "-o", tmp_path / "fast")
     manifest["architecture"]["bias_flags"] = None        # a description without the flags: read from the config

@@ -96,12 +96,11 @@ def _seeded_stats(model: Path, out: Path) -> Path:
 
 
 def _prune_hash(model: Path, stats: Path, out: Path, kwargs: dict) -> str:
-    from stade_cli.metrics import MethodOptions
     from stade_cli.pruning import prune
 
     kwargs = dict(kwargs)
     options = kwargs.pop("options", {})
-    prune(str(model), out, stats=stats, device="cpu", options=MethodOptions(**options), **kwargs)
+    prune(str(model), out, stats=stats, device="cpu", options=options, **kwargs)
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 

@@ -124,7 +124,7 @@ def test_nm_width_must_divide():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_apply_mask_keeps_exact_bits(dtype):
-    from stade_cli.pruning import apply_mask
+    from stade_cli.tensors import apply_mask
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(7, 12, generator=g).to(dtype)
@@ -142,7 +142,7 @@ def test_apply_mask_keeps_exact_bits(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_count_zeros_counts_both_signed_zeros(dtype):
-    from stade_cli.pruning import count_zeros
+    from stade_cli.tensors import count_zeros
 
     w = torch.tensor([[0.0, -0.0, 1.0, float("nan")], [-2.0, 0.0, float("inf"), 1e-30]]).to(dtype)
     slow = sum(1 for v in w.flatten().tolist() if v == 0.0)

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 from stade_cli.calibration.moments import Moments
 from stade_cli.cli.app import app
 from stade_cli.masks import NM, Unstructured
-from stade_cli.metrics import LayerContext, MethodOptions, get_metric
-from stade_cli.pruning import apply_mask, bias_delta, owl_outlier_ratio, owl_sparsities, pruned_contribution, select
+from stade_cli.decide import select
+from stade_cli.metrics import LayerContext, get_metric, ria, stochria
+from stade_cli.owl import owl_outlier_ratio, owl_sparsities
+from stade_cli.tensors import apply_mask, bias_delta, pruned_contribution
 
 runner = CliRunner()
 
@@ -75,7 +77,7 @@ def test_ria_by_hand():
     expected = torch.tensor([[(abs(w[i, j].item()) / colsum[j] + abs(w[i, j].item()) / rowsum[i]) * act[j]
                               for j in range(2)] for i in range(2)])
     assert torch.allclose(get_metric("ria").score(w, m, LayerContext()), expected)
-    ctx = LayerContext(options=MethodOptions(ria_alpha=1.0))
+    ctx = LayerContext(options=ria.Options(ria_alpha=1.0))
     assert torch.allclose(get_metric("ria").score(w, m, ctx)[:, 1] / get_metric("ria").score(w, m, LayerContext())[:, 1],
                           torch.full((2,), 3 ** 0.5))
 
@@ -84,11 +86,11 @@ def test_stochria_beta_one_is_ria_and_seeded():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(12, 20, generator=g), torch.randn(50, 20, generator=g)
     m = Moments.of(x)
-    full = LayerContext("l", options=MethodOptions(stoch_beta=1.0))
+    full = LayerContext("l", options=stochria.Options(stoch_beta=1.0))
     assert torch.allclose(get_metric("stochria").score(w, m, full), get_metric("ria").score(w, m, full))
-    a = get_metric("stochria").score(w, m, LayerContext("l", options=MethodOptions(seed=1)))
-    b = get_metric("stochria").score(w, m, LayerContext("l", options=MethodOptions(seed=1)))
-    c = get_metric("stochria").score(w, m, LayerContext("l", options=MethodOptions(seed=2)))
+    a = get_metric("stochria").score(w, m, LayerContext("l", options=stochria.Options(seed=1)))
+    b = get_metric("stochria").score(w, m, LayerContext("l", options=stochria.Options(seed=1)))
+    c = get_metric("stochria").score(w, m, LayerContext("l", options=stochria.Options(seed=2)))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

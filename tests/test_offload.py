@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stade_cli.arch import describe
-from stade_cli.blockwise import BlockRunner, HiddenCache, Placement, onloaded, parse_max_memory
-from stade_cli.calibration.runner import load_model
+from stade_cli.blockwise import BlockRunner, HiddenCache, onloaded
+from stade_cli.loading import Placement, load_model, parse_max_memory
 from stade_cli.checkpoint import resolve_model
 from stade_cli.cli.app import app
 from stade_cli.errors import UsageError

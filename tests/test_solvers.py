@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from stade_cli.calibration.moments import Moments
 from stade_cli.cli.app import app
 from stade_cli.masks import NM, Unstructured
-from stade_cli.metrics import LayerContext, LayerStats, MethodOptions, get_metric
+from stade_cli.metrics import LayerContext, LayerStats, dsnot, get_metric, r2dsnot, sparsegpt
 
 runner = CliRunner()
 
@@ -52,7 +52,7 @@ def slow_sparsegpt(w, x, pattern, percdamp=0.01):
 @pytest.mark.parametrize("blocksize", [4, 8, 128])
 def test_sparsegpt_matches_textbook_obs(blocksize):
     x, w, stats = layer()
-    ctx = LayerContext(options=MethodOptions(blocksize=blocksize))
+    ctx = LayerContext(options=sparsegpt.Options(blocksize=blocksize))
     new, mask = get_metric("sparsegpt").solve(w, stats, NM(2, 4), ctx)
     ref, ref_mask = slow_sparsegpt(w, x, NM(2, 4))
     assert torch.equal(mask, ref_mask)
@@ -93,7 +93,7 @@ def _row_error(w, mask, mean):
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
 def test_dsnot_invariants(name, pattern):
     x, w, stats = layer(4, rows=10, cols=32)
-    ctx = LayerContext(options=MethodOptions(dsnot_threshold=0.0))
+    ctx = LayerContext(options=dsnot.Options(dsnot_threshold=0.0))
     init = pattern.mask(get_metric("wanda").score(w, stats.moments, ctx))
     new, mask = get_metric(name).solve(w, stats, pattern, ctx)
     assert torch.equal(mask.sum(1), init.sum(1))                      # per-row sparsity unchanged
@@ -109,11 +109,11 @@ def test_dsnot_invariants(name, pattern):
 def test_dsnot_zero_cycles_is_init_and_r2_reduces_to_dsnot():
     x, w, stats = layer(5, rows=10, cols=32)
     pattern = Unstructured(0.5)
-    none = LayerContext(options=MethodOptions(dsnot_cycles=0))
+    none = LayerContext(options=dsnot.Options(dsnot_cycles=0))
     assert torch.equal(get_metric("dsnot").solve(w, stats, pattern, none)[1],
                        pattern.mask(get_metric("wanda").score(w, stats.moments, none)))
-    plain = LayerContext(options=MethodOptions(dsnot_threshold=0.01))
-    r2_as_dsnot = LayerContext(options=MethodOptions(dsnot_threshold=0.01, r2_gamma1=0.0, r2_gamma2=0.0))
+    plain = LayerContext(options=dsnot.Options(dsnot_threshold=0.01))
+    r2_as_dsnot = LayerContext(options=r2dsnot.Options(dsnot_threshold=0.01, r2_gamma1=0.0, r2_gamma2=0.0))
     assert torch.equal(get_metric("dsnot").solve(w, stats, pattern, plain)[1],
                        get_metric("r2dsnot").solve(w, stats, pattern, r2_as_dsnot)[1])
 
@@ -123,7 +123,7 @@ def test_dsnot_by_hand():
     w = torch.tensor([[0.5, 0.6, -0.7, 3.0]])
     x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]]).double()
     stats = LayerStats(Moments.of(x))
-    ctx = LayerContext(options=MethodOptions(init="magnitude", dsnot_threshold=0.1))
+    ctx = LayerContext(options=dsnot.Options(init="magnitude", dsnot_threshold=0.1))
     _, mask = get_metric("dsnot").solve(w, stats, Unstructured(0.5), ctx)
     # regrow the largest D·sign(e) (0.6), prune the kept weight with D < 0 (-0.7): e = 1.1 - 0.6 - 0.7 < 0 flips
     # the sign, so the swap is refused and the mask stays

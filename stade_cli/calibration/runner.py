@@ -8,91 +8,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..arch import Architecture, bias_flag_table, context_length, describe
-from ..checkpoint import ModelSource, checkpoint_dtype, load_config, resolve_model
-from ..data import calibration_windows, load_corpus, local_paths
-from ..errors import ModelError, UsageError
+from ..arch import Architecture, bias_flag_table, describe
+from ..checkpoint import ModelSource, resolve_model
+from ..data import local_paths
+from ..loading import CalibrationSpec, Runtime
 from ..outputs import Output
-from ..runtime import Reporter, resolve_device, resolve_dtype, silence_transformers
+from ..runtime import Reporter
 from .moments import Moments
 from .store import Stats, write_stats
-
-
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
-    """The model in eval mode: all on ``device``, or dispatched by accelerate when ``placement`` has a
-    device map (blocks on the GPU(s), the CPU or disk; run block by block with ``blockwise.BlockRunner``)."""
-    from transformers import AutoModelForCausalLM
-
-    silence_transformers()
-    kwargs = {}
-    offload_tmp = None
-    if placement is not None and placement.dispatched:
-        import tempfile
-
-        kwargs["device_map"] = placement.device_map
-        if placement.max_memory:
-            kwargs["max_memory"] = placement.max_memory
-        elif device.type == "cpu":
-            kwargs["device_map"] = {"": "cpu"}
-        # a new folder of our own, inside --offload-dir when given: accelerate writes fixed names
-        # (index.json, NAME.dat) that must never land on a user's files
-        base = placement.offload_dir
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
-    except BaseException as exc:
-        if offload_tmp is not None:
-            import shutil
-
-            shutil.rmtree(offload_tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):
-            raise
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]   # truncated shards, bad configs, ...
-        raise ModelError(f"cannot load the model from {source.path}: {first}") from None
-    if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does, or on release_model
-        import shutil
-        import weakref
-
-        model._stade_release = weakref.finalize(model, shutil.rmtree, offload_tmp, True)
-    if kwargs.get("device_map") is not None:
-        return model.eval()
-    return model.to(device).eval()
-
-
-def release_model(model) -> None:
-    """Remove what loading ``model`` put on disk (accelerate's offload folder) now, not when it is collected."""
-    release = getattr(model, "_stade_release", None)
-    if release is not None:
-        release()
-
-
-@contextmanager
-def loaded_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
-    """``load_model`` for the length of a ``with`` block; its offload folder is removed at the end."""
-    model = load_model(source, device, dtype, placement)
-    try:
-        yield model
-    finally:
-        release_model(model)
-
-
-def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source.path)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the tokenizer from {source.path}: {type(exc).__name__}",
-                         "the checkpoint needs tokenizer files") from None
-    tok.model_max_length = int(1e12)  # we window the text ourselves; silence the length warning
-    return tok
 
 
 GRAM_FLOAT64_MAX_WIDTH = 8192   # a float64 Gram of width 8192 is 512 MiB; wider ones stay float32
@@ -220,32 +147,24 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
                   gram: bool = False, placement=None) -> Stats:
     """Calibrate in memory: the Stats that ``calibrate`` would write."""
     reporter = reporter or Reporter()
-    source = model if isinstance(model, ModelSource) else resolve_model(model)
-    config = load_config(source.path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, checkpoint_dtype(config), dev)
-    if nsamples < 1:
-        raise UsageError(f"--nsamples must be at least 1 (got {nsamples})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    tokenizer = load_tokenizer(source)
-    corpus = load_corpus(dataset, "calibration")
-    windows = calibration_windows(tokenizer, corpus, nsamples, seqlen, seed, context_length(config))
-    reporter.log(f"calibrating {source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
-                 f"{dev}, {str(dt).replace('torch.', '')}")
+    rt = Runtime.of(model, device, dtype)
+    spec = CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size)
+    spec.check()
+    windows = spec.windows(rt)
+    reporter.log(f"calibrating {rt.source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
+                 f"{rt.device}, {rt.dtype_name}")
     t0 = time.perf_counter()
-    with loaded_model(source, dev, dt, placement) as net:
+    with rt.model(placement) as net:
         arch = describe(net, only=only, skip=skip)
-        capture = collect_moments(net, arch, windows, dev, batch_size, reporter, gram=gram, placement=placement)
+        capture = collect_moments(net, arch, windows, rt.device, batch_size, reporter, gram=gram, placement=placement)
         whole = describe(net)                       # unfiltered: prune applies its own --only/--skip
     seconds = time.perf_counter() - t0
-    whole.bias_flags = bias_flag_table(config)
+    whole.bias_flags = bias_flag_table(rt.config)
     manifest = {
-        "model": source.identity(),
+        "model": rt.source.identity(),
         "architecture": whole.to_data(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset, "nsamples": nsamples, "seqlen": int(windows.shape[1]), "seed": seed,
-        "dtype": str(dt).replace("torch.", ""), "device": str(dev), "tokens": int(windows.numel()),
+        **spec.manifest(windows, rt), "tokens": int(windows.numel()),
         "seconds": round(seconds, 2),
         "modules": {n: {"in_features": t.in_features, "block": t.block,
                         "reads_norm": capture.reads_norm.get(n, False)} for n, t in arch.targets.items()},

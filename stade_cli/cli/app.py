@@ -1,22 +1,40 @@
-"""The Typer app: global options, error handling (errors → one stderr line + exit code), commands."""
+"""The Typer app: every command registered here, in one place; one error table for all of them.
+
+Command modules (``calibrate``, ``prune``, ``eval``, ``inspect``, ``demo``) define plain functions and
+never import this module. ``StadeGroup`` runs every command through ``_errors.report``, so known
+failures, interrupts and parser errors alike become one stderr line and an exit code, both from the
+console script and from ``typer.testing.CliRunner``.
+"""
 from __future__ import annotations
 
-import functools
-import os
 import sys
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import Interrupted, StadeError
+from ..errors import Interrupted
 from ..runtime import StderrReporter
-from .output import State, error
+from . import calibrate, demo, eval as eval_cmd, inspect, prune
+from ._errors import UsageError, report
+from .output import State, debug_from_env
 
-INTERRUPTED = "no partial output is left, and the output path holds what it held before (unless the new output was complete)"
+
+class StadeGroup(TyperGroup):
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the table decides, and re-raises what it does not know
+            debug = ctx.obj.debug if isinstance(ctx.obj, State) else debug_from_env()
+            raise typer.Exit(report(exc, debug)) from None
+
 
 app = typer.Typer(
     name="stade",
+    cls=StadeGroup,
     help="Prune Hugging Face causal LMs after training (magnitude, Wanda, STADE) and write loadable checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -40,76 +58,22 @@ def main_callback(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
-    ctx.obj = State(json=json_out, quiet=quiet, debug=debug or os.environ.get("STADE_DEBUG") == "1",
-                    reporter=StderrReporter(quiet=quiet))
+    ctx.obj = State(json=json_out, quiet=quiet, debug=debug or debug_from_env(), reporter=StderrReporter(quiet=quiet))
 
 
-def state(ctx: typer.Context, json_out: bool = False, quiet: bool = False) -> State:
-    """The global options, merged with the same options given after the command name."""
-    root = ctx.find_root()
-    if not isinstance(root.obj, State):
-        root.obj = State(debug=os.environ.get("STADE_DEBUG") == "1")
-    st = root.obj
-    if json_out:
-        st.json = True
-    if quiet and not st.quiet:
-        st.quiet = True
-        st.reporter = StderrReporter(quiet=True)
-    return st
-
-
-def handle_errors(fn):
-    """Known errors → one line on stderr and their exit code; interrupts → 130/143; no tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = kwargs.get("ctx") or next((a for a in args if isinstance(a, typer.Context)), None)
-        debug = state(ctx).debug if ctx is not None else os.environ.get("STADE_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except StadeError as exc:
-            if debug:
-                raise
-            error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            error(f"interrupted: {INTERRUPTED}")
-            raise typer.Exit(130) from None
-        except Interrupted as exc:
-            error(f"interrupted by {exc.name}: {INTERRUPTED}")
-            raise typer.Exit(exc.exit_code) from None
-        except MemoryError:
-            if debug:
-                raise
-            error("out of memory; try a smaller --batch-size, --nsamples or --seqlen")
-            raise typer.Exit(1) from None
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: still one line, no traceback
-            if debug:
-                raise
-            first = (str(exc).splitlines() or [""])[0]
-            error(f"unexpected {type(exc).__name__}: {first} (set STADE_DEBUG=1 for the traceback)")
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _register() -> None:
-    from . import calibrate, demo, eval as eval_cmd, inspect, prune  # noqa: F401  (commands register on import)
-
-
-_register()
+app.command()(calibrate.calibrate)
+app.command()(prune.command())
+app.command("eval")(eval_cmd.eval_command)
+app.command()(inspect.inspect)
+app.command()(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: usage errors too become one line on stderr (exit 2)."""
+    """Console-script entry point. SIGTERM and SIGHUP unwind like Ctrl-C; errors that happen before any
+    command runs (``stade --bogus``) go through the same table."""
     import signal
 
-    # click's UsageError, whether typer uses click itself or its own vendored copy
-    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-
-    def _term(signum, frame):  # SIGTERM / SIGHUP unwind like Ctrl-C (staging removed), exit 128 + signal
+    def _term(signum, frame):
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, _term)
@@ -117,19 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGHUP, _term)
     try:
         code = app(args=argv, prog_name="stade", standalone_mode=False)
-    except usage_error as exc:
-        command = f"stade {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "stade --help"
-        error(f"{exc.format_message()} (see `{command}`)")
-        code = exc.exit_code
     except typer.Abort:
-        error("interrupted")
-        code = 130
-    except KeyboardInterrupt:
-        error(f"interrupted: {INTERRUPTED}")
-        code = 130
-    except Interrupted as exc:
-        error(f"interrupted by {exc.name}: {INTERRUPTED}")
-        code = exc.exit_code
+        code = report(KeyboardInterrupt(), False)
+    except (UsageError, KeyboardInterrupt, Interrupted) as exc:
+        code = report(exc, False)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -5,14 +5,11 @@ from typing import Annotated
 
 import typer
 
-from .app import app, handle_errors, state
 from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
                       Output, Quiet, SeqLen, Seed, Spill, placement)
-from .output import emit_json, emit_line
+from .output import state, emit_json, emit_line
 
 
-@app.command()
-@handle_errors
 def calibrate(
     ctx: typer.Context,
     model: ModelArg,

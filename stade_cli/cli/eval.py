@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, handle_errors, state
 from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Json, MaxMemory, MaxWindows, ModelArg, OffloadDir,
                       Quiet, SeqLen, Spill, placement)
-from .output import emit_json, emit_line, stdout_console
+from .output import state, emit_json, emit_line, stdout_console
 
 Tasks = Annotated[Optional[str], typer.Option(
     help="Zero-shot accuracy on these lm-evaluation-harness tasks instead of perplexity, comma-separated "
@@ -39,8 +38,6 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     return out
 
 
-@app.command("eval")
-@handle_errors
 def eval_command(
     ctx: typer.Context,
     model: ModelArg,

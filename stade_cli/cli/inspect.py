@@ -7,13 +7,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, handle_errors, state
 from .options import Json, Quiet
-from .output import emit_json, stdout_console
+from .output import state, emit_json, stdout_console
 
 
-@app.command()
-@handle_errors
 def inspect(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A checkpoint directory or a STATS directory.", show_default=False)],

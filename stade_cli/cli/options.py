@@ -29,6 +29,6 @@ Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the devi
 
 
 def placement(device_map: str | None, max_memory: str | None, offload_dir: Path | None, spill: str):
-    from ..blockwise import Placement  # lazy: keeps `stade --help` fast
+    from ..loading import Placement  # lazy: keeps `stade --help` fast
 
     return Placement(device_map, max_memory, offload_dir, spill)

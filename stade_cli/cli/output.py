@@ -20,6 +20,29 @@ class State:
     reporter: StderrReporter = field(default_factory=StderrReporter)
 
 
+DEBUG_ENV = "STADE_DEBUG"
+
+
+def debug_from_env() -> bool:
+    import os
+
+    return os.environ.get(DEBUG_ENV) == "1"
+
+
+def state(ctx, json_out: bool = False, quiet: bool = False) -> State:
+    """The global options (set by the app's callback), merged with the same options given after the command."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State(debug=debug_from_env())
+    st = root.obj
+    if json_out:
+        st.json = True
+    if quiet and not st.quiet:
+        st.quiet = True
+        st.reporter = StderrReporter(quiet=True)
+    return st
+
+
 def stdout_console() -> Console:
     """Tables on stdout; wide enough for full layer names when piped to a file."""
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)

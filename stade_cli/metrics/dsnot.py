@@ -1,38 +1,57 @@
 """DSnoT, Dynamic Sparse No Training (Zhang et al., 2023): refine an initial mask, row by row, by swapping
 a pruned weight back in for a kept one, so that the row's expected output error shrinks.
 
-For row i with prune mask M (from --init, default wanda), D_ij = W_ij μ_j and the expected error of the
-row's output is e_i = Σ_{j pruned} D_ij. Each cycle (at most --dsnot-cycles, default 50), vectorised
+For row i with prune mask M (from init, default wanda), D_ij = W_ij μ_j and the expected error of the
+row's output is e_i = Σ_{j pruned} D_ij. Each cycle (at most dsnot_cycles, default 50), vectorised
 over rows:
 - regrow r: among pruned, not yet swapped weights, the one with the largest sign(e_i) · D_ir / σ_r^p
-  (p = --dsnot-pow, default 1: it moves e toward 0 most, per unit of the channel's spread);
+  (p = dsnot_pow, default 1: it moves e toward 0 most, per unit of the channel's spread);
 - prune p: among kept, not yet swapped weights whose D_ip has the opposite sign of e_i (unstructured), or
   among kept weights of r's own M-group (N:M), the one with the lowest Wanda score |W_ip| ‖X_p‖₂;
-- the swap is accepted while |e_i| > --dsnot-threshold (default 0.1) and the new error
+- the swap is accepted while |e_i| > dsnot_threshold (default 0.1) and the new error
   e_i + D_ip − D_ir keeps e_i's sign and is smaller in size; a row that rejects a swap stops.
 Every row keeps its number of pruned weights (and N:M its groups) by construction.
 Differences from the reference code, on purpose: every target linear is refined (the reference skips
 the MLP); under N:M, where the pruned weight is not sign-constrained, a swap must also shrink |e_i|
-(the reference can let it grow); its growth score divides by var^pow = σ^(2·pow) (--dsnot-pow 2);
+(the reference can let it grow); its growth score divides by var^pow = σ^(2·pow) (dsnot_pow 2);
 its mean x̄ is a per-sequence sum (seqlen × ours), so its threshold 0.1 corresponds to 0.1/seqlen here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..masks import NM
-from . import LayerContext, LayerStats, get_metric, register_solver
+from .base import LayerContext, LayerStats, MethodError, get_metric, solver
+
+REFINERS = ("dsnot", "r2dsnot")   # methods that start from another method's mask
+
+
+@dataclass(frozen=True)
+class Options:
+    init: str = field(default="wanda", metadata={
+        "help": "dsnot/r2dsnot: the method giving the initial mask (wanda, stade, sparsegpt, ...)."})
+    dsnot_pow: float = field(default=1.0, metadata={"help": "dsnot: regrow by W·μ / σ^pow."})
+    dsnot_threshold: float = field(default=0.1, metadata={
+        "help": "dsnot: stop a row once its expected error |e| is this small."})
+    dsnot_cycles: int = field(default=50, metadata={"help": "dsnot: at most this many swaps per row."})
+
+
+def validate(options: Options, pattern=None) -> None:
+    if options.dsnot_cycles < 0 or not options.dsnot_threshold >= 0:
+        raise MethodError("{dsnot_cycles} and {dsnot_threshold} must be non-negative")
+    if pattern is not None:   # the method runs: its init must be one that gives a mask of its own
+        init = get_metric(options.init)
+        if init.name in REFINERS:
+            raise MethodError(f"{{init}} {init.name} would refine itself; choose a scoring metric or sparsegpt")
 
 
 def initial(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, mask) to start from: --init's mask; a solver's updated kept weights, dense values elsewhere."""
+    """(values, mask) to start from: init's mask; a solver's updated kept weights, dense values elsewhere."""
     init = get_metric(ctx.options.init)
-    if init.name in ("dsnot", "r2dsnot"):
-        from ..errors import UsageError
-
-        raise UsageError(f"--init {init.name} would refine itself; choose a scoring metric or sparsegpt")
+    if init.name in REFINERS:
+        raise MethodError(f"{{init}} {init.name} would refine itself; choose a scoring metric or sparsegpt")
     if init.solve is not None:
         new, mask = init.solve(weight, stats, pattern, ctx)
         return torch.where(mask, weight, new), mask
@@ -101,7 +120,7 @@ def start(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -
     return Start(values, mask, std, norm, d, d / std.clamp_min(1e-8).pow(ctx.options.dsnot_pow))
 
 
-@register_solver("dsnot", "DSnoT mask refinement from --init (Zhang et al.)")
+@solver("dsnot", "DSnoT mask refinement from init (Zhang et al.)", options=Options, validate=validate, order=80)
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     s = start(weight, stats, pattern, ctx)
     wanda = s.values.abs() * s.norm

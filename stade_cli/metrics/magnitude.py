@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import LayerContext, register
+from .base import LayerContext, scorer
 
 
-@register("magnitude", needs_stats=False, summary="|W|")
+@scorer("magnitude", "|W|", needs_stats=False, order=10)
 def score(weight: torch.Tensor, moments=None, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]
     return weight.abs()

@@ -14,23 +14,35 @@ activation under a square root), not a verified transcription of the paper's for
 The rule implemented here, exactly:
 - prune criterion (which kept weight leaves): a blend of Wanda and RIA, each normalised by its layer
   mean, c_ij = (1 − γ₁) · |W_ij| ‖X_j‖₂ / mean + γ₁ · RI_ij / mean with
-  RI_ij = (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|) · ‖X_j‖₂^½  (--r2-gamma1, default 0.5);
+  RI_ij = (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|) · ‖X_j‖₂^½  (r2_gamma1, default 0.5);
 - regrow criterion: DSnoT's, D_ij / σ_j^p with D_ij = W_ij μ_j (reweighting only the prune phase);
-- decision boundary: a row keeps swapping while |e_i| > τ + γ₂ · s_i, where τ = --dsnot-threshold and
-  s_i = sqrt(Σ_j W_ij² σ_j²) is the standard deviation of the row's dense output (--r2-gamma2, default
+- decision boundary: a row keeps swapping while |e_i| > τ + γ₂ · s_i, where τ = dsnot_threshold and
+  s_i = sqrt(Σ_j W_ij² σ_j²) is the standard deviation of the row's dense output (r2_gamma2, default
   0.1): rows whose output varies widely stop at a proportionally larger error, instead of one absolute
   threshold for every row of every layer; the sign rule and cycle limit are DSnoT's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from . import LayerContext, LayerStats, register_solver
+from . import dsnot
+from .base import LayerContext, LayerStats, solver
 from .dsnot import refine, start
 from .ria import relative_importance
 
 
-@register_solver("r2dsnot", "R²-DSnoT: DSnoT with relative importance and a regularised boundary")
+@dataclass(frozen=True)
+class Options(dsnot.Options):
+    r2_gamma1: float = field(default=0.5, metadata={
+        "help": "r2dsnot: weight of relative importance in the prune criterion."})
+    r2_gamma2: float = field(default=0.1, metadata={
+        "help": "r2dsnot: margin of the regularised decision boundary (× a row's output std)."})
+
+
+@solver("r2dsnot", "R²-DSnoT: DSnoT with relative importance and a regularised boundary", options=Options,
+        validate=dsnot.validate, order=90)
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     opts = ctx.options
     s = start(weight, stats, pattern, ctx)

@@ -3,9 +3,9 @@ error back into the not-yet-processed columns.
 
 With H = 2/N · Σ x xᵀ over the N calibration tokens of the layer's input:
 - dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0;
-- dampening: H += percdamp · mean(diag H) · I (--percdamp, default 0.01);
+- dampening: H += percdamp · mean(diag H) · I (percdamp, default 0.01);
 - U = the upper Cholesky factor of H⁻¹ (computed once per layer, on the device);
-- columns are processed in blocks of --blocksize (default 128). Unstructured: the block's mask zeros
+- columns are processed in blocks of blocksize (default 128). Unstructured: the block's mask zeros
   the floor(S · rows · cols) entries with the lowest w² / U_jj² over all rows × the block's columns;
   N:M: per row, in every M columns, the M−N lowest. Column by column: q = w with the mask applied,
   err = (w − q) / U_jj, and the block's remaining columns get −err · U_j,j: ; after the block, the
@@ -14,12 +14,28 @@ With H = 2/N · Σ x xᵀ over the N calibration tokens of the layer's input:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UsageError
 from ..masks import NM, lowest_k
-from . import LayerContext, LayerStats, register_solver
+from .base import LayerContext, LayerStats, MethodError, solver
+
+
+@dataclass(frozen=True)
+class Options:
+    percdamp: float = field(default=0.01, metadata={"help": "sparsegpt: dampening, a fraction of mean(diag H)."})
+    blocksize: int = field(default=128, metadata={"help": "sparsegpt: columns per lazy-update block."})
+
+
+def validate(options: Options, pattern=None) -> None:
+    """Ranges always; with the ``pattern`` it will run under, that its blocks hold whole N:M groups."""
+    if not options.percdamp >= 0:
+        raise MethodError(f"{{percdamp}} must be non-negative (got {options.percdamp})")
+    if options.blocksize < 1:
+        raise MethodError(f"{{blocksize}} must be at least 1 (got {options.blocksize})")
+    if isinstance(pattern, NM) and options.blocksize % pattern.m:
+        raise MethodError(f"{{blocksize}} {options.blocksize} must be a multiple of M = {pattern.m} for {pattern.name}")
 
 
 def inverse_hessian_factor(gram: torch.Tensor, count: int, percdamp: float, device: torch.device,
@@ -34,13 +50,14 @@ def inverse_hessian_factor(gram: torch.Tensor, count: int, percdamp: float, devi
     try:
         lower = torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError:
-        raise UsageError("the Gram matrix is not positive definite even after dampening",
-                         "raise --percdamp (e.g. 0.1) or calibrate on more tokens") from None
+        raise MethodError("the Gram matrix is not positive definite even after dampening",
+                          "raise {percdamp} (e.g. 0.1) or calibrate on more tokens") from None
     u = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     return u.float(), dead
 
 
-@register_solver("sparsegpt", "OBS update from the Gram matrix (Frantar & Alistarh)", needs_gram=True)
+@solver("sparsegpt", "OBS update from the Gram matrix (Frantar & Alistarh)", options=Options, validate=validate,
+        needs_gram=True, order=70)
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     opts = ctx.options
     w = weight.clone().float()                                      # [out, in]
@@ -48,11 +65,8 @@ def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -
     u, dead = inverse_hessian_factor(stats.gram, stats.moments.count, opts.percdamp, w.device)
     w[:, dead] = 0
     nm = pattern if isinstance(pattern, NM) else None
+    validate(opts, pattern)
     bs = opts.blocksize
-    if bs < 1:
-        raise UsageError(f"--blocksize must be at least 1 (got {bs})")
-    if nm is not None and bs % nm.m:
-        raise UsageError(f"--blocksize {bs} must be a multiple of M = {nm.m} for {nm.name}")
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..calibration.moments import Moments
-from . import LayerContext, register
+from .base import LayerContext, scorer
 
 
-@register("stade", needs_stats=True, summary="|W| · std(X), bias-corrected", corrects_bias=lambda ctx: True)
+@scorer("stade", "|W| · std(X), bias-corrected", corrects_bias=lambda ctx: True, order=30)
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]; std: [in]
     return weight.abs().mul_(moments.std.to(weight.device, weight.dtype))   # in place on the fresh |W|

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..calibration.moments import Moments
-from . import LayerContext, register
+from .base import LayerContext, scorer
 from .stade import score as stade_score
 from .wanda import score as wanda_score
 
 
-@register("stadew", needs_stats=True, summary="Wanda after norms, bias-corrected STADE elsewhere",
-          corrects_bias=lambda ctx: not ctx.reads_norm, needs_roles=True)
+@scorer("stadew", "Wanda after norms, bias-corrected STADE elsewhere", corrects_bias=lambda ctx: not ctx.reads_norm,
+        needs_roles=True, order=40)
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext) -> torch.Tensor:
     return (wanda_score if ctx.reads_norm else stade_score)(weight, moments, ctx)

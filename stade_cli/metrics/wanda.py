@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..calibration.moments import Moments
-from . import LayerContext, register
+from .base import LayerContext, scorer
 
 
-@register("wanda", needs_stats=True, summary="|W| · ‖X‖₂")
+@scorer("wanda", "|W| · ‖X‖₂", order=20)
 def score(weight: torch.Tensor, moments: Moments, ctx: LayerContext | None = None) -> torch.Tensor:
     # weight: [out, in]; norm: [in] → broadcast over rows
     return weight.abs().mul_(moments.norm.to(weight.device, weight.dtype))   # in place on the fresh |W|

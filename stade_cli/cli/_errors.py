@@ -1,0 +1,60 @@
+"""One table from exceptions to what the user sees: one line on stderr and an exit code.
+
+Known failures (``StadeError``) carry their message and code; a method's error (``MethodError``) is
+rendered with the command line's flag names; interrupts unwind to 130 / 128 + signal; anything else is
+still one line, with the traceback only under ``--debug`` / ``STADE_DEBUG=1``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import typer
+
+from ..errors import Interrupted, StadeError
+from ..metrics.base import MethodError, cli_flag
+from .output import error
+
+# click's UsageError, whether typer uses click itself or its own vendored copy
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+INTERRUPTED = ("no partial output is left, and the output path holds what it held before "
+               "(unless the new output was complete)")
+
+
+def _usage(exc) -> str:
+    ctx = exc.ctx
+    command = f"stade {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "stade --help"
+    return f"{exc.format_message()} (see `{command}`)"
+
+
+def _method(exc: MethodError) -> str:
+    message, hint = exc.render(cli_flag)
+    return f"{message} ({hint})" if hint else message
+
+
+def _unexpected(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {first} (set STADE_DEBUG=1 for the traceback)"
+
+
+# (exception type, exit code, the line, shown as is even with --debug)
+TABLE: list[tuple[type, Callable[[BaseException], int], Callable[[BaseException], str], bool]] = [
+    (KeyboardInterrupt, lambda e: 130, lambda e: f"interrupted: {INTERRUPTED}", True),
+    (Interrupted, lambda e: e.exit_code, lambda e: f"interrupted by {e.name}: {INTERRUPTED}", True),
+    (UsageError, lambda e: e.exit_code, _usage, True),
+    (StadeError, lambda e: e.exit_code, str, False),
+    (MethodError, lambda e: 2, _method, False),
+    (MemoryError, lambda e: 1, lambda e: "out of memory; try a smaller --batch-size, --nsamples or --seqlen", False),
+    (Exception, lambda e: 1, _unexpected, False),
+]
+
+
+def report(exc: BaseException, debug: bool) -> int:
+    """Print the line for ``exc`` and return its exit code; with ``debug``, raise it again (traceback)."""
+    for kind, code, line, always in TABLE:
+        if isinstance(exc, kind):
+            if debug and not always:
+                raise exc
+            error(line(exc))
+            return code(exc)
+    raise exc

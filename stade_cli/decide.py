@@ -1,0 +1,111 @@
+"""The decide stage: what becomes of each target layer, as ``LayerDecision``s handed to the writer.
+
+``decide_layer`` is the pure per-layer step (weight, method, pattern, statistics → new weight, mask, bias
+change). Two producers use it: ``one_shot`` (from the dense model's cached moments, one tensor at a time
+as the writer streams the shards; it calibrates first when there are no stats) and ``sequential.py``
+(block by block on the pruned model's own activations, all decided before writing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .arch import Target
+from .metrics import LayerContext, LayerStats, Metric
+from .owl import owl_block_sparsity
+from .runtime import Reporter
+from .tensors import apply_mask, bias_delta, pruned_contribution, unpack_mask
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """One layer's outcome: the original weight with ``mask`` (packed, one bit per weight) zeroed, or the new
+    ``weight`` a solver computed; and the change to add to its bias (float64 [out]) or None."""
+
+    mask: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias_delta: torch.Tensor | None = None
+
+    def weight_for(self, original: torch.Tensor) -> torch.Tensor:
+        """The pruned tensor, in the original's dtype (masked: kept bits unchanged)."""
+        if self.weight is not None:
+            return self.weight.to(original.dtype)
+        return apply_mask(original, unpack_mask(self.mask, original.shape))
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What the decide stage hands the writer: which layers are bias-corrected (known before the first shard
+    is written), each layer's role, the per-block sparsities (OWL), the stats used, and the per-layer
+    decision for a target given its dense tensor (computed then, or looked up)."""
+
+    corrected: frozenset
+    reads_norm: Mapping[str, bool]
+    block_sparsity: Mapping[int, float] | None
+    stats_manifest: dict | None
+    layer: Callable[[Target, torch.Tensor], LayerDecision]
+
+
+def select(weight: torch.Tensor, metric: Metric, pattern, moments, ctx: LayerContext) -> torch.Tensor:
+    """The prune mask (True = zero it) of weight [out, in] under a scoring ``metric`` and ``pattern``."""
+    scores = metric.score(weight.float(), moments.to(weight.device) if moments is not None else None, ctx)
+    return pattern.mask(scores)
+
+
+def decide_layer(weight: torch.Tensor, metric: Metric, pattern, stats: LayerStats, ctx: LayerContext,
+                 correct_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(new weight in weight's dtype, prune mask, bias change or None) for one layer, on weight's device.
+
+    Scoring metrics only zero weights (kept ones keep their bits); solvers (SparseGPT, DSnoT) may
+    also change the kept weights.
+    """
+    if metric.solve is not None:
+        moments = stats.moments.to(weight.device) if stats.moments is not None else None
+        gram = stats.gram.to(weight.device) if stats.gram is not None else None
+        solved, mask = metric.solve(weight.float(), LayerStats(moments, gram), pattern, ctx)
+        new = apply_mask(solved.to(weight.dtype), mask)
+        delta = bias_delta(weight, new, stats.moments.mean) if correct_bias else None
+    else:
+        mask = select(weight, metric, pattern, stats.moments, ctx)
+        new = apply_mask(weight, mask)
+        delta = pruned_contribution(weight, mask, stats.moments.mean) if correct_bias else None
+    return new, mask, delta
+
+
+def dense_inputs(plan, reporter: Reporter):
+    """(the dense model's stats: cached, calibrated now, or None; OWL's per-block sparsities or None)."""
+    from .calibration.runner import compute_stats
+
+    st = plan.stats
+    if st is None and plan.calibrate_first:
+        cal = plan.calibration
+        st = compute_stats(plan.source, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, plan.request.device,
+                           plan.request.dtype, cal.batch_size, reporter, only=plan.request.only,
+                           skip=plan.request.skip, gram=plan.needs_gram, placement=plan.request.placement)
+    block_sparsity = None
+    if plan.request.layer_sparsity == "owl":
+        block_sparsity = owl_block_sparsity(plan.source.path, plan.files, plan.arch, st,
+                                            plan.pattern.target_sparsity, plan.request.owl_m,
+                                            plan.request.owl_lambda, plan.device)
+        reporter.log("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in block_sparsity.values()))
+    return st, block_sparsity
+
+
+def one_shot(plan, reporter: Reporter) -> Decisions:
+    """Decisions from the dense model's moments (cached, or calibrated now), made per tensor as it streams."""
+    st, block_sparsity = dense_inputs(plan, reporter)
+    reads_norm = plan.roles(st)
+    contexts = {n: plan.context(n, reads_norm.get(n, False)) for n in plan.arch.targets}
+    corrected = frozenset(n for n in plan.arch.targets if st is not None and plan.corrects(contexts[n]))
+
+    def layer(target: Target, tensor: torch.Tensor) -> LayerDecision:
+        stats = LayerStats(st.moments[target.name] if st else None,
+                           st.gram(target.name) if st is not None and plan.needs_gram else None)
+        pattern = plan.pattern_for(target, block_sparsity)
+        new, _, delta = decide_layer(tensor.to(plan.device), plan.method, pattern, stats, contexts[target.name],
+                                     target.name in corrected)
+        return LayerDecision(weight=new.cpu(), bias_delta=delta.cpu() if delta is not None else None)
+
+    return Decisions(corrected, reads_norm, block_sparsity, st.manifest if st is not None else None, layer)

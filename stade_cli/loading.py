@@ -1,0 +1,206 @@
+"""Loading, in one place: the model and tokenizer, where they run (device, dtype, accelerate placement), and
+the calibration run spec (dataset, windows, seed, batch size) with its checks and its manifest entries.
+
+``calibration``, ``sequential``, ``evaluate`` and ``zeroshot`` all start here: resolve the model, read its
+config, choose the device and dtype, tokenize the text into windows, load the model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import context_length
+from .checkpoint import ModelSource, checkpoint_dtype, load_config, resolve_model
+from .data import calibration_windows, load_corpus
+from .errors import ModelError, UsageError
+from .runtime import resolve_device, resolve_dtype, silence_transformers
+
+SPILL_MODES = ("auto", "device", "disk")
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
+    """The model in eval mode: all on ``device``, or dispatched by accelerate when ``placement`` has a
+    device map (blocks on the GPU(s), the CPU or disk; run block by block with ``blockwise.BlockRunner``)."""
+    from transformers import AutoModelForCausalLM
+
+    silence_transformers()
+    kwargs = {}
+    offload_tmp = None
+    if placement is not None and placement.dispatched:
+        import tempfile
+
+        kwargs["device_map"] = placement.device_map
+        if placement.max_memory:
+            kwargs["max_memory"] = placement.max_memory
+        elif device.type == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        # a new folder of our own, inside --offload-dir when given: accelerate writes fixed names
+        # (index.json, NAME.dat) that must never land on a user's files
+        base = placement.offload_dir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    except BaseException as exc:
+        if offload_tmp is not None:
+            import shutil
+
+            shutil.rmtree(offload_tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]   # truncated shards, bad configs, ...
+        raise ModelError(f"cannot load the model from {source.path}: {first}") from None
+    if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does, or on release_model
+        import shutil
+        import weakref
+
+        model._stade_release = weakref.finalize(model, shutil.rmtree, offload_tmp, True)
+    if kwargs.get("device_map") is not None:
+        return model.eval()
+    return model.to(device).eval()
+
+
+def release_model(model) -> None:
+    """Remove what loading ``model`` put on disk (accelerate's offload folder) now, not when it is collected."""
+    release = getattr(model, "_stade_release", None)
+    if release is not None:
+        release()
+
+
+@contextmanager
+def loaded_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
+    """``load_model`` for the length of a ``with`` block; its offload folder is removed at the end."""
+    model = load_model(source, device, dtype, placement)
+    try:
+        yield model
+    finally:
+        release_model(model)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer from {source.path}: {type(exc).__name__}",
+                         "the checkpoint needs tokenizer files") from None
+    tok.model_max_length = int(1e12)  # we window the text ourselves; silence the length warning
+    return tok
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=20GiB,cpu=64GiB`` (also ``cuda:0=...``, ``disk=...``) → accelerate's max_memory dict."""
+    if not text:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or not key or not value:
+            raise UsageError(f"--max-memory entry '{part}' is not DEVICE=SIZE", "e.g. --max-memory 0=20GiB,cpu=64GiB")
+        if key.startswith("cuda:"):
+            key = key[5:]
+        dev = int(key) if key.isdigit() else key
+        if not isinstance(dev, int) and dev not in ("cpu", "disk", "mps", "xpu", "npu"):
+            raise UsageError(f"--max-memory device '{key}' is not a GPU index, cpu or disk")
+        try:
+            size = int(value) if value.isdigit() else convert_file_size_to_int(value.upper().replace("IB", "iB"))
+        except (ValueError, TypeError):
+            raise UsageError(f"--max-memory size '{value}' is not a size", "e.g. 20GiB, 500MB or a byte count") from None
+        if size <= 0:
+            raise UsageError(f"--max-memory size '{value}' must be positive")
+        out[dev] = size
+    return out
+
+
+class Placement:
+    """Where the model lives while it runs: an accelerate device map (or none: all on the device) and
+    where the cached hidden states go (``spill``: auto, device or disk)."""
+
+    def __init__(self, device_map: str | None = None, max_memory: str | dict | None = None,
+                 offload_dir: str | Path | None = None, spill: str = "auto"):
+        if spill not in SPILL_MODES:
+            raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
+        if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential (got {device_map})")
+        if (max_memory or offload_dir) and device_map is None:
+            device_map = "auto"                     # a memory budget or an offload dir only make sense with one
+        self.device_map = device_map
+        self.max_memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+        self.offload_dir = str(Path(offload_dir).expanduser()) if offload_dir else None
+        self.spill = spill
+
+    @property
+    def dispatched(self) -> bool:
+        return self.device_map is not None
+
+    def describe(self) -> dict:
+        return {"device_map": self.device_map,
+                "max_memory": {str(k): v for k, v in self.max_memory.items()} if self.max_memory else None,
+                "offload_dir": self.offload_dir, "spill": self.spill}
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved model and where it runs: its source, config, device and dtype."""
+
+    source: ModelSource
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: "str | ModelSource", device: "str | torch.device" = "auto", dtype: str = "auto") -> "Runtime":
+        source = model if isinstance(model, ModelSource) else resolve_model(model)
+        config = load_config(source.path)
+        dev = resolve_device(device)
+        return cls(source, config, dev, resolve_dtype(dtype, checkpoint_dtype(config), dev))
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def tokenizer(self):
+        return load_tokenizer(self.source)
+
+    def model(self, placement: "Placement | None" = None):
+        """``with rt.model(placement) as net:`` the model loaded for the block; its offload folder goes after."""
+        return loaded_model(self.source, self.device, self.dtype, placement)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What a calibration pass reads: text, window count and length, seed, batch size."""
+
+    dataset: str = "c4"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    batch_size: int = 1
+
+    def check(self) -> None:
+        if self.nsamples < 1:
+            raise UsageError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        check_batch_size(self.batch_size)
+
+    def windows(self, rt: Runtime) -> torch.Tensor:
+        """The seeded calibration windows [nsamples, seqlen] (token ids)."""
+        return calibration_windows(rt.tokenizer(), load_corpus(self.dataset, "calibration"), self.nsamples,
+                                   self.seqlen, self.seed, context_length(rt.config))
+
+    def manifest(self, windows: torch.Tensor, rt: Runtime) -> dict:
+        """The run's entries in a stats or sequential manifest."""
+        return {"dataset": self.dataset, "nsamples": self.nsamples, "seqlen": int(windows.shape[1]),
+                "seed": self.seed, "dtype": rt.dtype_name, "device": str(rt.device)}

@@ -1,0 +1,59 @@
+"""OWL, Outlier Weighted Layerwise sparsity: blocks with more outlier scores keep more of their weights.
+
+For block l, D_l = the fraction of the Wanda scores |W_ij|·‖X_j‖₂ of its linears above m times their mean;
+the block sparsities are S_l = S − (D̂_l − mean D̂) with D̂_l = 2λ (D_l − min D) / (max D − min D).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .arch import Architecture
+from .calibration.store import Stats
+from .errors import UsageError
+
+def owl_outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """D = the fraction of all the scores that exceed m times their mean."""
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
+    count = sum(s.numel() for s in scores)
+    threshold = m * total / count
+    return sum(int((s > threshold).sum()) for s in scores) / count
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """S_l = S − (D̂_l − mean D̂), D̂_l = 2λ (D_l − min D) / (max D − min D).
+
+    The mean is S and max − min = 2λ; each S_l lies within S ± 2λ (within S ± λ only when mean D̂ = λ,
+    e.g. outlier ratios spread symmetrically). As in the OWL reference code.
+    """
+    lo, hi = min(ratios), max(ratios)
+    if hi == lo:
+        return [sparsity] * len(ratios)
+    scaled = [2 * lam * (d - lo) / (hi - lo) for d in ratios]
+    mean = sum(scaled) / len(scaled)
+    return [sparsity - (d - mean) for d in scaled]
+
+
+def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stats, sparsity: float,
+                       m: float, lam: float, device: torch.device) -> dict[int, float]:
+    """OWL from the dense model's Wanda scores |W_ij|·‖X_j‖₂, block by block."""
+    by_key = arch.by_weight_key()
+    per_block: dict[int, list[torch.Tensor]] = {}
+    for fname in files:
+        with safe_open(str(src / fname), framework="pt") as f:
+            for key in f.keys():
+                if key in by_key:
+                    t = by_key[key]
+                    w = f.get_tensor(key).to(device).float()
+                    per_block.setdefault(t.block, []).append(w.abs() * st.moments[t.name].norm.to(device, w.dtype))
+    blocks = sorted(per_block)
+    ratios = [owl_outlier_ratio(per_block[b], m) for b in blocks]
+    out = dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))
+    bad = {b: s for b, s in out.items() if not 0 <= s < 1}
+    if bad:
+        b, s = next(iter(bad.items()))
+        raise UsageError(f"OWL gives block {b} sparsity {s:.3f}, outside [0, 1) (--sparsity {sparsity}, "
+                         f"--owl-lambda {lam}; the block sparsities span 2 × lambda)", "lower --owl-lambda")
+    return out

@@ -1,0 +1,191 @@
+"""The plan stage of prune: everything decided and checked before any weight is read, in one immutable Plan.
+
+``check_request`` validates what needs no file at all (method, pattern, options, layer sparsity);
+``make_plan`` then reads what is cheap (the stats' manifest and moments, the config or the stats' stored
+model description, shard headers) and refuses every impossible combination before the expensive part.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .arch import Architecture, Target, bias_flag_table, bias_switches, describe, meta_model
+from .calibration.store import Stats, load_stats
+from .checkpoint import ModelSource, load_config
+from .errors import StatsError, UsageError
+from .loading import CalibrationSpec, Placement
+from .masks import NM, Pattern, parse_pattern
+from .metrics import LayerContext, Metric, MethodError, build_options, cli_flag, get_metric, methods
+from .metrics.dsnot import REFINERS
+from .runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What the user asked for (the library's and the CLI's arguments, unchecked)."""
+
+    model: str
+    metric: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    group: str = "row"
+    stats: Path | None = None
+    bias_correction: bool | None = None      # None: the method's default
+    layer_sparsity: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    sequential: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)   # method options by field name (ria_alpha=...)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    device: str = "auto"
+    dtype: str = "auto"
+    only: str | None = None
+    skip: str | None = None
+    placement: Placement | None = None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The request's parts that need no file, parsed and validated."""
+
+    method: Metric
+    pattern: Pattern
+    options: Mapping[str, Any]       # every method's options dataclass, by method name
+    device: torch.device
+
+
+def rendered(exc: MethodError) -> UsageError:
+    """A method's error in the words of the command line (``{percdamp}`` → ``--percdamp``)."""
+    message, hint = exc.render(cli_flag)
+    return UsageError(message, hint)
+
+
+def check_request(req: PruneRequest) -> Checked:
+    method = get_metric(req.metric)
+    pattern = parse_pattern(req.pattern, req.sparsity, req.group)
+    if req.layer_sparsity not in ("uniform", "owl"):
+        raise UsageError(f"--layer-sparsity must be uniform or owl (got {req.layer_sparsity})")
+    if req.layer_sparsity == "owl":
+        if isinstance(pattern, NM):
+            raise UsageError("--layer-sparsity owl needs --pattern unstructured (N:M fixes every layer's sparsity)")
+        if not 0 <= req.owl_lambda < 0.5:
+            raise UsageError(f"--owl-lambda must be in [0, 0.5) (got {req.owl_lambda})")
+        if not req.owl_m > 0:
+            raise UsageError(f"--owl-m must be positive (got {req.owl_m})")
+    try:
+        options = build_options(req.options, seed=req.calibration.seed)
+        running = {method.name}
+        init = getattr(options[method.name], "init", None)
+        if init is not None and init not in REFINERS:
+            running.add(get_metric(init).name)
+        for name, m in methods().items():   # every method's ranges; the pattern only for those that run
+            m.validate(options[name], pattern if name in running else None)
+    except MethodError as exc:
+        raise rendered(exc) from None
+    return Checked(method, pattern, options, resolve_device(req.device))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything prune decided before reading a weight. The decide and write stages only read it."""
+
+    request: PruneRequest
+    source: ModelSource
+    files: tuple[str, ...]
+    arch: Architecture
+    config: Any                          # the model's config, or None when the stats' description stood for it
+    method: Metric
+    pattern: Pattern
+    options: Mapping[str, Any]           # every method's options, by method name
+    device: torch.device
+    stats: Stats | None                  # the cached stats in use (None: none given, or not needed)
+    calibration: CalibrationSpec         # the calibration pass to run (the cache's own, for --sequential)
+    calibrate_first: bool                # one-shot without stats, but moments needed: calibrate now
+    needs_gram: bool
+    bias_table: Mapping[str, list]       # config flag → the linears it gives a bias ({} if none can be needed)
+    started: float
+
+    def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
+        if block_sparsity is None:
+            return self.pattern
+        return self.pattern.with_sparsity(block_sparsity[target.block])
+
+    def context(self, name: str, reads_norm: bool) -> LayerContext:
+        return LayerContext(name, reads_norm, self.options[self.method.name], self.options)
+
+    def corrects(self, ctx: LayerContext) -> bool:
+        bc = self.request.bias_correction
+        return self.method.corrects_bias(ctx) if bc is None else bc
+
+    def roles(self, st: Stats | None) -> dict[str, bool]:
+        """Which targets read a normalisation layer's output, as the stats recorded (none without stats)."""
+        if st is None:
+            return {}
+        return {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in self.arch.targets}
+
+
+def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float) -> Plan:
+    method, pattern, options = checked.method, checked.pattern, checked.options
+    init = getattr(options[method.name], "init", None) if method.solve is not None else None
+    init_method = get_metric(init) if init is not None and init not in REFINERS else None
+    needs_moments = method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
+    given: Stats | None = None
+    arch = config = None
+    if req.stats is not None:
+        given = load_stats(Path(req.stats))
+        given.check_fingerprint(source.fingerprint)
+        # the fingerprint covers config.json: the stats' stored description stands for the model's, and
+        # prune from stats needs neither transformers nor a model built on the meta device (seconds saved)
+        arch = Architecture.from_data(given.manifest.get("architecture"), req.only, req.skip)
+    if arch is None or arch.bias_flags is None:
+        config = load_config(source.path)
+    if arch is None:
+        arch = describe(meta_model(config), only=req.only, skip=req.skip)
+    if not arch.targets:
+        raise UsageError("no layer left to prune", "check --only/--skip")
+    for t in arch.targets.values():
+        pattern.check_width(t.in_features, t.name)
+    bias_table = _bias_table(req, method, options, arch, config)
+
+    needs_gram = method.needs_gram or (init_method is not None and init_method.needs_gram)
+    st = given if given is not None and (needs_moments or req.sequential) else None
+    calibration = req.calibration
+    if st is not None:
+        st.check_model(source.fingerprint, arch.targets.values())
+        if needs_gram and not req.sequential and not st.has_gram:
+            raise StatsError(f"{method.name if method.needs_gram else init} needs Gram matrices, "
+                             f"which the stats in {req.stats} do not hold",
+                             "make them with `stade calibrate --gram`, or prune --sequential")
+        if req.sequential:  # the pruned-model pass uses the same calibration windows as the cache
+            m = st.manifest
+            calibration = dataclasses.replace(calibration, dataset=m["dataset"], nsamples=m["nsamples"],
+                                              seqlen=m["seqlen"], seed=m["seed"])
+        roles = [m for m in dict.fromkeys((method.name, init)) if m in methods() and methods()[m].needs_roles]
+        unknown = [n for n in arch.targets if "reads_norm" not in st.manifest["modules"].get(n, {})]
+        if roles and unknown and not req.sequential:
+            raise StatsError(f"{roles[0]} needs to know which linears read a normalisation layer's output, and "
+                             f"{req.stats} do not record it (for {unknown[0]})",
+                             "re-run `stade calibrate` with this version")
+    calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
+    return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
+                calibrate_first, needs_gram, bias_table, started)
+
+
+def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config) -> Mapping[str, list]:
+    """The config flags that can give linears a bias, when bias correction may need them; refuses early a
+    correction that every layer needs and the model cannot hold."""
+    if req.bias_correction is False:
+        return {}
+    ctx = LayerContext(options=options[method.name], all_options=options)
+    by_role = {method.corrects_bias(dataclasses.replace(ctx, reads_norm=r)) for r in (False, True)}
+    if req.bias_correction is None and by_role == {False}:
+        return {}
+    table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(config)
+    if req.bias_correction is True or by_role == {True}:   # every layer is corrected: check it now
+        bias_switches(table, arch.model_type, {n for n, t in arch.targets.items() if not t.has_bias})
+    return table
+
