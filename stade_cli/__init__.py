@@ -10,7 +10,7 @@ Library API (the CLI is a thin layer over these)::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "calibrate", "prune", "evaluate", "zero_shot", "inspect"]
 

@@ -1,3 +1,3 @@
-from stade_cli.cli.entry import main
+from stade_cli.cli.app import main
 
 main()

@@ -26,7 +26,7 @@ from torch import nn
 
 from .arch import Architecture
 from .errors import UsageError
-from .loading import Placement
+from .loading import Placement, check_batch_size
 from .runtime import Reporter
 
 
@@ -218,8 +218,7 @@ class BlockRunner:
 
     def __init__(self, model: nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device,
                  batch_size: int = 1, placement: "Placement | None" = None, reporter: Reporter | None = None):
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+        check_batch_size(batch_size)
         placement = placement or Placement()
         self.model, self.arch, self.device, self.reporter = model, arch, device, reporter or Reporter()
         self.windows = windows

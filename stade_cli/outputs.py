@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import __version__
+from ._version import __version__
 from .errors import OutputError, UsageError
 
 try:

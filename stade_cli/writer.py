@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import __version__
+from ._version import __version__
 from .arch import Target, bias_switches
 from .checkpoint import (_SAFETENSORS_DTYPES, INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, copy_side_files,
                          read_header, tensor_bytes)

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from .._version import __version__
 from ..outputs import Output
 from ..errors import StatsError
 from .moments import Moments

@@ -55,6 +55,7 @@ def report(exc: BaseException, debug: bool) -> int:
         if isinstance(exc, kind):
             if debug and not always:
                 raise exc
-            error(line(exc))
+            if not (isinstance(exc, UsageError) and not exc.format_message()):   # bare `stade`: the help said it
+                error(line(exc))
             return code(exc)
     raise exc

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .. import __version__
+from .._version import __version__
 from ..errors import Interrupted
 from ..runtime import StderrReporter
 from . import calibrate, demo, eval as eval_cmd, inspect, prune
@@ -22,6 +22,15 @@ from .output import State, debug_from_env
 
 
 class StadeGroup(TyperGroup):
+    """Every command runs through the error table; ``prune`` is built when it is run (its flags come from the
+    method registry, whose files import torch), so ``stade --help`` and the other commands start fast."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in _BUILT_WHEN_RUN:
+            command = _BUILT_WHEN_RUN[name]()
+        return name, command, rest
+
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
@@ -61,8 +70,21 @@ def main_callback(
     ctx.obj = State(json=json_out, quiet=quiet, debug=debug or debug_from_env(), reporter=StderrReporter(quiet=quiet))
 
 
+def _full_prune():
+    """The click command of ``prune`` with every method's options (built once, when prune runs)."""
+    if "prune" not in _BUILT:
+        sub = typer.Typer(pretty_exceptions_enable=False, add_completion=False,
+                          context_settings={"help_option_names": ["-h", "--help"]})
+        sub.command("prune")(prune.command())
+        _BUILT["prune"] = typer.main.get_command(sub)
+    return _BUILT["prune"]
+
+
+_BUILT: dict = {}
+_BUILT_WHEN_RUN = {"prune": _full_prune}
+
 app.command()(calibrate.calibrate)
-app.command()(prune.command())
+app.command("prune")(prune.listed)      # what `stade --help` lists; the full command replaces it when run
 app.command("eval")(eval_cmd.eval_command)
 app.command()(inspect.inspect)
 app.command()(demo.demo)

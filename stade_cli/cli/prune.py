@@ -119,3 +119,8 @@ def command():
     run.__annotations__ = {p.name: p.annotation for p in params}
     del run.__wrapped__              # typer must see this signature, not prune's
     return run
+
+
+def listed(ctx: typer.Context) -> None:
+    """Score every target linear of MODEL, zero the lowest-scored weights, and write OUTPUT."""
+    raise AssertionError("the full prune command runs instead")  # pragma: no cover - see app.StadeGroup
