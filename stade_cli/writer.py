@@ -78,80 +78,94 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     Untouched tensors are copied as raw bytes; a pruned tensor is written as soon as it is ready, so
     reading, computing and writing overlap and only a few tensors are in memory at once.
     """
-    src, files, dev = plan.source.path, plan.files, plan.device
+    src, dev = plan.source.path, plan.device
     needed = {n for n in decisions.corrected if not plan.arch.targets[n].has_bias}
     bias_flags, new_biases = bias_switches(plan.bias_table, plan.arch.model_type, needed)
     layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases))
-    arch = plan.arch
-    by_key = arch.by_weight_key()
-    layers: dict[str, dict] = {}
-    added: dict[str, str] = {}                                     # new tensor → shard (for the index)
     workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
-    ahead = 2 * workers                                            # target tensors in flight
-
-    def job(target: Target, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        decision = decisions.layer(target, tensor)
-        pruned = decision.weight_for(tensor)
-        return pruned, decision.bias_delta, _layer_info(target, pruned, plan, decisions, layout)
-
-    total = sum((src / f).stat().st_size for f in files)
+    total = sum((src / f).stat().st_size for f in plan.files)
     with _one_thread_per_worker(dev, workers), dest.staging() as tmp, \
             ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, _disk_full_is_an_error(dest.path, total):
+        stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
         with reporter.task("pruning", total=total) as advance:
-            for fname in files:
-                entries, metadata, data_start = read_header(src / fname)
-                entry_by_name = {e.name: e for e in entries}
-                targets = [e for e in entries if e.name in by_key]
-                out_plan = _output_plan(entries, layout, by_key)
-                try:
-                    with safe_open(str(src / fname), framework="pt") as f, open(src / fname, "rb") as raw, \
-                            ShardWriter(tmp / fname, out_plan, metadata) as writer:
-                        futures: dict[str, Future] = {}
-                        queued = iter(targets)
-                        biases: dict[str, torch.Tensor] = {}       # bias tensors to write next
-                        for name, *_ in out_plan:
-                            while len(futures) < ahead and (nxt := next(queued, None)) is not None:
-                                futures[nxt.name] = pool.submit(job, by_key[nxt.name], f.get_tensor(nxt.name))
-                            entry = entry_by_name.get(name)
-                            if name in futures:
-                                tensor, delta, info = futures.pop(name).result()
-                                target = by_key[name]
-                                layers[target.name] = info
-                                writer.write(name, tensor_bytes(tensor))
-                                bias = _new_bias(target, delta, tensor.dtype, layout, f)
-                                if bias is not None:
-                                    biases[target.bias_key] = bias
-                            elif name in biases:
-                                writer.write(name, tensor_bytes(biases.pop(name)))
-                            elif entry is None:                    # a zero bias for a sibling that is not pruned
-                                weight = entry_by_name[f"{name[: -len('.bias')]}.weight"]
-                                writer.write(name, tensor_bytes(torch.zeros(weight.shape[0],
-                                                                            dtype=_torch_dtype(weight.dtype))))
-                            else:
-                                writer.copy(name, raw, data_start + entry.begin, entry.nbytes)
-                            if entry is None:
-                                added[name] = fname
-                            else:
-                                advance(entry.nbytes)
-                except SafetensorError as exc:
-                    raise ModelError(f"cannot read weight shard {src / fname}: {exc}",
-                                     "the file is truncated or corrupt; re-download it") from None
-        missing = [t.weight_key for t in arch.targets.values() if t.name not in layers]
-        if missing:
-            raise ModelError(f"the weight shards hold no tensor {missing[0]}",
-                             "the checkpoint does not match its config")
-        lost = sorted(f"{n}.bias" for n in layout.new_biases if f"{n}.bias" not in added)
-        if lost:
-            raise ModelError(f"no weight found for the new bias {lost[0]}")
+            for fname in plan.files:
+                stream.shard(fname, tmp / fname, advance)
+        stream.check_complete()
         copy_side_files(src, tmp)
-        _write_index(src, tmp, added)
+        _write_index(src, tmp, stream.added)
         if layout.bias_flags:
             config = json.loads((tmp / "config.json").read_text())
             config.update(layout.bias_flags)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        report = json.dumps(_report(plan, decisions, layout, layers), indent=2) + "\n"
-        (tmp / REPORT_NAME).write_text(report)
+        report = json.dumps(_report(plan, decisions, layout, stream.layers), indent=2) + "\n"
+        (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
     return json.loads(report)
+
+
+class _Stream:
+    """One pass over the input shards: targets decided ``ahead`` tensors in advance on ``pool``."""
+
+    def __init__(self, plan: Plan, decisions: Decisions, layout: Layout, pool: ThreadPoolExecutor, ahead: int):
+        self.plan, self.decisions, self.layout, self.pool, self.ahead = plan, decisions, layout, pool, ahead
+        self.by_key = plan.arch.by_weight_key()
+        self.layers: dict[str, dict] = {}          # per-layer report entries
+        self.added: dict[str, str] = {}            # new tensor → shard (for the index)
+
+    def _job(self, target: Target, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        decision = self.decisions.layer(target, tensor)
+        pruned = decision.weight_for(tensor)
+        return pruned, decision.bias_delta, _layer_info(target, pruned, self.plan, self.decisions, self.layout)
+
+    def shard(self, fname: str, out: Path, advance) -> None:
+        src = self.plan.source.path / fname
+        entries, metadata, data_start = read_header(src)
+        out_plan = _output_plan(entries, self.layout, self.by_key)
+        try:
+            with safe_open(str(src), framework="pt") as f, open(src, "rb") as raw, \
+                    ShardWriter(out, out_plan, metadata) as writer:
+                self._tensors(fname, entries, data_start, out_plan, f, raw, writer, advance)
+        except SafetensorError as exc:
+            raise ModelError(f"cannot read weight shard {src}: {exc}",
+                             "the file is truncated or corrupt; re-download it") from None
+
+    def _tensors(self, fname, entries, data_start, out_plan, f, raw, writer: ShardWriter, advance) -> None:
+        """Every tensor of the output shard, in order: pruned targets, their biases, copies of the rest."""
+        entry_by_name = {e.name: e for e in entries}
+        queued = iter([e for e in entries if e.name in self.by_key])
+        futures: dict[str, Future] = {}
+        biases: dict[str, torch.Tensor] = {}       # bias tensors to write next
+        for name, *_ in out_plan:
+            while len(futures) < self.ahead and (nxt := next(queued, None)) is not None:
+                futures[nxt.name] = self.pool.submit(self._job, self.by_key[nxt.name], f.get_tensor(nxt.name))
+            entry = entry_by_name.get(name)
+            if name in futures:
+                tensor, delta, info = futures.pop(name).result()
+                target = self.by_key[name]
+                self.layers[target.name] = info
+                writer.write(name, tensor_bytes(tensor))
+                bias = _new_bias(target, delta, tensor.dtype, self.layout, f)
+                if bias is not None:
+                    biases[target.bias_key] = bias
+            elif name in biases:
+                writer.write(name, tensor_bytes(biases.pop(name)))
+            elif entry is None:                    # a zero bias for a sibling that is not pruned
+                weight = entry_by_name[f"{name[: -len('.bias')]}.weight"]
+                writer.write(name, tensor_bytes(torch.zeros(weight.shape[0], dtype=_torch_dtype(weight.dtype))))
+            else:
+                writer.copy(name, raw, data_start + entry.begin, entry.nbytes)
+            if entry is None:
+                self.added[name] = fname
+            else:
+                advance(entry.nbytes)
+
+    def check_complete(self) -> None:
+        missing = [t.weight_key for t in self.plan.arch.targets.values() if t.name not in self.layers]
+        if missing:
+            raise ModelError(f"the weight shards hold no tensor {missing[0]}",
+                             "the checkpoint does not match its config")
+        lost = sorted(f"{n}.bias" for n in self.layout.new_biases if f"{n}.bias" not in self.added)
+        if lost:
+            raise ModelError(f"no weight found for the new bias {lost[0]}")
 
 
 @contextmanager
