@@ -4,6 +4,8 @@ The CLI prints ``error: <message>`` on stderr and exits with ``exit_code``; the 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 
 class StadeError(Exception):
     """Base class: a known failure with a user-facing message (exit code 1)."""
@@ -23,6 +25,33 @@ class UsageError(StadeError):
     """Options that contradict each other or are out of range (exit code 2)."""
 
     exit_code = 2
+
+
+class MethodError(UsageError, ValueError):
+    """An option or the data do not allow a method (or a pattern) to run: exit code 2. ``{name}`` in the
+    text stands for the option ``name``; ``render(flag)`` spells it (the CLI: ``--name``), ``str()`` plainly.
+    Math raises it without knowing the command line."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.template, self.hint_template = message, hint
+
+    def render(self, flag: Callable[[str], str]) -> tuple[str, str | None]:
+        names = _Names(flag)
+        return self.template.format_map(names), (self.hint_template.format_map(names) if self.hint_template else None)
+
+    def __str__(self) -> str:
+        message, hint = self.render(lambda name: name)
+        return f"{message} ({hint})" if hint else message
+
+
+class _Names(dict):
+    def __init__(self, flag):
+        super().__init__()
+        self.flag = flag
+
+    def __missing__(self, key):
+        return self.flag(key)
 
 
 class ModelError(StadeError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from .errors import MethodError
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,9 +120,9 @@ class Unstructured:
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1) (got {self.sparsity})")
+            raise MethodError(f"{{sparsity}} must be in [0, 1) (got {self.sparsity})")
         if self.group not in ("row", "layer"):
-            raise UsageError(f"--group must be row or layer (got {self.group})")
+            raise MethodError(f"{{group}} must be row or layer (got {self.group})")
 
     @property
     def name(self) -> str:
@@ -154,7 +154,7 @@ class NM:
 
     def __post_init__(self):
         if self.m < 1 or self.n < 0 or self.n >= self.m:
-            raise UsageError(f"N:M pattern needs 0 <= N < M and M >= 1 (got {self.n}:{self.m})")
+            raise MethodError(f"N:M pattern needs 0 <= N < M and M >= 1 (got {self.n}:{self.m})")
 
     @property
     def name(self) -> str:
@@ -169,8 +169,8 @@ class NM:
 
     def check_width(self, in_features: int, layer: str = "") -> None:
         if in_features % self.m:
-            raise UsageError(f"{self.name} needs input widths divisible by {self.m}, "
-                             f"but {layer or 'a layer'} has {in_features}", "choose another M or --skip that layer")
+            raise MethodError(f"{self.name} needs input widths divisible by {self.m}, "
+                              f"but {layer or 'a layer'} has {in_features}", "choose another M or {skip} that layer")
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         rows, n = scores.shape
@@ -191,11 +191,12 @@ def parse_pattern(pattern: str, sparsity: float | None, group: str = "row") -> P
     if match:
         nm = NM(int(match[1]), int(match[2]))
         if sparsity is not None and not math.isclose(sparsity, nm.target_sparsity, abs_tol=1e-9):
-            raise UsageError(f"--sparsity {sparsity} contradicts --pattern {nm.name} "
-                             f"(which means sparsity {nm.target_sparsity:g})", "drop --sparsity")
+            raise MethodError(f"{{sparsity}} {sparsity} contradicts {{pattern}} {nm.name} "
+                              f"(which means sparsity {nm.target_sparsity:g})", "drop {sparsity}")
         return nm
     if text != "unstructured":
-        raise UsageError(f"unknown pattern '{pattern}'", "use unstructured or N:M, e.g. 2:4")
+        shown = pattern.replace("{", "{{").replace("}", "}}")       # the user's text, not a template
+        raise MethodError(f"unknown pattern '{shown}'", "use unstructured or N:M, e.g. 2:4")
     if sparsity is None:
-        raise UsageError("--sparsity is required with --pattern unstructured")
+        raise MethodError("{sparsity} is required with {pattern} unstructured")
     return Unstructured(sparsity, group)

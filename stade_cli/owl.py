@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from .arch import Architecture
 from .calibration.store import Stats
-from .errors import UsageError
+from .errors import MethodError
 
 def owl_outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     """D = the fraction of all the scores that exceed m times their mean."""
@@ -54,6 +54,6 @@ def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stat
     bad = {b: s for b, s in out.items() if not 0 <= s < 1}
     if bad:
         b, s = next(iter(bad.items()))
-        raise UsageError(f"OWL gives block {b} sparsity {s:.3f}, outside [0, 1) (--sparsity {sparsity}, "
-                         f"--owl-lambda {lam}; the block sparsities span 2 × lambda)", "lower --owl-lambda")
+        raise MethodError(f"OWL gives block {b} sparsity {s:.3f}, outside [0, 1) ({{sparsity}} {sparsity}, "
+                          f"{{owl_lambda}} {lam}; the block sparsities span 2 × lambda)", "lower {owl_lambda}")
     return out

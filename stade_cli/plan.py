@@ -19,7 +19,7 @@ from .checkpoint import ModelSource, load_config
 from .errors import StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
-from .metrics import LayerContext, Metric, MethodError, build_options, cli_flag, get_metric, methods
+from .metrics import LayerContext, Metric, build_options, get_metric, methods
 from .metrics.dsnot import REFINERS
 from .runtime import resolve_device
 
@@ -58,12 +58,6 @@ class Checked:
     device: torch.device
 
 
-def rendered(exc: MethodError) -> UsageError:
-    """A method's error in the words of the command line (``{percdamp}`` → ``--percdamp``)."""
-    message, hint = exc.render(cli_flag)
-    return UsageError(message, hint)
-
-
 def check_request(req: PruneRequest) -> Checked:
     method = get_metric(req.metric)
     pattern = parse_pattern(req.pattern, req.sparsity, req.group)
@@ -76,16 +70,13 @@ def check_request(req: PruneRequest) -> Checked:
             raise UsageError(f"--owl-lambda must be in [0, 0.5) (got {req.owl_lambda})")
         if not req.owl_m > 0:
             raise UsageError(f"--owl-m must be positive (got {req.owl_m})")
-    try:
-        options = build_options(req.options, seed=req.calibration.seed)
-        running = {method.name}
-        init = getattr(options[method.name], "init", None)
-        if init is not None and init not in REFINERS:
-            running.add(get_metric(init).name)
-        for name, m in methods().items():   # every method's ranges; the pattern only for those that run
-            m.validate(options[name], pattern if name in running else None)
-    except MethodError as exc:
-        raise rendered(exc) from None
+    options = build_options(req.options, seed=req.calibration.seed)
+    running = {method.name}
+    init = getattr(options[method.name], "init", None)
+    if init is not None and init not in REFINERS:
+        running.add(get_metric(init).name)
+    for name, m in methods().items():   # every method's ranges; the pattern only for those that run
+        m.validate(options[name], pattern if name in running else None)
     return Checked(method, pattern, options, resolve_device(req.device))
 
 

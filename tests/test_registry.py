@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
 from stade_cli.masks import NM, Unstructured
-from stade_cli.metrics import (MethodError, build_options, cli_flag, flat_options, get_metric, methods, option_specs,
-                               sparsegpt)
+from stade_cli.cli.options import cli_flag
+from stade_cli.metrics import MethodError, build_options, flat_options, get_metric, methods, option_specs, sparsegpt
 
 runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parents[1] / "stade_cli" / "metrics"

@@ -10,8 +10,8 @@ from typing import Callable
 
 import typer
 
-from ..errors import Interrupted, StadeError
-from ..metrics.base import MethodError, cli_flag
+from ..errors import Interrupted, MethodError, StadeError
+from .options import cli_flag
 from .output import error
 
 # click's UsageError, whether typer uses click itself or its own vendored copy
@@ -42,8 +42,8 @@ TABLE: list[tuple[type, Callable[[BaseException], int], Callable[[BaseException]
     (KeyboardInterrupt, lambda e: 130, lambda e: f"interrupted: {INTERRUPTED}", True),
     (Interrupted, lambda e: e.exit_code, lambda e: f"interrupted by {e.name}: {INTERRUPTED}", True),
     (UsageError, lambda e: e.exit_code, _usage, True),
+    (MethodError, lambda e: 2, _method, False),          # before StadeError: it is one, with flags to name
     (StadeError, lambda e: e.exit_code, str, False),
-    (MethodError, lambda e: 2, _method, False),
     (MemoryError, lambda e: 1, lambda e: "out of memory; try a smaller --batch-size, --nsamples or --seqlen", False),
     (Exception, lambda e: 1, _unexpected, False),
 ]

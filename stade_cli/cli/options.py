@@ -28,6 +28,11 @@ OffloadDir = Annotated[Optional[Path], typer.Option(help="Where offloaded weight
 Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the device when they fit, else memory-mapped on disk) | device | disk.", rich_help_panel=_BIG)]
 
 
+def cli_flag(name: str) -> str:
+    """The command-line flag of an option or method-option name: ``ria_alpha`` → ``--ria-alpha``."""
+    return "--" + name.replace("_", "-")
+
+
 def placement(device_map: str | None, max_memory: str | None, offload_dir: Path | None, spill: str):
     from ..loading import Placement  # lazy: keeps `stade --help` fast
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
+from .options import (cli_flag, BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
                       Output, Quiet, SeqLen, Seed, Spill, placement)
 from .output import state, emit_json, emit_line
 
@@ -86,7 +86,7 @@ def _in_panel(annotation, panel: str):
 def command():
     """``prune`` with the method registry's options as flags (``ria_alpha`` → ``--ria-alpha``), each in the
     help panel of the methods that read it, and the metric list in the help of ``--metric``."""
-    from ..metrics import cli_flag, methods, option_specs
+    from ..metrics import methods, option_specs
     from ..metrics.base import RUN_SEED
 
     params = []

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import (SCORER, SOLVER, UPDATE, LayerContext, LayerStats, Metric, MethodError, NoOptions, OptionSpec,
-                   build_options, cli_flag, flat_options, get_metric, methods, option_specs, scorer, solver)
+                   build_options, flat_options, get_metric, methods, option_specs, scorer, solver)
 
 __all__ = ["REGISTRY", "SCORER", "SOLVER", "UPDATE", "LayerContext", "LayerStats", "Metric", "MethodError",
-           "NoOptions", "OptionSpec", "build_options", "cli_flag", "flat_options", "get_metric", "methods", "option_specs", "scorer", "solver"]
+           "NoOptions", "OptionSpec", "build_options", "flat_options", "get_metric", "methods", "option_specs", "scorer", "solver"]
 
 
 class _Registry(Mapping):

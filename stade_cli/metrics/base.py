@@ -25,37 +25,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..errors import MethodError
+
 SCORER, SOLVER, UPDATE = "scorer", "solver", "update"
-
-
-class MethodError(ValueError):
-    """A method's options or data do not allow it to run. ``{name}`` in the text stands for the option
-    ``name``; ``render(flag)`` spells it (the CLI: ``--name``)."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.template, self.hint_template = message, hint
-
-    def render(self, flag: Callable[[str], str]) -> tuple[str, str | None]:
-        names = _Names(flag)
-        return self.template.format_map(names), (self.hint_template.format_map(names) if self.hint_template else None)
-
-    def __str__(self) -> str:
-        message, hint = self.render(lambda name: name)
-        return f"{message} ({hint})" if hint else message
-
-
-class _Names(dict):
-    def __init__(self, flag):
-        super().__init__()
-        self.flag = flag
-
-    def __missing__(self, key):
-        return self.flag(key)
-
-
-def cli_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
