@@ -14,7 +14,7 @@ import torch
 
 from .arch import context_length
 from .checkpoint import ModelSource, checkpoint_dtype, load_config, resolve_model
-from .data import calibration_windows, load_corpus
+from .data import calibration_windows, load_corpus, local_paths
 from .errors import ModelError, UsageError
 from .runtime import resolve_device, resolve_dtype, silence_transformers
 
@@ -204,3 +204,12 @@ class CalibrationSpec:
         """The run's entries in a stats or sequential manifest."""
         return {"dataset": self.dataset, "nsamples": self.nsamples, "seqlen": int(windows.shape[1]),
                 "seed": self.seed, "dtype": rt.dtype_name, "device": str(rt.device)}
+
+
+def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, stats=None) -> list[tuple[str, Path]]:
+    """What a run reads (and so must never write): the model, the stats, the local data, the offload folder."""
+    path = model.path if isinstance(model, ModelSource) else Path(model).expanduser()
+    inputs = [("the model directory", path), ("the stats directory", stats)]
+    inputs += [("the calibration data", p) for p in local_paths(dataset)]
+    offload = getattr(placement, "offload_dir", None)
+    return inputs + [("the offload directory", offload)]

@@ -20,7 +20,6 @@ from .errors import StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
 from .metrics import LayerContext, Metric, build_options, get_metric, methods
-from .metrics.dsnot import REFINERS
 from .runtime import resolve_device
 
 
@@ -71,10 +70,7 @@ def check_request(req: PruneRequest) -> Checked:
         if not req.owl_m > 0:
             raise UsageError(f"--owl-m must be positive (got {req.owl_m})")
     options = build_options(req.options, seed=req.calibration.seed)
-    running = {method.name}
-    init = getattr(options[method.name], "init", None)
-    if init is not None and init not in REFINERS:
-        running.add(get_metric(init).name)
+    running = {m.name for m in method.running(options)}     # it, and what it runs (DSnoT: its init)
     for name, m in methods().items():   # every method's ranges; the pattern only for those that run
         m.validate(options[name], pattern if name in running else None)
     return Checked(method, pattern, options, resolve_device(req.device))
@@ -121,8 +117,7 @@ class Plan:
 
 def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
-    init = getattr(options[method.name], "init", None) if method.solve is not None else None
-    init_method = get_metric(init) if init is not None and init not in REFINERS else None
+    running = method.running(options)
     needs_moments = method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
     given: Stats | None = None
     arch = config = None
@@ -142,20 +137,20 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         pattern.check_width(t.in_features, t.name)
     bias_table = _bias_table(req, method, options, arch, config)
 
-    needs_gram = method.needs_gram or (init_method is not None and init_method.needs_gram)
+    needs_gram = any(m.needs_gram for m in running)
     st = given if given is not None and (needs_moments or req.sequential) else None
     calibration = req.calibration
     if st is not None:
         st.check_model(source.fingerprint, arch.targets.values())
         if needs_gram and not req.sequential and not st.has_gram:
-            raise StatsError(f"{method.name if method.needs_gram else init} needs Gram matrices, "
+            raise StatsError(f"{next(m.name for m in running if m.needs_gram)} needs Gram matrices, "
                              f"which the stats in {req.stats} do not hold",
                              "make them with `stade calibrate --gram`, or prune --sequential")
         if req.sequential:  # the pruned-model pass uses the same calibration windows as the cache
             m = st.manifest
             calibration = dataclasses.replace(calibration, dataset=m["dataset"], nsamples=m["nsamples"],
                                               seqlen=m["seqlen"], seed=m["seed"])
-        roles = [m for m in dict.fromkeys((method.name, init)) if m in methods() and methods()[m].needs_roles]
+        roles = [m.name for m in running if m.needs_roles]
         unknown = [n for n in arch.targets if "reads_norm" not in st.manifest["modules"].get(n, {})]
         if roles and unknown and not req.sequential:
             raise StatsError(f"{roles[0]} needs to know which linears read a normalisation layer's output, and "

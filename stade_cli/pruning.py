@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .calibration.runner import run_inputs
 from .checkpoint import resolve_model, weight_files
 from .decide import one_shot
-from .loading import CalibrationSpec
+from .loading import CalibrationSpec, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
 from .runtime import Reporter

@@ -14,8 +14,7 @@ import torch
 
 from ..arch import Architecture, bias_flag_table, describe
 from ..checkpoint import ModelSource, resolve_model
-from ..data import local_paths
-from ..loading import CalibrationSpec, Runtime
+from ..loading import CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output
 from ..runtime import Reporter
 from .moments import Moments
@@ -199,12 +198,3 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
         with dest.staging() as tmp:
             write_stats(tmp, stats)
     return out
-
-
-def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, stats=None) -> list[tuple[str, Path]]:
-    """What a run reads (and so must never write): the model, the stats, the local data, the offload folder."""
-    path = model.path if isinstance(model, ModelSource) else Path(model).expanduser()
-    inputs = [("the model directory", path), ("the stats directory", stats)]
-    inputs += [("the calibration data", p) for p in local_paths(dataset)]
-    offload = getattr(placement, "offload_dir", None)
-    return inputs + [("the offload directory", offload)]

@@ -80,6 +80,11 @@ class Metric:
     corrects_bias: Callable[[LayerContext], bool] = _never
     order: int = 1000                                   # place in listings and in the report's options
     module: str = ""
+    runs_with: Callable[[Any], tuple] = lambda options: ()   # other methods it runs (DSnoT: its init)
+
+    def running(self, options: Mapping[str, Any]) -> list["Metric"]:
+        """This method and the ones it runs, given every method's options."""
+        return [self] + [get_metric(name) for name in self.runs_with(options[self.name])]
 
 
 _REGISTRY: dict[str, Metric] = {}
@@ -120,14 +125,14 @@ def scorer(name: str, summary: str, *, options: type = NoOptions, validate=_no_c
 
 
 def solver(name: str, summary: str, *, options: type = NoOptions, validate=_no_checks, needs_gram: bool = False,
-           order: int = 1000):
+           order: int = 1000, runs_with: Callable[[Any], tuple] = lambda options: ()):
     """Register ``solve(weight, stats, pattern, ctx) -> (weight, mask)`` as the method ``name``."""
     def wrap(fn):
         def solve(weight, stats, pattern, ctx: LayerContext | None = None):
             return fn(weight, stats, pattern, _context(ctx, options, name))
 
         _register(Metric(name, SOLVER, summary, solve=solve, options=options, validate=validate, needs_gram=needs_gram,
-                         order=order, module=fn.__module__))
+                         order=order, module=fn.__module__, runs_with=runs_with))
         return fn
     return wrap
 

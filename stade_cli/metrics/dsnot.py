@@ -41,10 +41,13 @@ class Options:
 def validate(options: Options, pattern=None) -> None:
     if options.dsnot_cycles < 0 or not options.dsnot_threshold >= 0:
         raise MethodError("{dsnot_cycles} and {dsnot_threshold} must be non-negative")
-    if pattern is not None:   # the method runs: its init must be one that gives a mask of its own
-        init = get_metric(options.init)
-        if init.name in REFINERS:
-            raise MethodError(f"{{init}} {init.name} would refine itself; choose a scoring metric or sparsegpt")
+    if pattern is not None and options.init in REFINERS:   # it runs: its init must give a mask of its own
+        raise MethodError(f"{{init}} {options.init} would refine itself; choose a scoring metric or sparsegpt")
+
+
+def runs_with(options: Options) -> tuple[str, ...]:
+    """The method whose mask DSnoT refines (none when init names a refiner: validate refuses that)."""
+    return () if options.init in REFINERS else (options.init,)
 
 
 def initial(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +123,8 @@ def start(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -
     return Start(values, mask, std, norm, d, d / std.clamp_min(1e-8).pow(ctx.options.dsnot_pow))
 
 
-@solver("dsnot", "DSnoT mask refinement from init (Zhang et al.)", options=Options, validate=validate, order=80)
+@solver("dsnot", "DSnoT mask refinement from init (Zhang et al.)", options=Options, validate=validate,
+        runs_with=runs_with, order=80)
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     s = start(weight, stats, pattern, ctx)
     wanda = s.values.abs() * s.norm

@@ -42,7 +42,7 @@ class Options(dsnot.Options):
 
 
 @solver("r2dsnot", "R²-DSnoT: DSnoT with relative importance and a regularised boundary", options=Options,
-        validate=dsnot.validate, order=90)
+        validate=dsnot.validate, runs_with=dsnot.runs_with, order=90)
 def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
     opts = ctx.options
     s = start(weight, stats, pattern, ctx)
