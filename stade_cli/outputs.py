@@ -302,8 +302,8 @@ class Output:
     # ---------------------------------------------------------------- claim
     def __enter__(self) -> "Output":
         self._check_path()
-        self._lock()
         try:
+            self._lock()
             self._recover()
             self._check_existing()
         except BaseException:
@@ -356,7 +356,7 @@ class Output:
         while True:
             try:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
-            except FileExistsError:  # pragma: no cover - no fcntl: a lock file whose writer may be dead
+            except FileExistsError:  # no fcntl (Windows): a lock file whose writer may be dead
                 holder = _read_pid(lock)
                 if holder is not None and not _alive(holder):
                     lock.unlink(missing_ok=True)

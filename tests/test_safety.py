@@ -451,3 +451,22 @@ def test_bench_outputs_keep_a_users_files(tmp_path):
         assert proc.returncode != 0, proc.stderr
         assert "did not write" in proc.stderr or "is not results" in proc.stderr, proc.stderr
     assert (q / "quality.md").read_text() == "my notes" and speed.read_text() == '{"mine": true}'
+
+
+def test_lock_without_flock_uses_an_exclusive_file(tmp_path, monkeypatch):
+    """Where fcntl is missing (Windows), the lock is an O_EXCL file naming its pid; a dead pid's is stale."""
+    import stade_cli.outputs as outputs
+    from stade_cli.errors import OutputError
+
+    monkeypatch.setattr(outputs, "fcntl", None)
+    lock = tmp_path / lock_name("o")
+    lock.write_text("999999\n")                                   # left by a process that is gone
+    with Output(tmp_path / "o", "model") as dest, dest.staging() as tmp:
+        assert lock.read_text().strip() == str(os.getpid())
+        (tmp / "x").write_text("x")
+    assert not lock.exists() and (tmp_path / "o" / "x").is_file()
+    lock.write_text(f"{os.getppid()}\n")                          # a live process holds it
+    with pytest.raises(OutputError, match=f"another stade run \\(pid {os.getppid()}\\) is writing"):
+        with Output(tmp_path / "o", "model", force=True):
+            pass
+    assert lock.read_text().strip() == str(os.getppid())         # the holder's lock is left alone
