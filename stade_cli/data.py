@@ -16,6 +16,12 @@ from .errors import DataError, UsageError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HUB_DATASETS = ("c4", "wikitext2")
+# Where the named datasets come from: a hub repository id, or a local copy in the repository's own layout
+# (the tests point these at such copies; ``datasets.load_dataset`` reads either the same way).
+HUB_SOURCES = {"c4": "allenai/c4", "wikitext2": "wikitext"}
+C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_DOCUMENTS = 1100         # the SparseGPT/Wanda protocol: the first 1100 validation documents
 
 
 @dataclass(frozen=True)
@@ -98,19 +104,18 @@ def _hub_dataset(*args, **kwargs):
 
 def _wikitext2(split: str) -> Corpus:
     if split == "calibration":  # Wanda: the train split joined with spaces
-        data = _hub_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        data = _hub_dataset(HUB_SOURCES["wikitext2"], "wikitext-2-raw-v1", split="train")
         return Corpus(list(data["text"]), joiner=" ")
-    data = _hub_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    data = _hub_dataset(HUB_SOURCES["wikitext2"], "wikitext-2-raw-v1", split="test")
     return Corpus(list(data["text"]), joiner="\n\n")
 
 
 def _c4(split: str) -> Corpus:
     if split == "calibration":  # Wanda: en shard 0 of the train split, one window per random document
-        data = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        data = _hub_dataset(HUB_SOURCES["c4"], data_files={"train": C4_TRAIN}, split="train")
         return Corpus(list(data["text"]), per_document=True)
-    data = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                        split="validation")
-    return Corpus(list(data["text"][:1100]), joiner=" ")
+    data = _hub_dataset(HUB_SOURCES["c4"], data_files={"validation": C4_VALIDATION}, split="validation")
+    return Corpus(list(data["text"][:C4_EVAL_DOCUMENTS]), joiner=" ")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -125,8 +130,9 @@ def calibration_windows(tokenizer, corpus: Corpus, nsamples: int, seqlen: int | 
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1 (got {nsamples})")
     g = torch.Generator().manual_seed(seed)
-    if corpus.per_document:
-        return _per_document_windows(tokenizer, corpus, nsamples, seqlen or max_len, g)
+    if corpus.per_document:   # each window from one document: the length is checked against the model only
+        seqlen = check_seqlen(seqlen, max_len, max_len, what="model's context")
+        return _per_document_windows(tokenizer, corpus, nsamples, seqlen, g)
     ids = tokenize(tokenizer, corpus.text())
     seqlen = check_seqlen(seqlen, len(ids), max_len, what="calibration text")
     starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=g)
