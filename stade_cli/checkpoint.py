@@ -65,6 +65,20 @@ def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
     return source
 
 
+def local_path(ref: str, revision: str | None = None) -> Path:
+    """Where MODEL already is on this machine, without any download: the directory itself, or a hub id's
+    snapshot in the local cache (else the path as given). For checks that must run before a download."""
+    path = Path(ref).expanduser()
+    if path.exists() or _looks_like_path(ref):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no hub library): nothing there to protect yet
+        return path
+
+
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     from huggingface_hub import snapshot_download
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .arch import context_length
-from .checkpoint import ModelSource, checkpoint_dtype, load_config, resolve_model
+from .checkpoint import ModelSource, checkpoint_dtype, load_config, local_path, resolve_model
 from .data import calibration_windows, load_corpus, local_paths
 from .errors import ModelError, UsageError
 from .runtime import resolve_device, resolve_dtype, silence_transformers
@@ -208,7 +208,7 @@ class CalibrationSpec:
 
 def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, stats=None) -> list[tuple[str, Path]]:
     """What a run reads (and so must never write): the model, the stats, the local data, the offload folder."""
-    path = model.path if isinstance(model, ModelSource) else Path(model).expanduser()
+    path = model.path if isinstance(model, ModelSource) else local_path(model)
     inputs = [("the model directory", path), ("the stats directory", stats)]
     inputs += [("the calibration data", p) for p in local_paths(dataset)]
     offload = getattr(placement, "offload_dir", None)

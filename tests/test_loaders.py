@@ -130,3 +130,56 @@ def test_a_missing_hub_dataset_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(data.HUB_SOURCES, "c4", str(tmp_path / "nowhere" / "c4"))
     with pytest.raises(DataError, match="cannot load dataset"):
         data.load_corpus("c4", "calibration")
+
+
+# ------------------------------------------------------------------------------------ hub ids, from the cache
+def _hub_cache(model_dir: Path, home: Path, repo: str = "tiny-org/tiny-llama", commit: str = "a" * 40) -> Path:
+    """A Hugging Face cache as snapshot_download leaves it: blobs by hash, a snapshot of symlinks, refs/main."""
+    import hashlib
+    import os
+
+    repo_dir = home / "hub" / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in sorted(model_dir.iterdir()):
+        blob = repo_dir / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_a_hub_id_resolves_from_the_cache(tiny_llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    snap = _hub_cache(tiny_llama, tmp_path / "hf")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_CACHE", None)
+
+    def stade(*args):
+        proc = subprocess.run([sys.executable, "-m", "stade_cli", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    stade("calibrate", "tiny-org/tiny-llama", "-o", tmp_path / "s", "--dataset", "builtin", "--nsamples", "2",
+          "--seqlen", "16")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["model"]["ref"] == "tiny-org/tiny-llama" and manifest["model"]["revision"] == "a" * 40
+    stade("prune", "tiny-org/tiny-llama", "--stats", tmp_path / "s", "--metric", "wanda", "-o", tmp_path / "p")
+    report = json.loads((tmp_path / "p" / "stade_report.json").read_text())
+    assert report["model"]["ref"] == "tiny-org/tiny-llama" and report["model"]["revision"] == "a" * 40
+    assert report["model"]["path"] == str(snap)
+    assert not any(p.is_symlink() for p in (tmp_path / "p").iterdir())   # the output holds files, not links
+    out = json.loads(stade("--json", "eval", "tiny-org/tiny-llama", "--dataset", "builtin", "--seqlen", "32").stdout)
+    assert out["model"] == "tiny-org/tiny-llama" and out["ppl"] > 1
+    # the cache is an input: writing over it is refused, and it is left as it was
+    before = sorted((p.name, p.stat().st_size) for p in snap.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "stade_cli", "prune", "tiny-org/tiny-llama", "--metric",
+                           "magnitude", "-o", snap, "--force"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "is the model directory" in proc.stderr
+    assert sorted((p.name, p.stat().st_size) for p in snap.iterdir()) == before
