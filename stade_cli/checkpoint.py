@@ -14,10 +14,13 @@ from .outputs import start_writeback
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_NAME = "pytorch_model.bin"
 REPORT_NAME = "stade_report.json"
 # files that are weights (never copied as side files)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_BIN_PATTERNS = ["*.json", "*.bin", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,10 @@ def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
     else:
         source = _from_hub(ref, revision)
     for name in weight_files(source.path):
-        read_header(source.path / name)
+        if name.endswith(".bin"):
+            check_bin(source.path / name)
+        else:
+            read_header(source.path / name)
     return source
 
 
@@ -94,27 +100,48 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     path = Path(snapshot)
     if not (path / "config.json").is_file():
         raise ModelError(f"hub repository {repo_id} has no config.json")
+    if not any(path.glob("*.safetensors")):  # an older repository with pytorch_model*.bin weights only
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_BIN_PATTERNS,
+                                          local_files_only=offline, etag_timeout=10))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"cannot get the weights of '{repo_id}' from the Hugging Face hub "
+                             f"({type(exc).__name__})") from None
     return ModelSource(path, repo_id, revision or path.name)
 
 
 def weight_files(path: Path) -> list[str]:
-    """Shard file names in index order (or the single model.safetensors)."""
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise ModelError(f"{index} is not a valid safetensors index ({exc})") from None
-        files = list(dict.fromkeys(weight_map.values()))
-    elif (path / SINGLE_NAME).is_file():
-        files = [SINGLE_NAME]
+    """Shard file names in index order: safetensors (``model.safetensors`` or its index), else PyTorch
+    ``pytorch_model.bin`` (or its index), which older checkpoints still are."""
+    for index_name, single in ((INDEX_NAME, SINGLE_NAME), (BIN_INDEX_NAME, BIN_NAME)):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelError(f"{index} is not a valid weight index ({exc})") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            break
+        if (path / single).is_file():
+            files = [single]
+            break
     else:
-        raise ModelError(f"{path} has no safetensors weights (model.safetensors or {INDEX_NAME})",
-                         "convert the checkpoint with save_pretrained(..., safe_serialization=True)")
+        raise ModelError(f"{path} has no weights (model.safetensors, pytorch_model.bin or their index)",
+                         "save the checkpoint with save_pretrained")
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise ModelError(f"weight shard {missing[0]} named by the index is missing from {path}")
     return files
+
+
+def output_name(shard: str) -> str:
+    """The safetensors name a pruned shard is written under: the same name, or for ``pytorch_model*.bin``
+    the name ``save_pretrained`` gives safetensors (``pytorch_model-00001-of-00002.bin`` →
+    ``model-00001-of-00002.safetensors``)."""
+    if not shard.endswith(".bin"):
+        return shard
+    stem = shard[: -len(".bin")]
+    return ("model" + stem[len("pytorch_model"):] if stem.startswith("pytorch_model") else stem) + ".safetensors"
 
 
 def fingerprint(path: Path, samples: int = 16, chunk: int = 4096) -> str:
@@ -163,7 +190,7 @@ def side_files(path: Path) -> list[Path]:
     """Everything at the top level that is not weights: config, generation config, tokenizer files, ..."""
     return sorted(p for p in path.iterdir()
                   if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)
-                  and p.name not in (INDEX_NAME, REPORT_NAME) and not p.name.startswith("."))
+                  and p.name not in (INDEX_NAME, BIN_INDEX_NAME, REPORT_NAME) and not p.name.startswith("."))
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -303,3 +330,84 @@ class ShardWriter:
             self.close()
         else:
             self._file.close()
+
+
+# ---------------------------------------------------------------- pytorch_model*.bin, read safely
+def check_bin(path: Path) -> None:
+    """A PyTorch weight file is a zip archive (torch ≥ 1.6) whose pickle only names tensors; anything else
+    is refused before any work."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"weight shard {path} is not a PyTorch zip archive (truncated, or a legacy format)",
+                         "re-save the checkpoint with save_pretrained(..., safe_serialization=True)")
+
+
+def load_bin(path: Path) -> dict:
+    """The tensors of one ``.bin`` shard, memory-mapped: ``torch.load(weights_only=True)`` unpickles tensors
+    and plain containers only, never code."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot read weight shard {path} safely: {first}",
+                         "stade loads .bin weights with weights_only=True; convert the checkpoint to safetensors"
+                         ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"weight shard {path} does not hold a dictionary of tensors")
+    return state
+
+
+_TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+class ShardReader:
+    """One input shard, read one tensor at a time: ``entries`` in file order, ``get_tensor``, and ``copy``
+    of an untouched tensor into a ShardWriter (raw bytes for safetensors; a .bin tensor's own bytes)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.is_bin = self.path.suffix == ".bin"
+
+    def __enter__(self) -> "ShardReader":
+        if self.is_bin:
+            self._state = load_bin(self.path)
+            self.entries, offset = [], 0
+            for name, t in self._state.items():
+                dtype = _TORCH_TO_SAFETENSORS.get(str(t.dtype).replace("torch.", ""))
+                if dtype is None:
+                    raise ModelError(f"{name} in {self.path} has dtype {t.dtype}, which safetensors cannot hold")
+                nbytes = t.numel() * t.element_size()
+                self.entries.append(TensorEntry(name, dtype, tuple(t.shape), offset, offset + nbytes))
+                offset += nbytes
+            self.metadata = {"format": "pt"}
+        else:
+            from safetensors import safe_open
+
+            self.entries, self.metadata, self._data_start = read_header(self.path)
+            self._st = safe_open(str(self.path), framework="pt")
+            self._raw = open(self.path, "rb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.is_bin:
+            self._state = None
+        else:
+            self._raw.close()
+            self._st = None
+
+    def keys(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def get_tensor(self, name: str):
+        return self._state[name] if self.is_bin else self._st.get_tensor(name)
+
+    def copy(self, entry: TensorEntry, writer: "ShardWriter") -> None:
+        if self.is_bin:
+            writer.write(entry.name, tensor_bytes(self._state[entry.name]))
+        else:
+            writer.copy(entry.name, self._raw, self._data_start + entry.begin, entry.nbytes)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .arch import Architecture
+from .checkpoint import ShardReader
 from .calibration.store import Stats
 from .errors import MethodError
 
@@ -42,7 +42,7 @@ def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stat
     by_key = arch.by_weight_key()
     per_block: dict[int, list[torch.Tensor]] = {}
     for fname in files:
-        with safe_open(str(src / fname), framework="pt") as f:
+        with ShardReader(src / fname) as f:
             for key in f.keys():
                 if key in by_key:
                     t = by_key[key]

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from .arch import describe, meta_model
 from .calibration.store import MANIFEST, load_stats, stats_summary
-from .checkpoint import load_config, read_report, resolve_model, weight_files
+from .checkpoint import ShardReader, load_config, read_report, resolve_model, weight_files
 from .errors import ModelError, StadeError
 from .masks import parse_pattern
 
@@ -35,7 +35,7 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     layers: dict[str, dict] = {}
     for fname in weight_files(source.path):
         try:
-            with safe_open(str(source.path / fname), framework="pt") as f:
+            with ShardReader(source.path / fname) as f:
                 for key in f.keys():
                     target = by_key.get(key)
                     if target is None:
@@ -86,11 +86,11 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     where_b = {k: f for f in weight_files(sb.path) for k in _keys(sb.path / f)}
     layers = {}
     for fname in weight_files(sa.path):
-        with safe_open(str(sa.path / fname), framework="pt") as fa:
+        with ShardReader(sa.path / fname) as fa:
             for key in fa.keys():
                 if key not in keys:
                     continue
-                with safe_open(str(sb.path / where_b[key]), framework="pt") as fb:
+                with ShardReader(sb.path / where_b[key]) as fb:
                     wb = fb.get_tensor(key)
                 wa = fa.get_tensor(key)
                 if wa.shape != wb.shape:
@@ -107,8 +107,8 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
 
 
 def _keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    with ShardReader(path) as f:
+        return f.keys()
 
 
 def stats_report(path: Path) -> dict:

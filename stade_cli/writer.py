@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ._version import __version__
 from .arch import Target, bias_switches
-from .checkpoint import (_SAFETENSORS_DTYPES, INDEX_NAME, REPORT_NAME, ShardWriter, TensorEntry, copy_side_files,
-                         read_header, tensor_bytes)
+from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT_NAME, ShardReader, ShardWriter,
+                         TensorEntry, copy_side_files, output_name, read_header, tensor_bytes)
 from .decide import Decisions
 from .errors import ModelError, OutputError
 from .metrics import flat_options
@@ -89,7 +89,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
         stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
         with reporter.task("pruning", total=total) as advance:
             for fname in plan.files:
-                stream.shard(fname, tmp / fname, advance)
+                stream.shard(fname, tmp / output_name(fname), advance)
         stream.check_complete()
         copy_side_files(src, tmp)
         _write_index(src, tmp, stream.added)
@@ -118,20 +118,19 @@ class _Stream:
 
     def shard(self, fname: str, out: Path, advance) -> None:
         src = self.plan.source.path / fname
-        entries, metadata, data_start = read_header(src)
-        out_plan = _output_plan(entries, self.layout, self.by_key)
         try:
-            with safe_open(str(src), framework="pt") as f, open(src, "rb") as raw, \
-                    ShardWriter(out, out_plan, metadata) as writer:
-                self._tensors(fname, entries, data_start, out_plan, f, raw, writer, advance)
+            with ShardReader(src) as f:
+                out_plan = _output_plan(f.entries, self.layout, self.by_key)
+                with ShardWriter(out, out_plan, f.metadata) as writer:
+                    self._tensors(out.name, out_plan, f, writer, advance)
         except SafetensorError as exc:
             raise ModelError(f"cannot read weight shard {src}: {exc}",
                              "the file is truncated or corrupt; re-download it") from None
 
-    def _tensors(self, fname, entries, data_start, out_plan, f, raw, writer: ShardWriter, advance) -> None:
+    def _tensors(self, out_name: str, out_plan, f: ShardReader, writer: ShardWriter, advance) -> None:
         """Every tensor of the output shard, in order: pruned targets, their biases, copies of the rest."""
-        entry_by_name = {e.name: e for e in entries}
-        queued = iter([e for e in entries if e.name in self.by_key])
+        entry_by_name = {e.name: e for e in f.entries}
+        queued = iter([e for e in f.entries if e.name in self.by_key])
         futures: dict[str, Future] = {}
         biases: dict[str, torch.Tensor] = {}       # bias tensors to write next
         for name, *_ in out_plan:
@@ -152,9 +151,9 @@ class _Stream:
                 weight = entry_by_name[f"{name[: -len('.bias')]}.weight"]
                 writer.write(name, tensor_bytes(torch.zeros(weight.shape[0], dtype=_torch_dtype(weight.dtype))))
             else:
-                writer.copy(name, raw, data_start + entry.begin, entry.nbytes)
+                f.copy(entry, writer)
             if entry is None:
-                self.added[name] = fname
+                self.added[name] = out_name
             else:
                 advance(entry.nbytes)
 
@@ -207,11 +206,18 @@ def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
 
 
 def _write_index(src: Path, tmp: Path, added: dict[str, str]) -> None:
-    if not (src / INDEX_NAME).is_file():
+    """The output's safetensors index: the input's (a .bin index with the shards renamed) plus the new
+    tensors; none for a single-file checkpoint."""
+    for name in (INDEX_NAME, BIN_INDEX_NAME):
+        if (src / name).is_file():
+            index = json.loads((src / name).read_text())
+            break
+    else:
         return
-    index = json.loads((src / INDEX_NAME).read_text())
-    index.setdefault("weight_map", {}).update(added)
-    files = sorted(set(index["weight_map"].values()))
+    weight_map = {k: output_name(v) for k, v in index.get("weight_map", {}).items()}
+    weight_map.update(added)
+    index["weight_map"] = weight_map
+    files = sorted(set(weight_map.values()))
     index.setdefault("metadata", {})["total_size"] = sum(
         sum(e.nbytes for e in read_header(tmp / f)[0]) for f in files)
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

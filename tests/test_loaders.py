@@ -183,3 +183,22 @@ def test_a_hub_id_resolves_from_the_cache(tiny_llama, tmp_path):
                            "magnitude", "-o", snap, "--force"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "is the model directory" in proc.stderr
     assert sorted((p.name, p.stat().st_size) for p in snap.iterdir()) == before
+
+
+def test_a_hub_id_with_bin_weights_resolves_from_the_cache(tiny_llama, tmp_path):
+    """Older hub repositories hold pytorch_model.bin only: found in the cache, pruned into safetensors."""
+    import os
+    import subprocess
+    import sys
+
+    from test_checkpoints import as_bin
+
+    snap = _hub_cache(as_bin(tiny_llama, tmp_path / "bin"), tmp_path / "hf", repo="old-org/bin-llama")
+    assert (snap / "pytorch_model.bin").exists() and not list(snap.glob("*.safetensors"))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "stade_cli", "prune", "old-org/bin-llama", "--metric", "magnitude",
+                           "-o", tmp_path / "p"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "p" / "stade_report.json").read_text())["model"]["ref"] == "old-org/bin-llama"
