@@ -210,3 +210,94 @@ def test_sparsegpt_sequential_without_gram_cache(tiny_llama, tmp_path):
     key = "model.layers.0.mlp.down_proj.weight"
     assert torch.allclose(a[key], b[key], atol=1e-6)                 # block 0: same inputs
     assert json.loads((seq / "stade_report.json").read_text())["mode"] == "sequential"
+
+
+def slow_sparsegpt_unstructured(w, x, sparsity, blocksize, percdamp=0.01):
+    """Textbook OBS for unstructured sparsity: each block's mask from the current weights (the lowest
+    w²/U_jj² over its rows × columns, ties to the lower flat index), then one column at a time, every later
+    column updated at once (no lazy batches)."""
+    w = w.double().clone()
+    h = 2 * x.T @ x / x.shape[0]
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rows, cols = w.shape
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        sal = (w[:, i1:i2] ** 2 / torch.diag(u)[i1:i2] ** 2).reshape(-1).tolist()
+        k = math.floor(sparsity * len(sal))
+        for flat in sorted(range(len(sal)), key=lambda f: (sal[f], f))[:k]:
+            mask[flat // (i2 - i1), i1 + flat % (i2 - i1)] = True
+        for i in range(i1, i2):
+            q = torch.where(mask[:, i], torch.zeros((), dtype=w.dtype), w[:, i])
+            err = (w[:, i] - q) / u[i, i]
+            w[:, i:] -= err[:, None] * u[i, i:][None, :]
+            w[:, i] = q
+    return w, mask
+
+
+@pytest.mark.parametrize("blocksize,sparsity", [(4, 0.5), (8, 0.6), (128, 0.5)])
+def test_unstructured_sparsegpt_matches_textbook_obs(blocksize, sparsity):
+    x, w, stats = layer(7, rows=6, cols=24)
+    ctx = LayerContext(options=sparsegpt.Options(blocksize=blocksize))
+    new, mask = get_metric("sparsegpt").solve(w, stats, Unstructured(sparsity), ctx)
+    ref, ref_mask = slow_sparsegpt_unstructured(w, x, sparsity, blocksize)
+    assert torch.equal(mask, ref_mask)
+    assert torch.allclose(new.double(), ref, atol=1e-4)
+
+
+def _hand_row():
+    """One row W = [1, 1.1, -1.2, 5] over channels with μ = [0.2, 0.1, 0.05, 1] and σ = 1 (two tokens μ ± 1).
+    Magnitude prunes channels 0 and 1: e = 1·0.2 + 1.1·0.1 = 0.31 > 0.1. DSnoT regrows the largest D/σ among
+    the pruned (channel 0, D = 0.2) and prunes the only kept weight with D of the other sign (channel 2,
+    D = −0.06): e' = 0.31 − 0.06 − 0.2 = 0.05, same sign and smaller, so the swap is accepted; then
+    |e'| < 0.1 stops the row."""
+    mu = torch.tensor([0.2, 0.1, 0.05, 1.0], dtype=torch.float64)
+    x = torch.stack([mu + 1, mu - 1])
+    w = torch.tensor([[1.0, 1.1, -1.2, 5.0]])
+    return w, LayerStats(Moments.of(x))
+
+
+def test_dsnot_accepts_a_swap_by_hand():
+    w, stats = _hand_row()
+    ctx = LayerContext(options=dsnot.Options(init="magnitude", dsnot_threshold=0.1))
+    assert get_metric("magnitude").score(w, None).argsort(1).tolist() == [[0, 1, 2, 3]]
+    new, mask = get_metric("dsnot").solve(w, stats, Unstructured(0.5), ctx)
+    assert mask.tolist() == [[False, True, True, False]]
+    assert new.tolist() == [[1.0, 0.0, 0.0, 5.0]]
+    e = float((torch.where(mask, w, torch.zeros(())).double() @ stats.moments.mean))
+    assert e == pytest.approx(0.05)
+
+
+def test_r2dsnot_boundary_scales_with_the_row_spread():
+    """s = sqrt(Σ W² σ²) = sqrt(1 + 1.21 + 1.44 + 25) = 5.3526; the row swaps while |e| = 0.31 > τ + γ₂·s."""
+    w, stats = _hand_row()
+    spread = math.sqrt(1 + 1.21 + 1.44 + 25)
+    init = Unstructured(0.5).mask(w.abs())
+    for gamma2, swaps in ((0.0, True), (0.03, True), ((0.31 - 0.1) / spread + 1e-3, False), (0.1, False)):
+        ctx = LayerContext(options=r2dsnot.Options(init="magnitude", dsnot_threshold=0.1, r2_gamma2=gamma2))
+        _, mask = get_metric("r2dsnot").solve(w, stats, Unstructured(0.5), ctx)
+        assert mask.tolist() == ([[False, True, True, False]] if swaps else init.tolist()), gamma2
+
+
+def test_r2dsnot_gamma1_blends_wanda_and_relative_importance():
+    """Row 0 prunes columns 0–2 (40%, magnitude) and gets one swap: channel 0 regrows (largest D = 0.3), and
+    one of the two kept weights of the other sign leaves: Wanda (|W|·‖X‖, equal norms) picks column 3
+    (|W| 1.3 < 1.5); relative importance picks column 4, whose column sum row 1 makes large
+    (RI₃ = 1.3/1.4 + 1.3/23.95 ≈ 0.98, RI₄ = 1.5/41.5 + 1.5/23.95 ≈ 0.10). γ₁ = 0 is Wanda, γ₁ = 1 is RI."""
+    mu = torch.tensor([0.3, 0.1, 0.1, 0.02, 0.02, 1.0, 1.0, 1.0], dtype=torch.float64)
+    x = torch.stack([mu + 1, mu - 1])                                    # σ = 1 everywhere
+    w = torch.tensor([[1.0, 1.05, 1.1, -1.3, -1.5, 6.0, 6.0, 6.0],
+                      [0.1, 0.1, 0.1, 0.1, 40.0, 0.1, 0.1, 0.1]])        # row 1: |e| = 0.05 < τ, inactive
+    stats = LayerStats(Moments.of(x))
+    pattern = Unstructured(0.4)
+    assert pattern.mask(w.abs())[0].tolist() == [True, True, True, False, False, False, False, False]
+    left = {}
+    for gamma1 in (0.0, 1.0):
+        ctx = LayerContext(options=r2dsnot.Options(init="magnitude", dsnot_threshold=0.06, dsnot_cycles=1,
+                                                   r2_gamma1=gamma1, r2_gamma2=0.0))
+        _, mask = get_metric("r2dsnot").solve(w, stats, pattern, ctx)
+        assert not bool(mask[0, 0]) and mask[0, 1:3].all()              # channel 0 regrew
+        assert mask[1].tolist() == pattern.mask(w.abs())[1].tolist()    # row 1 untouched
+        left[gamma1] = [j for j in (3, 4) if bool(mask[0, j])]
+    assert left == {0.0: [3], 1.0: [4]}
