@@ -139,3 +139,40 @@ def test_zero_shot_offloaded_equals_in_memory(tiny_llama, task_dir, tmp_path):
     off = json.loads(run(*args, "--max-memory", f"cpu={size // 2}", "--offload-dir", tmp_path / "od").stdout)["tasks"]
     assert off["tiny_mc"]["acc"] == mem["acc"] and off["tiny_mc"]["acc_norm"] == mem["acc_norm"]
     assert math.isfinite(mem["acc"])
+
+
+def _direct_accuracy(model_dir):
+    """acc and acc_norm computed by hand: for each row, the summed log-probability of " choice" after
+    "Question: q\\nAnswer:" (the task's delimiter is a space), argmax against the label; acc_norm divides each
+    log-likelihood by the choice's length in characters (the continuation's, space included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hits = norm_hits = 0
+    for row in ROWS:
+        context = f"Question: {row['question']}\nAnswer:"
+        lls, lens = [], []
+        for choice in row["choices"]:
+            cont = " " + choice
+            ctx_ids = tok(context, add_special_tokens=False).input_ids
+            whole = tok(context + cont, add_special_tokens=False).input_ids
+            cont_ids = whole[len(ctx_ids):]
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
+            positions = range(len(whole) - len(cont_ids) - 1, len(whole) - 1)
+            lls.append(sum(float(logp[p, t]) for p, t in zip(positions, cont_ids)))
+            lens.append(len(cont))
+        hits += int(max(range(len(lls)), key=lambda i: lls[i]) == row["label"])
+        norm_hits += int(max(range(len(lls)), key=lambda i: lls[i] / lens[i]) == row["label"])
+    return hits / len(ROWS), norm_hits / len(ROWS)
+
+
+def test_zero_shot_accuracy_equals_log_likelihoods_computed_directly(tiny_llama, task_dir):
+    out = json.loads(run("eval", tiny_llama, "--tasks", "tiny_mc", "--task-path", task_dir, "--json",
+                         "--dtype", "float32").stdout)
+    acc, acc_norm = _direct_accuracy(tiny_llama)
+    assert out["tasks"]["tiny_mc"]["samples"] == len(ROWS)
+    assert out["tasks"]["tiny_mc"]["acc"] == pytest.approx(acc) and out["tasks"]["tiny_mc"]["acc_norm"] == pytest.approx(acc_norm)
