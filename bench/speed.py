@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from stade_cli.arch import context_length
     from stade_cli.calibration.runner import compute_stats
-    from stade_cli.loading import load_tokenizer
+    from stade_cli.loading import dtype_kwarg, load_tokenizer
     from stade_cli.calibration.store import save_stats
     from stade_cli.checkpoint import load_config, resolve_model
     from stade_cli.data import calibration_windows, eval_windows, load_corpus
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         ewindows = eval_windows(tokenizer, load_corpus(evalset, "evaluation"), args.seqlen, context_length(config),
                                 args.nsamples)
         log(f"loading {model_dir} (float32, {dev})")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).to(dev).eval()
         for kind, name, fn, data in (("calibrate", "calibrate", bench_calibrate, windows),
                                      ("eval", "eval", bench_eval, ewindows)):
             try:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ModelError
+from .loading import dtype_kwarg
 from .outputs import Output
 from .runtime import Reporter, silence_transformers
 
@@ -45,7 +46,7 @@ def smollm2_checkpoint(reporter: Reporter) -> Path:
     gguf_path = ggufs[0]
     reporter.log(f"building the demo model from {gguf_path.name} (once; cached in {out})")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, **dtype_kwarg(torch.float32),
                                                  quantization_config=GgufConfig(dequantize=True))
     with Output(out, "model", force=True, log=reporter.log) as dest, dest.staging() as tmp:  # replaces only its own
         model.save_pretrained(tmp)

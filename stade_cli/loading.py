@@ -21,6 +21,14 @@ from .runtime import resolve_device, resolve_dtype, silence_transformers
 SPILL_MODES = ("auto", "device", "disk")
 
 
+def dtype_kwarg(dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, placement=None):
     """The model in eval mode: all on ``device``, or dispatched by accelerate when ``placement`` has a
     device map (blocks on the GPU(s), the CPU or disk; run block by block with ``blockwise.BlockRunner``)."""
@@ -44,7 +52,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
             Path(base).mkdir(parents=True, exist_ok=True)
         kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **dtype_kwarg(dtype), **kwargs)
     except BaseException as exc:
         if offload_tmp is not None:
             import shutil

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
+from stade_cli.loading import dtype_kwarg
 
 runner = CliRunner()
 DATA = ["--dataset", "builtin", "--nsamples", "2", "--seqlen", "16"]
@@ -92,7 +93,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 def reload_equals(out: Path, expected: dict[str, torch.Tensor]) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, **dtype_kwarg(torch.float32))
     state = model.state_dict()
     for key, t in expected.items():
         assert torch.equal(state[key], t), key
@@ -161,8 +162,8 @@ def test_tied_embeddings_stay_tied(tiny_factory, tmp_path):
     tied = tiny_factory("llama", tie_word_embeddings=True)
     out = tmp_path / "out"
     run("prune", tied, "--metric", "wanda", *DATA, "-o", out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, **dtype_kwarg(torch.float32))
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    dense = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(tied, **dtype_kwarg(torch.float32))
     assert torch.equal(model.get_input_embeddings().weight, dense.get_input_embeddings().weight)  # not a target
     run("eval", out, "--dataset", "builtin", "--seqlen", "32", "--max-windows", "2")

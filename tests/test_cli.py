@@ -42,6 +42,7 @@ def reload(path):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gemma"])
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "stade"])
 def test_pipeline_every_arch(arch, metric, tiny_factory, tmp_path):
@@ -163,6 +164,7 @@ def test_usage_errors(tiny_llama, llama_stats, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.versions
 def test_shell_pipeline(tiny_llama, tmp_path):
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     stade = shutil.which("stade", path=env["PATH"])

@@ -49,6 +49,7 @@ def test_budget_puts_blocks_on_disk(deep_llama, tmp_path):
     assert any(p.device.type == "meta" for p in model.parameters())     # really offloaded
 
 
+@pytest.mark.versions
 def test_calibrate_offloaded_equals_in_memory(deep_llama, tmp_path):
     run("calibrate", deep_llama, "-o", tmp_path / "mem", *DATA)
     r = run("calibrate", deep_llama, "-o", tmp_path / "off", *DATA, "--max-memory", budget(deep_llama),
@@ -61,6 +62,7 @@ def test_calibrate_offloaded_equals_in_memory(deep_llama, tmp_path):
     assert not list((tmp_path / "od").glob("stade-hidden-*"))          # spilled inputs cleaned up
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("metric", ["wanda", "stade", "sparsegpt"])
 def test_sequential_offloaded_equals_in_memory(deep_llama, tmp_path, metric):
     run("prune", deep_llama, "--metric", metric, "--sequential", *DATA, "-o", tmp_path / "mem")
@@ -72,6 +74,7 @@ def test_sequential_offloaded_equals_in_memory(deep_llama, tmp_path, metric):
     assert report["mode"] == "sequential" and report["stats"]["sequential"]["placement"]["spill"] == "disk"
 
 
+@pytest.mark.versions
 def test_eval_offloaded_equals_in_memory(deep_llama, tmp_path):
     args = ["eval", deep_llama, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 6, "--json"]
     mem = json.loads(run(*args).stdout)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
+from stade_cli.loading import dtype_kwarg
 
 runner = CliRunner()
 
@@ -228,7 +229,7 @@ def test_half_models_keep_dtype_and_kept_bits(tiny_factory, tmp_path, dtype):
 
     src = tiny_factory("llama")
     m = copy_model(src, tmp_path / "m")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(src, **dtype_kwarg(dtype))
     (m / "model.safetensors").unlink()
     model.save_pretrained(m)
     out = tmp_path / "o"

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
+from stade_cli.loading import dtype_kwarg
 
 runner = CliRunner()
 
@@ -149,7 +150,7 @@ def _direct_accuracy(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()
     hits = norm_hits = 0
     for row in ROWS:
         context = f"Question: {row['question']}\nAnswer:"
