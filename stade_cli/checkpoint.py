@@ -60,7 +60,8 @@ def resolve_model(ref: str, revision: str | None = None) -> ModelSource:
             raise ModelError(f"{ref} has no config.json", "point MODEL at a Hugging Face checkpoint directory")
         source = ModelSource(path.resolve(), ref)
     elif _looks_like_path(ref):
-        raise ModelError(f"model path {ref} does not exist")
+        raise ModelError(f"model path {ref} does not exist",
+                         "give a checkpoint directory (with config.json) or a hub id such as org/name")
     else:
         source = _from_hub(ref, revision)
     for name in weight_files(source.path):

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-ModelArg = Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face hub id.", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint directory or Hugging Face hub id.",
+                                          show_default=False)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (atomically).", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an empty directory or an output of this kind that stade wrote (never anything else).")]
 Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory.")]

@@ -62,9 +62,10 @@ def prune(
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
+    corrected = report["bias_correction"]["layers"]
     st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}, "
-                    f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero; "
-                    f"{report['bias_correction']['layers']} bias-corrected")
+                    f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
+                    + (f"; {corrected} bias-corrected" if corrected else ""))
     if st.json:
         emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})

@@ -167,7 +167,11 @@ def get_metric(name: str) -> Metric:
 
     found = methods().get(name)
     if found is None:
-        raise UsageError(f"unknown metric '{name}'", f"choose one of {', '.join(sorted(methods()))}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(methods()), n=1)
+        guess = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"unknown metric '{name}'", f"{guess}choose one of {', '.join(sorted(methods()))}")
     return found
 
 
