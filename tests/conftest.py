@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' datasets (local copies of c4 and wikitext, lm-eval's tiny task) are cached in a folder of their
+# own, removed at the end: never in the user's ~/.cache/huggingface, where a fake "wikitext" would later be
+# served as the real one when the hub is out of reach. Set before anything imports datasets.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="stade-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 VOCAB = 384
 

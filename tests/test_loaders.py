@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,13 +53,18 @@ def hub_copies(tmp_path_factory):
 
 
 @pytest.fixture
-def from_copies(hub_copies, monkeypatch, tmp_path):
-    import datasets
-
+def from_copies(hub_copies, monkeypatch):
+    """The loaders read the local copies (their cache is the test session's own, see conftest.py)."""
     monkeypatch.setitem(data.HUB_SOURCES, "c4", str(hub_copies["root"] / "allenai" / "c4"))
     monkeypatch.setitem(data.HUB_SOURCES, "wikitext2", str(hub_copies["root"] / "wikitext"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     return hub_copies
+
+
+def test_the_tests_never_write_the_users_datasets_cache():
+    import datasets
+
+    assert str(datasets.config.HF_DATASETS_CACHE).startswith(os.environ["HF_DATASETS_CACHE"])
+    assert "stade-tests-datasets-" in os.environ["HF_DATASETS_CACHE"]
 
 
 def test_c4_splits(from_copies):
