@@ -89,13 +89,16 @@ def local_path(ref: str, revision: str | None = None) -> Path:
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    from . import hub
+
+    offline = hub.offline() or not hub.reachable()   # out of reach: the local cache, at once, not retries
     try:
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS,
                                      local_files_only=offline, etag_timeout=10)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         kind = type(exc).__name__
-        hint = ("not in the local cache and HF_HUB_OFFLINE is set" if offline else
+        hint = ("not in the local cache and HF_HUB_OFFLINE is set" if hub.offline() else
+                f"not in the local cache, and the hub ({hub.endpoint()}) cannot be reached" if offline else
                 "check the id, your network, or set HF_HUB_OFFLINE=1 to use the cache only")
         raise ModelError(f"cannot get '{repo_id}' from the Hugging Face hub ({kind})", hint) from None
     path = Path(snapshot)

@@ -93,6 +93,13 @@ def _builtin(split: str) -> Corpus:
 
 
 def _hub_dataset(*args, **kwargs):
+    from . import hub
+
+    local = Path(str(args[0])).expanduser().is_dir()          # a local copy in the hub's layout
+    if not local and not hub.offline("HF_DATASETS_OFFLINE") and not hub.reachable():
+        raise DataError(f"cannot reach the Hugging Face hub ({hub.endpoint()}) for dataset {args[0]}",
+                        "set HF_DATASETS_OFFLINE=1 to use a copy in your datasets cache, or give --dataset a local "
+                        ".txt/.jsonl/.parquet file or directory (or builtin)")
     try:
         from datasets import load_dataset
 

@@ -208,3 +208,25 @@ def test_a_hub_id_with_bin_weights_resolves_from_the_cache(tiny_llama, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "p" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "p" / "stade_report.json").read_text())["model"]["ref"] == "old-org/bin-llama"
+
+
+def test_an_unreachable_hub_fails_at_once_or_uses_the_cache(tiny_llama, tmp_path):
+    """No offline switch, and the hub out of reach (a port where nothing listens): a hub dataset fails with
+    one line naming the local ways out (no stream of retries); a hub model in the cache is used from it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "stade_cli", "eval", str(tiny_llama)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "cannot reach the Hugging Face hub" in lines[0] and "HF_DATASETS_OFFLINE=1" in lines[0]
+    _hub_cache(tiny_llama, tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "-m", "stade_cli", "prune", "tiny-org/tiny-llama", "--metric", "magnitude",
+                           "-o", tmp_path / "p"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Retrying" not in proc.stderr
