@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (BatchSize, Dataset, Device, DeviceMap, DType, Json, MaxMemory, MaxWindows, ModelArg, OffloadDir,
+from .options import (BatchSize, EvalDataset, Device, DeviceMap, DType, Json, MaxMemory, MaxWindows, ModelArg, OffloadDir,
                       Quiet, SeqLen, Spill, placement)
 from .output import state, emit_json, emit_line, stdout_console
 
@@ -41,7 +41,7 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
 def eval_command(
     ctx: typer.Context,
     model: ModelArg,
-    dataset: Dataset = "wikitext2",
+    dataset: EvalDataset = "wikitext2",
     seqlen: SeqLen = None,
     max_windows: MaxWindows = None,
     tasks: Tasks = None,

@@ -10,7 +10,11 @@ ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint direc
                                           show_default=False)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (atomically).", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an empty directory or an output of this kind that stade wrote (never anything else).")]
-Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory.")]
+Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory (read whole).")]
+EvalDataset = Annotated[str, typer.Option(
+    "--dataset", help="Held-out text: wikitext2 (its test split, from the Hugging Face hub or your datasets cache) | "
+                      "c4 (validation) | builtin (its last quarter) | a local .txt/.jsonl/.parquet file or directory, "
+                      "read whole: give other files than the calibration text.")]
 NSamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
 SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window \\[default: the model's context length, capped by the text].", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
