@@ -58,8 +58,16 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
         b = blocks.setdefault(info["block"], {"block": info["block"], "zeros": 0, "params": 0})
         b["zeros"] += info["zeros"]
         b["params"] += info["params"]
+    block_targets = ((report or {}).get("layer_sparsity") or {}).get("blocks") or {}
+    widths: dict[int, int] = {}
+    for info in layers.values():
+        widths[info["block"]] = min(widths.get(info["block"], 1 << 30), info["shape"][1])
     for b in blocks.values():
         b["sparsity"] = b["zeros"] / max(b["params"], 1)
+        target = block_targets.get(str(b["block"]), (report or {}).get("target_sparsity"))
+        if target is not None:   # each block's own under OWL; floor(S·width) per row: within one weight a row
+            b["target"] = target
+            b["off_target"] = abs(b["sparsity"] - target) > 1 / widths[b["block"]] + 1e-9
     zeros = sum(l["zeros"] for l in layers.values())
     params = sum(l["params"] for l in layers.values())
     summary = {"kind": "checkpoint", "path": str(source.path), "pattern": pattern,

@@ -245,3 +245,29 @@ def test_prune_from_stats_uses_their_architecture(arch, tiny_factory, tmp_path, 
         for name in os.listdir(tmp_path / "fast"):
             if name not in ("stade_report.json", ".stade-output.json"):  # the report and record carry times
                 assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / other / name).read_bytes(), name
+
+
+def test_inspect_reads_at_a_glance(tiny_llama, llama_stats, tmp_path):
+    """Summary first, then blocks with each block's own target (OWL), then layers unless --summary; bars that
+    tell 48% from 52%."""
+    from stade_cli.cli.inspect import bar
+
+    assert len(bar(0.48)) == len(bar(0.52)) == 24 and bar(0.48) != bar(0.52)
+    assert bar(0.0) == "·" * 24 and bar(1.0) == "█" * 24 and bar(0.5) == "█" * 12 + "·" * 12
+    out = tmp_path / "owl"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "wanda", "--sparsity", "0.5",
+        "--layer-sparsity", "owl", "--owl-lambda", "0.2", "-o", out)
+    report = json.loads((out / "stade_report.json").read_text())
+    s = json.loads(run("inspect", out, "--json").stdout)
+    targets = {str(b["block"]): b["target"] for b in s["blocks"]}
+    assert targets == {k: v for k, v in report["layer_sparsity"]["blocks"].items()} and len(set(targets.values())) > 1
+    assert not any(b["off_target"] for b in s["blocks"])
+    text = run("inspect", out).stdout
+    lines = text.splitlines()
+    assert lines[1].startswith("method wanda · pattern unstructured · target 50.00%")
+    assert lines[2].startswith("overall:") and "the report agrees" in lines[2]
+    assert text.index("per block") < text.index("per layer") and "sparsity, 0 → 100%" in text
+    for b, t in targets.items():
+        assert f"{t:.2%}" in text
+    summary = run("inspect", out, "--summary").stdout
+    assert "per block" in summary and "per layer" not in summary

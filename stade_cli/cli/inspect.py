@@ -16,6 +16,7 @@ def inspect(
     path: Annotated[Path, typer.Argument(help="A checkpoint directory or a STATS directory.", show_default=False)],
     pattern: Annotated[Optional[str], typer.Option(help="N:M pattern to check conformance against \\[default: the report's].", show_default=False)] = None,
     against: Annotated[Optional[Path], typer.Option(help="Compare PATH with this checkpoint: which layers differ, how many weights changed.", show_default=False)] = None,
+    layers: Annotated[bool, typer.Option("--layers/--summary", help="Also list every layer, after the summary and the blocks (--summary: only those).")] = True,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -27,45 +28,67 @@ def inspect(
     if st.json:
         emit_json(summary)
     else:
-        {"stats": render_stats, "checkpoint": render_checkpoint, "comparison": render_comparison}[summary["kind"]](summary)
+        if summary["kind"] == "checkpoint":
+            render_checkpoint(summary, layers)
+        else:
+            {"stats": render_stats, "comparison": render_comparison}[summary["kind"]](summary)
+
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def bar(fraction: float, width: int = 24) -> str:
-    full = round(max(0.0, min(1.0, fraction)) * width)
-    return "█" * full + "·" * (width - full)
+    """A bar of ``width`` cells with eighth-cell steps: 1/192 of the scale, so 48% and 52% differ."""
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width, "·")
 
 
-def render_checkpoint(s: dict) -> None:
+def render_checkpoint(s: dict, layers: bool = True) -> None:
+    """Summary first (what a terminal shows when the table scrolls), then the blocks, then the layers."""
     console = stdout_console()
-    nm = s.get("nm_ok") is not None
-    table = Table(title=f"{s['path']}  ({s.get('method') or 'no stade report'}, {s.get('pattern') or 'dense'})")
-    for col, justify in (("layer", "left"), ("shape", "right"), ("zeros", "right"), ("sparsity", "right")):
-        table.add_column(col, justify=justify)
-    if nm:
-        table.add_column(s["pattern"], justify="center")
-    for name, l in s["layers"].items():
-        sparsity = f"{l['sparsity']:.2%}" if not l.get("off_target") else f"[bold yellow]{l['sparsity']:.2%}[/]"
-        row = [name, "×".join(map(str, l["shape"])), f"{l['zeros']:,}", sparsity]
-        if nm:
-            row.append("ok" if l["nm_ok"] else "[red]no[/]")
-        table.add_row(*row)
-    console.print(table)
-    blocks = Table(title="per block")
-    for col in ("block", "zeros", "params", "sparsity"):
+    o = s["overall"]
+    console.print(f"[bold]{s['path']}[/]")
+    what = [f"method {s.get('method') or '– (no stade report)'}", f"pattern {s.get('pattern') or 'dense'}"]
+    if s.get("target_sparsity") is not None:
+        what.append(f"target {s['target_sparsity']:.2%}")
+    what.append(f"{len(s['layers'])} target layers")
+    console.print(" · ".join(what))
+    line = f"overall: {o['zeros']:,} of {o['params']:,} weights are zero ({o['sparsity']:.2%})"
+    if "report_agrees" in s:
+        line += "; the report agrees" if s["report_agrees"] else "; [red]the report disagrees with the tensors[/]"
+    if s.get("nm_ok") is not None:
+        line += f"; every row follows {s['pattern']}" if s["nm_ok"] else f"; [red]some rows break {s['pattern']}[/]"
+    console.print(line)
+    blocks = Table(title="per block", title_justify="left")
+    for col in ("block", "target", "sparsity", "zeros", "params"):
         blocks.add_column(col, justify="right")
-    blocks.add_column("", justify="left")
+    blocks.add_column("sparsity, 0 → 100%", justify="left")
     for b in s["blocks"]:
-        blocks.add_row(str(b["block"]), f"{b['zeros']:,}", f"{b['params']:,}", f"{b['sparsity']:.2%}",
+        target = f"{b['target']:.2%}" if b.get("target") is not None else "–"
+        sparsity = f"{b['sparsity']:.2%}" if not b.get("off_target") else f"[bold yellow]{b['sparsity']:.2%}[/]"
+        blocks.add_row(str(b["block"]), target, sparsity, f"{b['zeros']:,}", f"{b['params']:,}",
                        f"[cyan]{bar(b['sparsity'])}[/]")
     console.print(blocks)
+    if layers:
+        nm = s.get("nm_ok") is not None
+        table = Table(title="per layer", title_justify="left")
+        for col, justify in (("layer", "left"), ("shape", "right"), ("zeros", "right"), ("sparsity", "right")):
+            table.add_column(col, justify=justify)
+        if nm:
+            table.add_column(s["pattern"], justify="center")
+        for name, l in s["layers"].items():
+            sparsity = f"{l['sparsity']:.2%}" if not l.get("off_target") else f"[bold yellow]{l['sparsity']:.2%}[/]"
+            row = [name, "×".join(map(str, l["shape"])), f"{l['zeros']:,}", sparsity]
+            if nm:
+                row.append("ok" if l["nm_ok"] else "[red]no[/]")
+            table.add_row(*row)
+        console.print(table)
     off = [n for n, l in s["layers"].items() if l.get("off_target")]
-    if off:
-        console.print(f"[bold yellow]{len(off)} layer(s) differ from the target sparsity[/] (highlighted above)")
-    o = s["overall"]
-    line = f"overall: {o['zeros']:,} / {o['params']:,} zero ({o['sparsity']:.2%})"
-    if "report_agrees" in s:
-        line += "; report agrees" if s["report_agrees"] else "; [red]report disagrees with the tensors[/]"
-    console.print(line)
+    off_blocks = [b["block"] for b in s["blocks"] if b.get("off_target")]
+    if off or off_blocks:
+        console.print(f"[bold yellow]{len(off)} layer(s) and {len(off_blocks)} block(s) differ from the target "
+                      "sparsity[/] (highlighted)")
 
 
 def render_stats(s: dict) -> None:
