@@ -54,9 +54,16 @@ def smollm2_checkpoint(reporter: Reporter) -> Path:
     return out
 
 
+DEFAULT_WORKDIR = "stade-demo"
+
+
 def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 0.5, nsamples: int = 32,
-             seqlen: int = 256, max_windows: int = 32, device: str = "auto", workdir: str | None = None,
+             seqlen: int = 256, max_windows: int = 32, device: str = "auto", workdir: str | None = DEFAULT_WORKDIR,
              reporter: Reporter | None = None) -> dict:
+    """Calibrate → prune → evaluate → inspect; the stats and the pruned checkpoint stay in ``workdir`` (a later
+    demo replaces them; nothing else there is touched)."""
+    import time
+
     from .calibration.runner import calibrate
     from .evaluate import evaluate
     from .pruning import prune
@@ -64,23 +71,38 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
 
     reporter = reporter or Reporter()
     model_path = model or str(smollm2_checkpoint(reporter))
-    with tempfile.TemporaryDirectory(prefix="stade-demo-") as scratch:
-        base = Path(workdir or scratch)
-        stats_dir, out_dir = base / "stats", base / f"pruned-{metric}"
-        reporter.log(f"1/4 calibrate {model_path} on builtin text ({nsamples} × {seqlen} tokens)")
-        calibrate(model_path, stats_dir, dataset="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
-                  force=True, reporter=reporter)
-        reporter.log(f"2/4 prune with {metric} at {sparsity:.0%}")
-        prune(model_path, out_dir, metric=metric, sparsity=sparsity, stats=stats_dir, device=device, force=True,
-              reporter=reporter)
-        reporter.log("3/4 evaluate dense and pruned on the held-out builtin text")
-        dense = evaluate(model_path, dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
-                         reporter=reporter)
-        pruned = evaluate(str(out_dir), dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
-                          reporter=reporter)
-        reporter.log("4/4 inspect the pruned checkpoint")
-        summary = inspect(out_dir)
-        return {"model": model_path, "metric": metric, "sparsity": sparsity,
-                "dense_ppl": dense["ppl"], "pruned_ppl": pruned["ppl"],
-                "achieved_sparsity": summary["overall"]["sparsity"], "windows": dense["windows"],
-                "seqlen": seqlen, "output": str(out_dir) if workdir else None}
+    base = Path(workdir or DEFAULT_WORKDIR).expanduser()
+    stats_dir, out_dir = base / "stats", base / f"pruned-{metric}"
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(now - t, 1)
+        t = now
+
+    reporter.log(f"1/4 calibrate {model_path} on builtin text ({nsamples} × {seqlen} tokens)")
+    calibrate(model_path, stats_dir, dataset="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
+              force=True, reporter=reporter)
+    step("calibrate")
+    reporter.log(f"2/4 prune with {metric} at {sparsity:.0%}")
+    report = prune(model_path, out_dir, metric=metric, sparsity=sparsity, stats=stats_dir, device=device,
+                   force=True, reporter=reporter)
+    step("prune")
+    reporter.log("3/4 evaluate dense and pruned on the held-out builtin text")
+    dense = evaluate(model_path, dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
+                     reporter=reporter)
+    pruned = evaluate(str(out_dir), dataset="builtin", seqlen=seqlen, max_windows=max_windows, device=device,
+                      reporter=reporter)
+    step("evaluate")
+    reporter.log("4/4 inspect the pruned checkpoint")
+    summary = inspect(out_dir)
+    step("inspect")
+    return {"model": model_path, "metric": metric, "sparsity": sparsity,
+            "dense_ppl": dense["ppl"], "pruned_ppl": pruned["ppl"],
+            "achieved_sparsity": summary["overall"]["sparsity"], "windows": dense["windows"],
+            "seqlen": seqlen, "output": str(out_dir), "stats": str(stats_dir), "workdir": str(base),
+            "layers": len(summary["layers"]), "zeros": summary["overall"]["zeros"],
+            "params": summary["overall"]["params"], "pattern": report["pattern"],
+            "bias_corrected": report["bias_correction"]["layers"], "seconds": seconds, "summary": summary}

@@ -38,3 +38,6 @@ def test_demo_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "building the demo model" not in again.stderr
     assert "dense" in again.stdout and "pruned (stade)" in again.stdout
+    text = again.stdout
+    assert "Perplexity (lower is better)" in text and "of 210 linear layers" in text and "Remove them with" in text
+    assert text.index("per block") < text.index("What happened") < text.index("Next:")    # the verdict comes last

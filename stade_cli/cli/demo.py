@@ -18,7 +18,7 @@ def demo(
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
     max_windows: Annotated[int, typer.Option(help="Evaluation windows.")] = 32,
-    workdir: Annotated[Optional[str], typer.Option(help="Keep the stats and pruned checkpoint here \\[default: a temp dir].", show_default=False)] = None,
+    workdir: Annotated[str, typer.Option(help="Where the stats and the pruned checkpoint stay (a later demo replaces them; nothing else there is touched).")] = "stade-demo",
     device: Device = "auto",
     json_out: Json = False,
     quiet: Quiet = False,
@@ -29,7 +29,7 @@ def demo(
 
     r = run_demo(model, metric, sparsity, nsamples, seqlen, max_windows, device, workdir, st.reporter)
     if st.json:
-        emit_json(r)
+        emit_json({k: v for k, v in r.items() if k != "summary"})
         return
     table = Table(title=f"stade demo: {r['metric']} at {r['sparsity']:.0%} on builtin text "
                         f"({r['windows']} × {r['seqlen']} held-out tokens)")
@@ -38,4 +38,26 @@ def demo(
     table.add_column("perplexity", justify="right")
     table.add_row("dense", "0.00%", f"{r['dense_ppl']:.2f}")
     table.add_row(f"pruned ({r['metric']})", f"{r['achieved_sparsity']:.2%}", f"{r['pruned_ppl']:.2f}")
-    stdout_console().print(table)
+    from .inspect import render_checkpoint
+
+    render_checkpoint(r["summary"], layers=False)   # step 4's view of the pruned checkpoint, then the verdict
+    console = stdout_console()
+    console.print(table)
+    change = r["pruned_ppl"] / r["dense_ppl"] - 1
+    corrected = f", {r['bias_corrected']} with bias correction" if r["bias_corrected"] else ""
+    secs = r["seconds"]
+    w = r["workdir"]
+    console.print("\n".join([
+        f"What happened: {r['zeros']:,} of the {r['params']:,} weights of {r['layers']} linear layers were set to "
+        f"zero ({r['pattern']}, {r['metric']}{corrected}); embeddings, norms and the LM head are untouched.",
+        f"Perplexity (lower is better): {r['dense_ppl']:.2f} → {r['pruned_ppl']:.2f} ({change:+.1%}).",
+        f"Time: calibrate {secs['calibrate']} s, prune {secs['prune']} s, evaluate {secs['evaluate']} s, "
+        f"inspect {secs['inspect']} s.",
+        f"Files: stats in {r['stats']}, the pruned checkpoint in {r['output']} (it loads with "
+        f"AutoModelForCausalLM.from_pretrained; same size as the dense one: the zeros are stored). "
+        f"Remove them with: rm -r {w}",
+        "Next:",
+        f"  stade inspect {r['output']}",
+        f"  stade prune {r['model']} --stats {r['stats']} --metric wanda --pattern 2:4 -o {w}/wanda-2-4",
+        f"  stade eval {w}/wanda-2-4 --dataset builtin --seqlen {r['seqlen']} --max-windows {r['windows']}",
+    ]), highlight=False, markup=False, soft_wrap=True)
