@@ -69,15 +69,49 @@ class Reporter:
         yield lambda n=1: None
 
 
-class StderrReporter(Reporter):
-    """Rich progress bars with ETA on stderr when it is a terminal; plain log lines otherwise."""
+class Heartbeat:
+    """Progress as plain lines where there are no bars (stderr is a file or a pipe): at most one line every
+    ``interval`` seconds, "pruning: 45% (12 s elapsed, about 15 s left)", and one when the work is done."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, log, description: str, total: float | None, interval: float):
+        import time
+
+        self.log, self.description, self.total, self.interval = log, description, total, interval
+        self.clock = time.monotonic
+        self.start = self.last = self.clock()
+        self.done = 0.0
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.log(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        if not self.total:
+            return f"{self.description}: {self.done:g} done ({elapsed:.0f} s elapsed)"
+        frac = min(self.done / self.total, 1.0)
+        left = f", about {elapsed * (1 - frac) / frac:.0f} s left" if 0 < frac < 1 else ""
+        return f"{self.description}: {frac:.0%} ({elapsed:.0f} s elapsed{left})"
+
+    def finish(self) -> None:
+        if self.clock() - self.start >= self.interval:   # short steps stay silent: their log line says enough
+            self.log(self.line(self.clock()))
+
+
+class StderrReporter(Reporter):
+    """Rich progress bars with ETA on stderr when it is a terminal; elsewhere (a log file, CI, a pipe) a calm
+    heartbeat line every ``heartbeat`` seconds. ``quiet`` silences both."""
+
+    def __init__(self, quiet: bool = False, heartbeat: float = 30.0):
         from rich.console import Console
 
         self.quiet = quiet
         self.console = Console(stderr=True, soft_wrap=True)
         self.bars = not quiet and sys.stderr.isatty()
+        self.heartbeat = heartbeat
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -91,7 +125,14 @@ class StderrReporter(Reporter):
 
     def track(self, items, description, total=None):
         if not self.bars:
-            yield from items
+            if self.quiet:
+                yield from items
+                return
+            beat = Heartbeat(self.log, description, total, self.heartbeat)
+            for item in items:
+                yield item
+                beat.advance()
+            beat.finish()
             return
         with self._progress() as progress:
             yield from progress.track(items, description=description, total=total)
@@ -99,7 +140,12 @@ class StderrReporter(Reporter):
     @contextmanager
     def task(self, description, total=None):
         if not self.bars:
-            yield lambda n=1: None
+            if self.quiet:
+                yield lambda n=1: None
+                return
+            beat = Heartbeat(self.log, description, total, self.heartbeat)
+            yield beat.advance
+            beat.finish()
             return
         with self._progress() as progress:
             task_id = progress.add_task(description, total=total)

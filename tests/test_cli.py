@@ -271,3 +271,29 @@ def test_inspect_reads_at_a_glance(tiny_llama, llama_stats, tmp_path):
         assert f"{t:.2%}" in text
     summary = run("inspect", out, "--summary").stdout
     assert "per block" in summary and "per layer" not in summary
+
+
+def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys):
+    """Not a terminal: plain lines with percent, elapsed and time left (here on every step: interval 0), one
+    at the end; --quiet prints none."""
+    from stade_cli.runtime import StderrReporter
+
+    rep = StderrReporter(heartbeat=0.0)
+    assert not rep.bars
+    assert list(rep.track(range(4), "calibrating", total=4)) == [0, 1, 2, 3]
+    with rep.task("pruning", total=200) as advance:
+        advance(50)
+        advance(150)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:4] == [l for l in lines[:4] if l.startswith("calibrating: ")]
+    assert lines[0].startswith("calibrating: 25% (") and "s left" in lines[0] and "elapsed" in lines[0]
+    assert lines[3].startswith("calibrating: 100%") and "left" not in lines[3]
+    assert any(l.startswith("pruning: 25%") for l in lines) and lines[-1].startswith("pruning: 100%")
+    quiet = StderrReporter(quiet=True, heartbeat=0.0)
+    list(quiet.track(range(3), "x", total=3))
+    with quiet.task("y", total=1) as advance:
+        advance(1)
+    assert capsys.readouterr().err == ""
+    calm = StderrReporter()                                     # the default: one line per 30 s at most
+    list(calm.track(range(1000), "fast", total=1000))
+    assert capsys.readouterr().err == ""
