@@ -108,7 +108,11 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
                                           "changed": int((wa != wb).sum()), "mask_changed": int((za != zb).sum()),
                                           "sparsity_a": float(za.float().mean()), "sparsity_b": float(zb.float().mean())}
     layers = {n: layers[n] for n in arch.targets if n in layers}
+    ra, rb = read_report(sa.path) or {}, read_report(sb.path) or {}
     return {"kind": "comparison", "a": str(sa.path), "b": str(sb.path),
+            "a_method": ra.get("method"), "a_pattern": ra.get("pattern"),
+            "b_method": rb.get("method"), "b_pattern": rb.get("pattern"),
+            "mask_changed": sum(l["mask_changed"] for l in layers.values()),
             "differing_layers": [n for n, l in layers.items() if l["changed"]],
             "changed": sum(l["changed"] for l in layers.values()),
             "params": sum(l["params"] for l in layers.values()), "layers": layers}

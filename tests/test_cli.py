@@ -297,3 +297,18 @@ def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys):
     calm = StderrReporter()                                     # the default: one line per 30 s at most
     list(calm.track(range(1000), "fast", total=1000))
     assert capsys.readouterr().err == ""
+
+
+def test_inspect_against_names_both_sides_and_tells_weights_from_mask(tiny_llama, llama_stats, tmp_path):
+    """A Wanda and a SparseGPT checkpoint: SparseGPT also updates kept weights, so more weights change than mask
+    entries; each side is named with its method and pattern."""
+    a, b = tmp_path / "wanda", tmp_path / "sgpt"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "wanda", "--pattern", "2:4", "-o", a)
+    run("prune", tiny_llama, "--metric", "sparsegpt", "--pattern", "2:4", "--dataset", "builtin",
+        "--nsamples", "2", "--seqlen", "16", "-o", b)
+    cmp = json.loads(run("inspect", a, "--against", b, "--json").stdout)
+    assert (cmp["a_method"], cmp["a_pattern"], cmp["b_method"], cmp["b_pattern"]) == ("wanda", "2:4", "sparsegpt", "2:4")
+    assert cmp["changed"] > cmp["mask_changed"] > 0
+    text = run("inspect", a, "--against", b).stdout
+    assert f"A: {cmp['a']} (wanda, 2:4)" in text and f"B: {cmp['b']} (sparsegpt, 2:4)" in text
+    assert "weights changed" in text and "mask changed" in text and f"{cmp['mask_changed']:,} of them in the mask" in text

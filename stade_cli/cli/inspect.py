@@ -60,6 +60,10 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     if s.get("nm_ok") is not None:
         line += f"; every row follows {s['pattern']}" if s["nm_ok"] else f"; [red]some rows break {s['pattern']}[/]"
     console.print(line)
+    if s.get("nm_ok") is not None and s.get("target_sparsity") is not None:
+        extra = o["zeros"] - round(o["params"] * s["target_sparsity"])
+        if extra > 0:
+            console.print(f"({extra:,} zeros beyond {s['pattern']}'s share: weights that were zero already)")
     blocks = Table(title="per block", title_justify="left")
     for col in ("block", "target", "sparsity", "zeros", "params"):
         blocks.add_column(col, justify="right")
@@ -111,8 +115,16 @@ def render_stats(s: dict) -> None:
 
 def render_comparison(s: dict) -> None:
     console = stdout_console()
-    table = Table(title=f"{s['a']}  vs  {s['b']}")
-    for col, justify in (("layer", "left"), ("changed", "right"), ("mask changed", "right"),
+
+    def side(key: str) -> str:
+        method, pattern = s.get(f"{key}_method"), s.get(f"{key}_pattern")
+        return f"{s[key]} ({method}, {pattern})" if method else f"{s[key]} (no stade report: dense?)"
+
+    console.print(f"A: {side('a')}", highlight=False)
+    console.print(f"B: {side('b')}", highlight=False)
+    table = Table(caption="weights changed: any value that differs; mask changed: zero in one, not in the other "
+                          "(they differ when a method also updates the kept weights, as SparseGPT does)")
+    for col, justify in (("layer", "left"), ("weights changed", "right"), ("mask changed", "right"),
                          ("sparsity A", "right"), ("sparsity B", "right")):
         table.add_column(col, justify=justify)
     for name, l in s["layers"].items():
@@ -121,4 +133,5 @@ def render_comparison(s: dict) -> None:
                       f"{l['sparsity_b']:.2%}", style=style)
     console.print(table)
     console.print(f"{len(s['differing_layers'])} of {len(s['layers'])} layers differ; "
-                  f"{s['changed']:,} of {s['params']:,} weights changed ({s['changed'] / max(s['params'], 1):.2%})")
+                  f"{s['changed']:,} of {s['params']:,} weights changed ({s['changed'] / max(s['params'], 1):.2%}), "
+                  f"{s['mask_changed']:,} of them in the mask")
