@@ -265,11 +265,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _missing_parents(path: Path) -> tuple[Path, list[Path]]:
+    """(the nearest folder of ``path`` that exists, the folders below it that do not, nearest first)."""
+    missing = []
+    probe = path.parent
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    return probe, missing
+
+
 def check_space(out: Path, needed: int) -> None:
     """Fail before writing when the disk that will hold ``out`` has less than ``needed`` bytes free."""
-    probe = Path(out).expanduser().absolute().parent
-    while not probe.exists():
-        probe = probe.parent
+    probe, _ = _missing_parents(Path(out).expanduser().absolute())
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise OutputError(f"not enough disk space for {out}: {needed:,} bytes needed, {free:,} free")
@@ -327,9 +335,7 @@ class Output:
             if place == real or real in place.parents:
                 raise OutputError(f"output {given} is {'' if place == real else 'a folder holding '}{what}",
                                   "choose a new directory for the output")
-        probe = p.parent
-        while not probe.exists():
-            probe = probe.parent
+        probe, _ = _missing_parents(p)
         if not probe.is_dir():
             raise OutputError(f"{probe} is a file, not a directory")
         try:  # the real test (permission bits do not bind root, read-only mounts do not show in them)
@@ -339,11 +345,7 @@ class Output:
 
     def _lock(self) -> None:
         parent = self.path.parent
-        missing = []
-        probe = parent
-        while not probe.exists():
-            missing.append(probe)
-            probe = probe.parent
+        _, missing = _missing_parents(self.path)
         for d in reversed(missing):
             try:
                 d.mkdir()
