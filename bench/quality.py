@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,176 +35,29 @@ if str(ROOT) not in sys.path:  # runnable as `python bench/quality.py` without i
 
 from stade_cli.outputs import json_with_keys, remove_output, replace_file  # noqa: E402
 
-NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+from stade_cli.errors import UsageError  # noqa: E402
+from stade_cli.sweep import cell_specs, markdown, parse_entry, run_cell  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_value(text: str):
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_metric(entry: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` → (name, kwargs)."""
-    name, _, opts = entry.partition(":")
-    name = name.strip()
-    if not name:
-        raise SystemExit(f"error: empty metric name in {entry!r}")
-    kwargs = {}
-    for part in filter(None, (p.strip() for p in opts.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise SystemExit(f"error: metric option {part!r} in {entry!r} is not key=value")
-        kwargs[key.strip()] = parse_value(value)
-    return name, kwargs
-
-
-def prune_kwargs(kwargs: dict, seed: int) -> dict:
-    """Split an entry's options: method options (``stade_cli.metrics.option_specs()``) become ``options=``,
-    the rest stay prune() keywords."""
-    from stade_cli.metrics import option_specs
-
-    names = set(option_specs())
-    method = {k: v for k, v in kwargs.items() if k in names}
-    rest = {k: v for k, v in kwargs.items() if k not in names}
-    if method:
-        rest["options"] = {"seed": seed, **method}
-    return rest
-
-
-def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
-    """The columns: one per unstructured sparsity, one per N:M pattern."""
-    cells = []
-    for pat in patterns:
-        m = NM_RE.match(pat)
-        if m:
-            n, mm = int(m[1]), int(m[2])
-            cells.append({"label": f"{n}:{mm}", "pattern": f"{n}:{mm}", "sparsity": None,
-                          "implied_sparsity": (mm - n) / mm if mm else float("nan")})
-        elif pat.strip().lower() == "unstructured":
-            for s in sparsities:
-                cells.append({"label": f"{s * 100:g}%", "pattern": "unstructured", "sparsity": s,
-                              "implied_sparsity": s})
-        else:
-            raise SystemExit(f"error: unknown pattern {pat!r} (use unstructured or N:M, e.g. 2:4)")
-    seen = set()
-    unique = []
-    for c in cells:
-        if c["label"] not in seen:
-            seen.add(c["label"])
-            unique.append(c)
-    return unique
-
-
 def needs_stats(names: list[str]) -> bool:
     """False only when every metric is known to need no calibration (e.g. magnitude alone)."""
-    try:
-        from stade_cli.metrics import REGISTRY
-    except Exception:  # noqa: BLE001
-        return True
-    return any(n not in REGISTRY or REGISTRY[n].needs_stats for n in names)
+    from stade_cli.metrics import get_metric
 
-
-def fmt_ppl(value) -> str:
-    if value is None:
-        return "error"
-    return f"{value:.2f}" if math.isfinite(value) else str(value)
-
-
-def markdown(result: dict) -> str:
-    cells = result["cells"]
-    head = "| method | " + " | ".join(c["label"] for c in cells) + " |"
-    sep = "|---|" + "---|" * len(cells)
-    lines = [head, sep]
-    dense = result.get("dense", {}).get("ppl")
-    lines.append("| dense | " + " | ".join(fmt_ppl(dense) for _ in cells) + " |")
-    for row in result["rows"]:
-        vals = [fmt_ppl(row["cells"].get(c["label"], {}).get("ppl")) if c["label"] in row["cells"] else ""
-                for c in cells]
-        lines.append(f"| {row['label']} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+    return any(get_metric(n).needs_stats for n in names)
 
 
 def plot(result: dict, path: Path) -> bool:
     try:
-        import matplotlib
+        from stade_cli.plots import sweep_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
+        sweep_plot(result, path, ours=lambda p: True)   # check_out vouched for the results folder
+    except UsageError as exc:   # matplotlib missing: the table and JSON still count
+        print(f"note: {exc}; skipping the plot", file=sys.stderr)
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    dense = result.get("dense", {}).get("ppl")
-    if dense is not None and math.isfinite(dense):
-        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
-    labelled_nm = False
-    for i, row in enumerate(result["rows"]):
-        color = colors[i % len(colors)]
-        xs, ys, nm = [], [], []
-        for c in result["cells"]:
-            cell = row["cells"].get(c["label"], {})
-            ppl = cell.get("ppl")
-            if ppl is None or not math.isfinite(ppl) or ppl <= 0:
-                continue
-            if c["pattern"] == "unstructured":
-                xs.append(100 * c["implied_sparsity"])
-                ys.append(ppl)
-            else:
-                nm.append((100 * c["implied_sparsity"], ppl, c["label"]))
-        if xs:
-            order = sorted(range(len(xs)), key=xs.__getitem__)
-            ax.plot([xs[k] for k in order], [ys[k] for k in order], marker="o", color=color, label=row["label"])
-        for x, y, lab in nm:
-            ax.scatter([x], [y], marker="s", s=60, facecolors="none", edgecolors=color, linewidths=1.5,
-                       label=None if xs else row["label"], zorder=3)
-            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 0), fontsize=8, color=color,
-                        va="center")
-            labelled_nm = True
-    if labelled_nm:
-        ax.scatter([], [], marker="s", facecolors="none", edgecolors="gray", label="N:M (at implied sparsity)")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    lo, hi = ax.get_ylim()
-    # minor ticks (2, 3, ... × 10^k): all labelled over a narrow range, 2 and 5 over a few decades
-    if hi / lo < 30:
-        ax.yaxis.set_minor_formatter(plain)
-    elif hi / lo < 1e4:
-        ax.yaxis.set_minor_formatter(FuncFormatter(
-            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""))
-    else:
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("perplexity (log scale)")
-    s = result["settings"]
-    ax.set_title(f"{Path(s['model']).name}: perplexity vs sparsity", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    replace_file(path, buf.getvalue(), lambda p: True, "results of bench/quality.py")
     return True
 
 
@@ -258,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from stade_cli.calibration.runner import calibrate
     from stade_cli.evaluate import evaluate
-    from stade_cli.pruning import prune
     from stade_cli.runtime import StderrReporter
 
     reporter = StderrReporter()
-    entries = [(e, *parse_metric(e)) for e in args.metrics]
-    cells = cell_specs(args.sparsities, args.patterns)
+    try:
+        entries = [(e, *parse_entry(e)) for e in args.metrics]
+        cells = cell_specs(args.sparsities, args.patterns)
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
     calib = ",".join(str(Path(f).expanduser()) for f in args.calib)
     evalset = ",".join(str(Path(f).expanduser()) for f in args.eval)
     out = Path(args.out).expanduser()
@@ -317,33 +170,22 @@ def main(argv: list[str] | None = None) -> int:
             row = {"label": label, "metric": name, "options": kwargs, "cells": {}}
             result["rows"].append(row)
             for c in cells:
-                ckpt = work / "pruned"
-                cell: dict = {}
-                row["cells"][c["label"]] = cell
                 log(f"{label} @ {c['label']}: pruning")
                 t0 = time.perf_counter()
                 try:
-                    report = prune(args.model, ckpt, metric=name, sparsity=c["sparsity"], pattern=c["pattern"],
-                                   stats=stats_dir, device=args.device, force=True, reporter=reporter,
-                                   **prune_kwargs(kwargs, args.seed))
-                    t1 = time.perf_counter()
-                    res = evaluate(str(ckpt), dataset=evalset, seqlen=args.seqlen, max_windows=args.max_windows,
-                                   device=args.device, reporter=reporter)
-                    t2 = time.perf_counter()
-                    cell.update(ppl=res["ppl"], nll=res["nll"], achieved_sparsity=report["overall"]["sparsity"],
-                                prune_seconds=round(t1 - t0, 2), eval_seconds=round(t2 - t1, 2),
-                                seconds=round(t2 - t0, 2))
-                    log(f"{label} @ {c['label']}: ppl {res['ppl']:.2f} "
-                        f"(sparsity {report['overall']['sparsity']:.2%}, {cell['seconds']} s)")
+                    cell = run_cell(args.model, work / "pruned", name, kwargs, c, stats_dir,
+                                    {"dataset": evalset, "seqlen": args.seqlen, "max_windows": args.max_windows},
+                                    args.seed, args.device, reporter)
+                    log(f"{label} @ {c['label']}: ppl {cell['ppl']:.2f} "
+                        f"(sparsity {cell['achieved_sparsity']:.2%}, {cell['seconds']} s)")
                 except Exception as exc:  # noqa: BLE001 - one failed cell must not lose the others
                     errors += 1
-                    cell.update(ppl=None, error=f"{type(exc).__name__}: {exc}",
-                                seconds=round(time.perf_counter() - t0, 2))
+                    cell = {"ppl": None, "error": f"{type(exc).__name__}: {exc}",
+                            "seconds": round(time.perf_counter() - t0, 2)}
                     log(f"{label} @ {c['label']}: FAILED: {cell['error']}")
                     if os.environ.get("STADE_DEBUG"):
                         traceback.print_exc()
-                finally:
-                    remove_output(ckpt, "checkpoint")  # disk: one pruned checkpoint at a time (only stade's own)
+                row["cells"][c["label"]] = cell
                 result["errors"] = errors
                 write_outputs(result, out)
     finally:

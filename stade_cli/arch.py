@@ -53,6 +53,11 @@ class Architecture:
     def by_weight_key(self) -> dict[str, Target]:
         return {t.weight_key: t for t in self.targets.values()}
 
+    def role(self, name: str) -> str:
+        """A target's name inside its block (``self_attn.q_proj``): the same in every block, a heat map's column."""
+        prefix = self.blocks[self.targets[name].block] + "."
+        return name[len(prefix):] if name.startswith(prefix) else name
+
     def block(self, index: int) -> "Architecture":
         """The same description restricted to decoder block ``index``."""
         return Architecture(self.model_type, [self.blocks[index]],

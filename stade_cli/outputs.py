@@ -50,7 +50,8 @@ MARKER = ".stade-output.json"
 STAGING_MARKER = ".stade-staging.json"
 FORMAT = "stade-output"
 FORMAT_VERSION = 1
-KINDS = {"checkpoint": "a pruned checkpoint", "stats": "a stats directory", "model": "a model built by stade demo"}
+KINDS = {"checkpoint": "a pruned checkpoint", "stats": "a stats directory", "model": "a model built by stade demo",
+         "sweep": "the results of stade sweep"}
 _NEW, _OLD, _LOCK = "stade-new", "stade-old", "stade-lock"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .arch import describe, meta_model
+from .arch import Architecture, describe, meta_model
 from .calibration.store import MANIFEST, load_stats, stats_summary
 from .checkpoint import ShardReader, load_config, read_report, resolve_model, weight_files
 from .errors import ModelError, StadeError
@@ -42,7 +42,8 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
                         continue
                     w = f.get_tensor(key)
                     zeros = int((w == 0).sum())
-                    layers[target.name] = {"block": target.block, "shape": list(w.shape), "zeros": zeros,
+                    layers[target.name] = {"block": target.block, "role": arch.role(target.name),
+                                           "shape": list(w.shape), "zeros": zeros,
                                            "params": w.numel(), "sparsity": zeros / w.numel()}
                     expected = ((report or {}).get("layers", {}).get(target.name) or {}).get(
                         "target_sparsity", (report or {}).get("target_sparsity"))
@@ -72,7 +73,7 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     params = sum(l["params"] for l in layers.values())
     summary = {"kind": "checkpoint", "path": str(source.path), "pattern": pattern,
                "target_sparsity": (report or {}).get("target_sparsity"),
-               "method": (report or {}).get("method"),
+               "method": (report or {}).get("method"), "update": (report or {}).get("update"),
                "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
                "blocks": [blocks[k] for k in sorted(blocks)], "layers": layers}
     if nm is not None:
@@ -110,12 +111,18 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
     layers = {n: layers[n] for n in arch.targets if n in layers}
     ra, rb = read_report(sa.path) or {}, read_report(sb.path) or {}
     return {"kind": "comparison", "a": str(sa.path), "b": str(sb.path),
-            "a_method": ra.get("method"), "a_pattern": ra.get("pattern"),
-            "b_method": rb.get("method"), "b_pattern": rb.get("pattern"),
+            "a_method": _how(ra), "a_pattern": ra.get("pattern"),
+            "b_method": _how(rb), "b_pattern": rb.get("pattern"),
             "mask_changed": sum(l["mask_changed"] for l in layers.values()),
             "differing_layers": [n for n, l in layers.items() if l["changed"]],
             "changed": sum(l["changed"] for l in layers.values()),
             "params": sum(l["params"] for l in layers.values()), "layers": layers}
+
+
+def _how(report: dict) -> str | None:
+    """A report's method with its weight update: ``wanda + admm``."""
+    method = report.get("method")
+    return f"{method} + {report['update']}" if method and report.get("update") else method
 
 
 def _keys(path: Path) -> list[str]:
@@ -124,10 +131,29 @@ def _keys(path: Path) -> list[str]:
 
 
 def stats_report(path: Path) -> dict:
+    """The manifest, per-block and per-layer input statistics. |μ|/σ per block says where STADE (σ) and Wanda
+    (‖X‖ = sqrt(σ² + μ²) per token) rank weights differently: the larger, the more they disagree."""
     stats = load_stats(path)
+    arch = Architecture.from_data(stats.manifest.get("architecture"))
+    rows = stats_summary(stats)
+    for i, r in enumerate(rows):
+        r["index"] = i                    # model order (the list below is sorted by mean |μ|)
+        if arch is not None and r["name"] in arch.targets:
+            r["block"], r["role"] = arch.targets[r["name"]].block, arch.role(r["name"])
+    blocks: dict[int, list[dict]] = {}
+    for r in rows:
+        if "block" in r:
+            blocks.setdefault(r["block"], []).append(r)
+    per_block = []
+    for b in sorted(blocks):
+        mean_std = sum(r["mean_std"] for r in blocks[b]) / len(blocks[b])
+        mean_mu = sum(r["mean_abs_mean"] for r in blocks[b]) / len(blocks[b])
+        per_block.append({"block": b, "layers": len(blocks[b]), "mean_std": mean_std, "mean_abs_mean": mean_mu,
+                          "mean_over_std": mean_mu / mean_std if mean_std > 0 else 0.0,
+                          "max_std": max(r["max_std"] for r in blocks[b])})
     # the layers whose inputs have the largest means first: there STADE (σ) and Wanda (‖X‖) disagree most
-    layers = sorted(stats_summary(stats), key=lambda r: -r["mean_abs_mean"])
-    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "layers": layers,
+    layers = sorted(rows, key=lambda r: -r["mean_abs_mean"])
+    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "blocks": per_block, "layers": layers,
             "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0)}
 
 

@@ -66,17 +66,3 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     assert solver["measured_s"] > 0 and solver["baseline_s"] > 0 and solver["pass"]   # recorded, no target
     ev = next(f for f in data["figures"] if f["kind"] == "eval")
     assert ev["check"]["agree"], ev["check"]
-
-
-def test_quality_metric_entry_options():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    name, kwargs = quality.parse_metric("dsnot:init=stade,dsnot_threshold=0.05,bias_correction=false")
-    assert name == "dsnot"
-    split = quality.prune_kwargs(kwargs, seed=3)
-    assert split == {"bias_correction": False,
-                     "options": {"seed": 3, "init": "stade", "dsnot_threshold": 0.05}}
-    assert quality.prune_kwargs({"layer_sparsity": "owl"}, seed=0) == {"layer_sparsity": "owl"}

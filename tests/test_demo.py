@@ -34,10 +34,18 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "cache" / "smollm2-135m-instruct" / ".stade-output.json").is_file()   # stade's own cache
     assert (tmp_path / "work" / "pruned-stade" / "stade_report.json").is_file()
     # the second run reuses the cached model and replaces its own workdir outputs; the table is on stdout
-    again = demo(tmp_path, "--nsamples", "8", "--max-windows", "8", "--workdir", str(tmp_path / "work"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "building the demo model" not in again.stderr
-    assert "dense" in again.stdout and "pruned (stade)" in again.stdout
-    text = again.stdout
-    assert "Perplexity (lower is better)" in text and "of 210 linear layers" in text and "Remove them with" in text
+    # this time on a 120×40 terminal, as a person runs it: the last screen is the verdict
+    pytest.importorskip("pyte")
+    from terminal import screen
+
+    again = screen(["demo", "--nsamples", "8", "--max-windows", "8", "--workdir", tmp_path / "work"], 120, 40,
+                   env={"STADE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    text = "\n".join(again.lines)
+    assert again.returncode == 0, text[-3000:]
+    assert "building the demo model" not in text
+    assert "dense" in text and "pruned (stade)" in text
     assert text.index("per block") < text.index("What happened") < text.index("Next:")    # the verdict comes last
+    last = "\n".join(again.visible)
+    for seen in ("Perplexity (lower is better)", "What happened", "of 210 linear layers", "Remove them with", "Next:"):
+        assert seen in last, last
+    assert all(len(line) <= 120 for line in again.lines)

@@ -11,14 +11,31 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
 from ..errors import Interrupted
 from ..runtime import StderrReporter
-from . import calibrate, demo, eval as eval_cmd, inspect, prune
+from . import calibrate, demo, eval as eval_cmd, inspect, prune, sweep
 from ._errors import UsageError, report
 from .output import State, debug_from_env
+
+
+class StadeCommand(TyperCommand):
+    """Usage reads ``stade prune [OPTIONS] MODEL``: newer typer writes required arguments as ``{MODEL}``,
+    which reads like a literal to type."""
+
+    def get_help_option(self, ctx: typer.Context):
+        """In a help with panels, --help joins the first panel (not a panel of its own at the top)."""
+        option = super().get_help_option(ctx)
+        panels = [p.rich_help_panel for p in self.params if getattr(p, "rich_help_panel", None)
+                  and isinstance(p, typer.core.TyperOption)]
+        if option is not None and panels:
+            option.rich_help_panel = panels[0]
+        return option
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
 
 class StadeGroup(TyperGroup):
@@ -75,7 +92,7 @@ def _full_prune():
     if "prune" not in _BUILT:
         sub = typer.Typer(pretty_exceptions_enable=False, add_completion=False,
                           context_settings={"help_option_names": ["-h", "--help"]})
-        sub.command("prune")(prune.command())
+        sub.command("prune", cls=StadeCommand)(prune.command())
         _BUILT["prune"] = typer.main.get_command(sub)
     return _BUILT["prune"]
 
@@ -83,11 +100,12 @@ def _full_prune():
 _BUILT: dict = {}
 _BUILT_WHEN_RUN = {"prune": _full_prune}
 
-app.command()(calibrate.calibrate)
-app.command("prune")(prune.listed)      # what `stade --help` lists; the full command replaces it when run
-app.command("eval")(eval_cmd.eval_command)
-app.command()(inspect.inspect)
-app.command()(demo.demo)
+app.command(cls=StadeCommand)(calibrate.calibrate)
+app.command("prune", cls=StadeCommand)(prune.listed)  # what `stade --help` lists; the full one replaces it when run
+app.command("eval", cls=StadeCommand)(eval_cmd.eval_command)
+app.command(cls=StadeCommand)(inspect.inspect)
+app.command(cls=StadeCommand)(sweep.sweep)
+app.command(cls=StadeCommand)(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

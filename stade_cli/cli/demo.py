@@ -54,7 +54,9 @@ def demo(
         f"Time: calibrate {secs['calibrate']} s, prune {secs['prune']} s, evaluate {secs['evaluate']} s, "
         f"inspect {secs['inspect']} s.",
         f"Files: stats in {r['stats']}, the pruned checkpoint in {r['output']} (it loads with "
-        f"AutoModelForCausalLM.from_pretrained; same size as the dense one: the zeros are stored). "
+        f"AutoModelForCausalLM.from_pretrained; same size as the dense one: the zeros are stored).",
+    ]), highlight=False, markup=False)              # prose: wrapped at word boundaries
+    console.print("\n".join([                       # commands: one line each, to copy whole
         f"Remove them with: rm -r {w}",
         "Next:",
         f"  stade inspect {r['output']}",

@@ -15,7 +15,7 @@ from .output import state, emit_json, emit_line, stdout_console
 
 Tasks = Annotated[Optional[str], typer.Option(
     help="Zero-shot accuracy on these lm-evaluation-harness tasks instead of perplexity, comma-separated "
-         "(e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,rte). "
+         "(e.g. boolq,piqa,hellaswag; the papers report boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge and rte). "
          "Needs stade-cli\\[lm-eval] (pip install 'stade-cli\\[lm-eval]').",
     show_default=False)]
 NumFewshot = Annotated[int, typer.Option(help="With --tasks: in-context examples per question.")]

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import UsageError
 from .options import Json, Quiet
 from .output import state, emit_json, stdout_console
 
@@ -17,6 +18,7 @@ def inspect(
     pattern: Annotated[Optional[str], typer.Option(help="N:M pattern to check conformance against \\[default: the report's].", show_default=False)] = None,
     against: Annotated[Optional[Path], typer.Option(help="Compare PATH with this checkpoint: which layers differ, how many weights changed.", show_default=False)] = None,
     layers: Annotated[bool, typer.Option("--layers/--summary", help="Also list every layer, after the summary and the blocks (--summary: only those).")] = True,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw it into this .png: per-block bars and a heat map of every layer (needs matplotlib).", show_default=False)] = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -24,14 +26,28 @@ def inspect(
     st = state(ctx, json_out, quiet)
     from ..report import inspect as inspect_path  # lazy: keeps `stade --help` fast
 
+    if plot is not None:
+        from ..plots import check_plot_path, need_matplotlib
+
+        if against is not None:
+            raise UsageError("--plot draws one checkpoint or stats directory, not a comparison",
+                             "drop --against, or plot each side on its own")
+        need_matplotlib()
+        plot = check_plot_path(plot)
     summary = inspect_path(path, pattern, against)
     if st.json:
         emit_json(summary)
+    elif summary["kind"] == "checkpoint":
+        render_checkpoint(summary, layers)
+    elif summary["kind"] == "stats":
+        render_stats(summary, layers)
     else:
-        if summary["kind"] == "checkpoint":
-            render_checkpoint(summary, layers)
-        else:
-            {"stats": render_stats, "comparison": render_comparison}[summary["kind"]](summary)
+        render_comparison(summary)
+    if plot is not None:
+        from ..plots import checkpoint_plot, stats_plot
+
+        drawn = (checkpoint_plot if summary["kind"] == "checkpoint" else stats_plot)(summary, plot)
+        st.reporter.log(f"drew {drawn}")
 
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -49,7 +65,8 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     console = stdout_console()
     o = s["overall"]
     console.print(f"[bold]{s['path']}[/]")
-    what = [f"method {s.get('method') or '– (no stade report)'}", f"pattern {s.get('pattern') or 'dense'}"]
+    method = s.get("method") and (s["method"] + (f" + {s['update']}" if s.get("update") else ""))
+    what = [f"method {method or '– (no stade report)'}", f"pattern {s.get('pattern') or 'dense'}"]
     if s.get("target_sparsity") is not None:
         what.append(f"target {s['target_sparsity']:.2%}")
     what.append(f"{len(s['layers'])} target layers")
@@ -95,22 +112,43 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
                       "sparsity[/] (highlighted)")
 
 
-def render_stats(s: dict) -> None:
+def render_stats(s: dict, layers: bool = True) -> None:
+    """Summary first (what was measured, on what, what it enables), then the blocks, then the layers."""
+    from ..plots import dataset_name
+
     console = stdout_console()
     m = s["manifest"]
-    console.print(f"stats for {m['model']['ref']} (fingerprint {m['model']['fingerprint']}): "
-                  f"{m['dataset']}, {m['nsamples']} × {m['seqlen']} tokens, seed {m['seed']}, {m['dtype']}",
-                  highlight=False, markup=False)
-    if s.get("gram_bytes"):
-        console.print(f"Gram matrices: {s['gram_bytes']:,} bytes", highlight=False)
-    table = Table(title="layers by mean |μ| (largest first: where STADE and Wanda disagree most)")
-    for col, justify in (("layer", "left"), ("in", "right"), ("mean |μ|", "right"), ("mean σ", "right"),
-                         ("max σ", "right"), ("max |μ|", "right")):
-        table.add_column(col, justify=justify)
-    for r in s["layers"]:
-        table.add_row(r["name"], str(r["in_features"]), f"{r['mean_abs_mean']:.4g}", f"{r['mean_std']:.4g}",
-                      f"{r['max_std']:.4g}", f"{r['max_abs_mean']:.4g}")
-    console.print(table)
+    console.print(f"[bold]{s['path']}[/]", highlight=False)
+    console.print(f"stats of {m['model']['ref']} (fingerprint {m['model']['fingerprint']})", highlight=False,
+                  markup=False)
+    console.print(f"calibration: {dataset_name(m['dataset'])} · {m['nsamples']} × {m['seqlen']} tokens · "
+                  f"seed {m['seed']} · {m['dtype']}", highlight=False, markup=False)
+    gram = (f"Gram matrices: yes ({s['gram_bytes'] / 2**20:,.1f} MiB): every method can use these stats"
+            if s.get("gram_bytes") else
+            "Gram matrices: no (sparsegpt needs them: stade calibrate --gram); every other method can use these")
+    console.print(f"{len(s['layers'])} layer inputs in {len(s['blocks'])} blocks · {gram}", highlight=False)
+    if s["blocks"]:
+        scale = max(b["mean_over_std"] for b in s["blocks"]) or 1.0
+        blocks = Table(title="per block (mean over the block's layers; |μ|/σ large: STADE and Wanda rank "
+                             "weights differently)", title_justify="left")
+        for col in ("block", "layers", "mean σ", "mean |μ|", "max σ", "|μ|/σ"):
+            blocks.add_column(col, justify="right")
+        blocks.add_column(f"|μ|/σ, 0 → {scale:.3g}", justify="left")
+        for b in s["blocks"]:
+            blocks.add_row(str(b["block"]), str(b["layers"]), f"{b['mean_std']:.4f}", f"{b['mean_abs_mean']:.4f}",
+                           f"{b['max_std']:.2f}", f"{b['mean_over_std']:.3f}",
+                           f"[cyan]{bar(b['mean_over_std'] / scale)}[/]")
+        console.print(blocks)
+    if layers:
+        table = Table(title="per layer, largest mean |μ| first (where STADE and Wanda disagree most)",
+                      title_justify="left")
+        for col, justify in (("layer", "left"), ("in", "right"), ("mean |μ|", "right"), ("mean σ", "right"),
+                             ("max σ", "right"), ("max |μ|", "right")):
+            table.add_column(col, justify=justify)
+        for r in s["layers"]:
+            table.add_row(r["name"], str(r["in_features"]), f"{r['mean_abs_mean']:.4f}", f"{r['mean_std']:.4f}",
+                          f"{r['max_std']:.2f}", f"{r['max_abs_mean']:.2f}")
+        console.print(table)
 
 
 def render_comparison(s: dict) -> None:

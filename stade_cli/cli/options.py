@@ -18,15 +18,16 @@ EvalDataset = Annotated[str, typer.Option(
 NSamples = Annotated[int, typer.Option(help="Number of calibration windows.")]
 SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per window \\[default: the model's context length, capped by the text].", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows.")]
-Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")]
+Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N.", rich_help_panel="Placement")]
 DType = Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16 (auto: the checkpoint's; float32 on the CPU for half types).")]
 BatchSize = Annotated[int, typer.Option(help="Windows per forward pass.")]
 MaxWindows = Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
 
-# Models larger than the device: accelerate's device map, run block by block (see stade_cli/blockwise.py).
-_BIG = "Models larger than the device"
+# Where the model runs; for models larger than the device, accelerate's device map, run block by block (see
+# stade_cli/blockwise.py).
+_BIG = "Placement"
 DeviceMap = Annotated[Optional[str], typer.Option(help="Dispatch the model with accelerate: auto | balanced | sequential. Blocks run one at a time on their device; the rest stays on the CPU or disk.", rich_help_panel=_BIG, show_default=False)]
 MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget per device for the device map, e.g. 0=20GiB,cpu=64GiB (implies --device-map auto).", rich_help_panel=_BIG, show_default=False)]
 OffloadDir = Annotated[Optional[Path], typer.Option(help="Where offloaded weights and spilled block inputs go \\[default: a temp dir].", rich_help_panel=_BIG, show_default=False)]

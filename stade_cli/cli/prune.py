@@ -26,10 +26,11 @@ def prune(
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to zero, in [0, 1) \\[default: 0.5; implied by an N:M pattern].", show_default=False)] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4): keep N of every M consecutive inputs.")] = "unstructured",
     group: Annotated[str, typer.Option(help="Comparison group for unstructured sparsity: row (per output row) or layer.")] = "row",
-    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Fold the pruned weights' mean contribution into the bias \\[default: on for stade and stadew, off otherwise].", show_default=False)] = None,
+    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Fold the pruned weights' mean input into the bias \\[default: on for stade, stadew].", show_default=False)] = None,
     layer_sparsity: Annotated[str, typer.Option(help="uniform, or owl (Outlier Weighted Layerwise: blocks with more outliers keep more).")] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a score is an outlier above this many times its block's mean.")] = 5.0,
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span 2 × lambda around a mean of --sparsity.")] = 0.08,
+    update: Annotated[str, typer.Option(help="none, or admm: refit the kept weights to the Gram matrix (needs --gram stats, or --sequential).")] = "none",
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
@@ -60,12 +61,16 @@ def prune(
                          stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
                          owl_lambda=owl_lambda, sequential=sequential, options=method_options,
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                         dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force,
+                         dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     corrected = report["bias_correction"]["layers"]
-    st.reporter.log(f"pruned {len(report['layers'])} layers with {report['method']} ({report['pattern']}, "
+    how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
+    st.reporter.log(f"pruned {len(report['layers'])} layers with {how} ({report['pattern']}, "
                     f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
                     + (f"; {corrected} bias-corrected" if corrected else ""))
+    st.reporter.log(f"{output} is a dense checkpoint with zeros: it loads wherever the model loads and is the same "
+                    "size on disk; speed-ups need sparse kernels (" + ("2:4 runs on recent NVIDIA GPUs" if
+                    report["pattern"] == "2:4" else "e.g. a 2:4 pattern on recent NVIDIA GPUs") + ").")
     if st.json:
         emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})
@@ -73,8 +78,18 @@ def prune(
         emit_line(str(output))
 
 
-_CALIBRATION = "Calibration (without --stats, or for --sequential)"
-_PANELS = {name: _CALIBRATION for name in ("dataset", "nsamples", "seqlen", "seed", "dtype", "batch_size")}
+# The help's panels, in this order: what goes in and out, what is pruned, each method's options (from the
+# registry), how calibration runs when prune calibrates itself, and where the model runs.
+_GROUPS = {
+    "Model and output": ("output", "stats", "force", "json_out", "quiet"),
+    "Sparsity": ("metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only", "skip",
+                 "update", "sequential"),
+    "Bias correction": ("bias_correction",),
+    "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
+                                                           "batch_size"),
+    "Placement": ("device", "device_map", "max_memory", "offload_dir", "spill"),
+}
+_PANELS = {name: panel for panel, names in _GROUPS.items() for name in names}
 
 
 def _in_panel(annotation, panel: str):
@@ -87,7 +102,7 @@ def _in_panel(annotation, panel: str):
 def command():
     """``prune`` with the method registry's options as flags (``ria_alpha`` → ``--ria-alpha``), each in the
     help panel of the methods that read it, and the metric list in the help of ``--metric``."""
-    from ..metrics import methods, option_specs
+    from ..metrics import metrics, option_specs
     from ..metrics.base import RUN_SEED
 
     params = []
@@ -95,9 +110,9 @@ def command():
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             continue
         if p.name == "metric":
-            names = " | ".join(methods())
+            names = " | ".join(metrics())
             p = p.replace(annotation=Annotated[str, typer.Option(help=f"{names}.")])
-        elif p.name in _PANELS:
+        if p.name in _PANELS:
             p = p.replace(annotation=_in_panel(p.annotation, _PANELS[p.name]))
         params.append(p)
         if p.name == "sequential":       # the methods' own options come next, grouped by method

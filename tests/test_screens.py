@@ -1,0 +1,77 @@
+"""What a person sees on a terminal: commands run on a pseudo-terminal of a fixed size, the screen read back."""
+import pytest
+
+pyte = pytest.importorskip("pyte")
+
+from terminal import screen  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def deep_pruned(tiny_factory, tmp_path_factory):
+    """A tiny Llama with 8 blocks (56 layers: the layer table is longer than a 40-row screen), pruned with OWL."""
+    model = tiny_factory("llama", num_hidden_layers=8)
+    out = tmp_path_factory.mktemp("screens") / "owl"
+    done = screen(["prune", model, "--metric", "wanda", "--layer-sparsity", "owl", "--dataset", "builtin",
+                   "--nsamples", 4, "--seqlen", 32, "-o", out], 120, 40)
+    assert done.returncode == 0, "\n".join(done.lines)
+    # prune's last words: the path on stdout, and before it what a dense checkpoint with zeros gives
+    assert done.lines[-1] == str(out)
+    assert any("same size on disk" in line and "sparse kernels" in line for line in done.lines)
+    return out
+
+
+def test_inspect_summary_on_the_first_screen(deep_pruned):
+    """At 120×40 the first screen holds the title, the summary and the per-block table with its headers and
+    each block's OWL target; the 56-row layer table comes after it; --summary fits on one screen."""
+    shown = screen(["inspect", deep_pruned], 120, 40)
+    assert shown.returncode == 0
+    first = shown.first(40)
+    assert shown.lines[0] == str(deep_pruned)
+    assert "method wanda · pattern unstructured · target 50.00% · 56 target layers" in first
+    assert "overall:" in first and "the report agrees" in first
+    for header in ("block", "target", "sparsity", "zeros", "params", "sparsity, 0 → 100%"):
+        assert header in first
+    targets = {line.split("│")[2].strip() for line in shown.lines[:40] if line.count("│") > 5
+               and line.split("│")[1].strip().isdigit()}
+    assert len(targets) > 1                       # OWL: every block its own target, shown
+    assert len(shown.lines) > 40 and first.index("per block") < first.index("per layer")   # layers come last
+    end = [line for line in shown.visible if line]
+    assert end[-1].startswith("└") and "layers.7.mlp.down_proj" in end[-2]   # the end: the layer table
+    assert all(len(line) <= 120 for line in shown.lines)
+    summary = screen(["inspect", deep_pruned, "--summary"], 120, 40)
+    assert len(summary.lines) <= 40 and "per layer" not in "\n".join(summary.lines)
+    assert summary.visible[0] == str(deep_pruned)  # nothing scrolled away
+
+
+def test_prune_help_reads_at_80_columns():
+    """Usage names MODEL plainly; options sit in panels in a fixed order; no description is cut off."""
+    shown = screen(["prune", "--help"], 80, 40)
+    assert shown.returncode == 0
+    text = "\n".join(shown.lines)
+    assert "Usage: stade prune [OPTIONS] MODEL" in text and "{MODEL}" not in text
+    panels = ["Arguments", "Model and output", "Sparsity", "Bias correction", "Options of sparsegpt",
+              "Calibration (without --stats, or for --sequential)", "Placement"]
+    at = [text.index(f"╭─ {p} ") for p in panels]
+    assert at == sorted(at), panels
+    assert "╭─ Options ─" not in text              # --help joins the first panel instead of a panel of its own
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in shown.lines)
+    # descriptions get room: about 3 lines an option (4.5 before the panels: 180 lines for 40 options)
+    options = sum(1 for line in shown.lines if line.lstrip("│ *").startswith("--"))
+    assert len(shown.lines) / options <= 3.3, (len(shown.lines), options)
+
+
+def test_every_help_is_whole_at_80_columns():
+    for command in ("calibrate", "eval", "inspect", "demo", "sweep"):
+        shown = screen([command, "--help"], 80, 40)
+        text = "\n".join(shown.lines)
+        assert shown.returncode == 0 and f"Usage: stade {command} [OPTIONS]" in text
+        assert "…" not in text and "{" not in text.splitlines()[0 if text.startswith("Usage") else 1], command
+
+
+def test_errors_are_one_line_on_a_terminal(tmp_path):
+    shown = screen(["prune", tmp_path / "missing", "-o", tmp_path / "out"], 80, 24)
+    assert shown.returncode == 1
+    # one line, wrapped by the terminal only where it is full (each wrapped row is 80 columns wide)
+    assert shown.lines[0].startswith("error: model path") and shown.lines[-1].endswith(")"), shown.lines
+    assert all(len(line) >= 78 for line in shown.lines[:-1]), shown.lines
