@@ -55,23 +55,89 @@ def select(weight: torch.Tensor, metric: Metric, pattern, moments, ctx: LayerCon
 
 
 def decide_layer(weight: torch.Tensor, metric: Metric, pattern, stats: LayerStats, ctx: LayerContext,
-                 correct_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 correct_bias: bool, update: Metric | None = None, update_ctx: LayerContext | None = None,
+                 cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(new weight in weight's dtype, prune mask, bias change or None) for one layer, on weight's device.
 
     Scoring metrics only zero weights (kept ones keep their bits); solvers (SparseGPT, DSnoT) may
-    also change the kept weights.
+    also change the kept weights. A weight ``update`` (``--update admm``) then reconstructs the kept weights
+    of the dense layer under the method's mask from the Gram matrix (and may re-choose the mask: gradual),
+    sharing its factorisations through ``cache`` between the layers that read one input; with bias correction
+    it fits on the centred Gram, so weights and bias are the joint least-squares optimum.
     """
+    dev = weight.device
+    moments = stats.moments.to(dev) if stats.moments is not None else None
     if metric.solve is not None:
-        moments = stats.moments.to(weight.device) if stats.moments is not None else None
-        gram = stats.gram.to(weight.device) if stats.gram is not None else None
-        solved, mask = metric.solve(weight.float(), LayerStats(moments, gram), pattern, ctx)
+        gram = stats.gram.to(dev) if stats.gram is not None else None
+        solved, mask = metric.solve(weight.float(), LayerStats(moments, gram, stats.input), pattern, ctx)
         new = apply_mask(solved.to(weight.dtype), mask)
-        delta = bias_delta(weight, new, stats.moments.mean) if correct_bias else None
     else:
-        mask = select(weight, metric, pattern, stats.moments, ctx)
+        mask = select(weight, metric, pattern, moments, ctx)
         new = apply_mask(weight, mask)
-        delta = pruned_contribution(weight, mask, stats.moments.mean) if correct_bias else None
+    if update is not None:
+        score = (lambda w: metric.score(w.float(), moments, ctx)) if metric.score is not None else None
+        rebuilt, mask = update.update(weight.float(), mask, LayerStats(moments, stats.gram.to(dev), stats.input),
+                                      pattern, update_ctx, score=score, centred=correct_bias, cache=cache,
+                                      key=stats.input)
+        new = apply_mask(rebuilt.to(weight.dtype), mask)
+    if not correct_bias:
+        delta = None
+    elif metric.solve is None and update is None:
+        delta = pruned_contribution(weight, mask, stats.moments.mean)
+    else:
+        delta = bias_delta(weight, new, stats.moments.mean)
     return new, mask, delta
+
+
+class Factorisations:
+    """The weight update's factorisations, by input: a block's q/k/v and gate/up share theirs. Safe for the
+    writer's thread pool (each input is factorised once, the others wait for it); only the last two blocks'
+    are kept, so memory stays at a few factorisations while the pool works across a block boundary."""
+
+    def __init__(self, keep_blocks: int = 2):
+        import threading
+
+        self._lock = threading.Lock()
+        self._entries: dict = {}          # key → (block, Future)
+        self._blocks: list[int] = []      # distinct blocks, in the order first seen
+        self._keep = keep_blocks
+
+    def at(self, block: int) -> "_BlockView":
+        return _BlockView(self, block)
+
+    def shared(self, block: int, key, compute):
+        from concurrent.futures import Future
+
+        with self._lock:
+            entry = self._entries.get(key)
+            owner = entry is None
+            if owner:
+                entry = self._entries[key] = (block, Future())
+                if block not in self._blocks:
+                    self._blocks.append(block)
+                    while len(self._blocks) > self._keep:
+                        old = self._blocks.pop(0)
+                        for k in [k for k, (b, _) in self._entries.items() if b == old]:
+                            del self._entries[k]
+        if owner:
+            try:
+                entry[1].set_result(compute())
+            except BaseException as exc:
+                entry[1].set_exception(exc)
+                with self._lock:
+                    self._entries.pop(key, None)
+                raise
+        return entry[1].result()
+
+
+@dataclass(frozen=True)
+class _BlockView:
+    cache: Factorisations
+    block: int
+
+    def shared(self, key, compute):
+        """``compute()``'s result for ``key``, computed once while this block's entries are kept."""
+        return self.cache.shared(self.block, key, compute)
 
 
 def dense_inputs(plan, reporter: Reporter):
@@ -100,12 +166,16 @@ def one_shot(plan, reporter: Reporter) -> Decisions:
     contexts = {n: plan.context(n, reads_norm.get(n, False)) for n in plan.arch.targets}
     corrected = frozenset(n for n in plan.arch.targets if st is not None and plan.corrects(contexts[n]))
 
+    cache = Factorisations()
+
     def layer(target: Target, tensor: torch.Tensor) -> LayerDecision:
-        stats = LayerStats(st.moments[target.name] if st else None,
-                           st.gram(target.name) if st is not None and plan.needs_gram else None)
+        gram = st is not None and plan.needs_gram
+        stats = LayerStats(st.moments[target.name] if st else None, st.gram(target.name) if gram else None,
+                           st.input_of(target.name) if gram else None)
         pattern = plan.pattern_for(target, block_sparsity)
         new, _, delta = decide_layer(tensor.to(plan.device), plan.method, pattern, stats, contexts[target.name],
-                                     target.name in corrected)
+                                     target.name in corrected, plan.update, plan.update_context(target.name),
+                                     cache.at(target.block))
         return LayerDecision(weight=new.cpu(), bias_delta=delta.cpu() if delta is not None else None)
 
     return Decisions(corrected, reads_norm, block_sparsity, st.manifest if st is not None else None, layer)

@@ -19,7 +19,7 @@ from .checkpoint import ModelSource, load_config
 from .errors import StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
-from .metrics import LayerContext, Metric, build_options, get_metric, methods
+from .metrics import LayerContext, Metric, build_options, get_metric, get_update, methods
 from .runtime import resolve_device
 
 
@@ -45,6 +45,7 @@ class PruneRequest:
     only: str | None = None
     skip: str | None = None
     placement: Placement | None = None
+    update: str = "none"                     # a weight update after the mask (``admm``), or none
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Checked:
     pattern: Pattern
     options: Mapping[str, Any]       # every method's options dataclass, by method name
     device: torch.device
+    update: Metric | None = None
 
 
 def check_request(req: PruneRequest) -> Checked:
@@ -71,9 +73,16 @@ def check_request(req: PruneRequest) -> Checked:
             raise UsageError(f"--owl-m must be positive (got {req.owl_m})")
     options = build_options(req.options, seed=req.calibration.seed)
     running = {m.name for m in method.running(options)}     # it, and what it runs (DSnoT: its init)
+    update = get_update(req.update)
+    if update is not None:
+        running.add(update.name)
+        if update.needs_scores(options[update.name]) and method.score is None:
+            raise UsageError(f"this use of --update {update.name} re-chooses the mask from the metric's scores, and "
+                             f"{method.name} has none (it chooses its own mask)",
+                             "use a scoring metric (magnitude, wanda, stade, stadew, ria, stochria)")
     for name, m in methods().items():   # every method's ranges; the pattern only for those that run
         m.validate(options[name], pattern if name in running else None)
-    return Checked(method, pattern, options, resolve_device(req.device))
+    return Checked(method, pattern, options, resolve_device(req.device), update)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class Plan:
     needs_gram: bool
     bias_table: Mapping[str, list]       # config flag → the linears it gives a bias ({} if none can be needed)
     started: float
+    update: Metric | None = None         # the weight update after the mask (--update), or None
 
     def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
         if block_sparsity is None:
@@ -103,6 +113,11 @@ class Plan:
 
     def context(self, name: str, reads_norm: bool) -> LayerContext:
         return LayerContext(name, reads_norm, self.options[self.method.name], self.options)
+
+    def update_context(self, name: str) -> LayerContext | None:
+        if self.update is None:
+            return None
+        return LayerContext(name, False, self.options[self.update.name], self.options)
 
     def corrects(self, ctx: LayerContext) -> bool:
         bc = self.request.bias_correction
@@ -117,8 +132,9 @@ class Plan:
 
 def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
-    running = method.running(options)
-    needs_moments = method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
+    running = method.running(options) + ([checked.update] if checked.update is not None else [])
+    needs_moments = (method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
+                     or checked.update is not None)
     given: Stats | None = None
     arch = config = None
     if req.stats is not None:
@@ -158,7 +174,7 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
-                calibrate_first, needs_gram, bias_table, started)
+                calibrate_first, needs_gram, bias_table, started, checked.update)
 
 
 def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config) -> Mapping[str, list]:

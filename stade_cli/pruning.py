@@ -30,12 +30,13 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
           dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
-          placement=None) -> dict:
+          placement=None, update: str = "none") -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help``
     or ``stade_cli.metrics.option_specs()``), the rest at their defaults. ``bias_correction`` None means the
-    method's default (on for stade and stadew). ``placement`` (``loading.Placement``: device map, memory
+    method's default (on for stade and stadew). ``update``: ``admm`` reconstructs the kept weights after the
+    mask from the Gram matrix (its options ``admm_*`` in ``options``). ``placement`` (``loading.Placement``: device map, memory
     budget, offload dir, spilling) applies to the forward passes: ``--sequential`` and calibrating on the fly.
     ``force`` replaces only an empty directory or a pruned checkpoint that stade wrote (``outputs.py``).
     """
@@ -44,7 +45,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
                            bias_correction, layer_sparsity, owl_m, owl_lambda, sequential, dict(options or {}),
                            CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
-                           placement)
+                           placement, update)
     checked = check_request(request)
     out = Path(out).expanduser()
     dest = Output(out, "checkpoint", force, reporter.log)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .blockwise import BlockRunner
 from .calibration.runner import MomentCapture
-from .decide import Decisions, LayerDecision, decide_layer, dense_inputs
+from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
 from .loading import Placement, Runtime
 from .metrics import LayerStats
 from .runtime import Reporter
@@ -36,6 +36,7 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     reporter.log(f"sequential pruning: {len(arch.blocks)} blocks, {spec.nsamples} × {windows.shape[1]} tokens")
     decisions: dict[str, LayerDecision] = {}
     reads_norm: dict[str, bool] = {}
+    cache = Factorisations()
     with rt.model(placement) as model, BlockRunner(model, arch, windows, rt.device, spec.batch_size, placement,
                                                    reporter) as runner:
         modules = dict(model.named_modules())
@@ -51,10 +52,13 @@ def sequential(plan, reporter: Reporter) -> Decisions:
                 linear = modules[name]
                 ctx = plan.context(name, capture.reads_norm.get(name, False))
                 reads_norm[name] = ctx.reads_norm
-                gram = capture.grams.get(capture.leader.get(name, name)) if plan.needs_gram else None
+                source = capture.leader.get(name, name)
+                gram = capture.grams.get(source) if plan.needs_gram else None
                 weight = linear.weight
                 new, mask, delta = decide_layer(weight, plan.method, plan.pattern_for(target, block_sparsity),
-                                                LayerStats(capture.moments[name], gram), ctx, plan.corrects(ctx))
+                                                LayerStats(capture.moments[name], gram, source), ctx,
+                                                plan.corrects(ctx), plan.update, plan.update_context(name),
+                                                cache.at(index))
                 linear.weight.copy_(new)
                 if delta is not None:  # the next blocks see the corrected layer, as the checkpoint will
                     if linear.bias is None:
@@ -62,7 +66,8 @@ def sequential(plan, reporter: Reporter) -> Decisions:
                                                    requires_grad=False)
                     linear.bias.add_(delta.to(linear.bias.dtype))
                 delta = delta.cpu() if delta is not None else None
-                decisions[name] = (LayerDecision(mask=pack_mask(mask), bias_delta=delta) if plan.method.solve is None
+                masked_only = plan.method.solve is None and plan.update is None
+                decisions[name] = (LayerDecision(mask=pack_mask(mask), bias_delta=delta) if masked_only
                                    else LayerDecision(weight=new.cpu(), bias_delta=delta))
             if index < last:
                 runner.run(block, dev, keep=True)

@@ -240,7 +240,8 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict) -> d
     return {
         "tool": "stade", "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": plan.method.name, "pattern": plan.pattern.name, "group": getattr(plan.pattern, "group", None),
+        "method": plan.method.name, "update": plan.update.name if plan.update is not None else None,
+        "pattern": plan.pattern.name, "group": getattr(plan.pattern, "group", None),
         "target_sparsity": plan.pattern.target_sparsity,
         "mode": "sequential" if req.sequential else "one-shot",
         "options": flat_options(plan.options),

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from stade_cli.cli.app import app
 from stade_cli.masks import NM, Unstructured
 from stade_cli.cli.options import cli_flag
-from stade_cli.metrics import MethodError, build_options, flat_options, get_metric, methods, option_specs, sparsegpt
+from stade_cli.metrics import metrics, updates, MethodError, build_options, flat_options, get_metric, methods, option_specs, sparsegpt
 
 runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parents[1] / "stade_cli" / "metrics"
@@ -24,15 +24,17 @@ def test_every_method_file_registers_itself():
     files = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"}
     assert files <= set(methods())
     assert list(methods()) == ["magnitude", "wanda", "stade", "stadew", "ria", "stochria", "sparsegpt", "dsnot",
-                               "r2dsnot"]
-    assert {m.kind for m in methods().values()} == {"scorer", "solver"}
+                               "r2dsnot", "admm"]
+    assert {m.kind for m in methods().values()} == {"scorer", "solver", "update"}
     assert methods()["sparsegpt"].kind == "solver" and methods()["wanda"].kind == "scorer"
+    assert list(updates()) == ["admm"] and "admm" not in metrics() and set(metrics()) | set(updates()) == set(methods())
 
 
 def test_options_belong_to_their_methods():
     specs = option_specs()
     assert list(specs) == ["ria_alpha", "stoch_beta", "seed", "percdamp", "blocksize", "init", "dsnot_pow",
-                           "dsnot_threshold", "dsnot_cycles", "r2_gamma1", "r2_gamma2"]
+                           "dsnot_threshold", "dsnot_cycles", "r2_gamma1", "r2_gamma2", "admm_iterations", "admm_rho",
+                           "admm_damp", "admm_gradual", "admm_gradual_steps"]
     assert specs["ria_alpha"].users == ("ria", "stochria") and specs["init"].users == ("dsnot", "r2dsnot")
     assert specs["blocksize"].type is int and specs["blocksize"].default == 128
     opts = build_options({"ria_alpha": 2.0, "blocksize": 64}, seed=7)

@@ -40,6 +40,11 @@ class Stats:
     def has_gram(self) -> bool:
         return "gram" in self.manifest
 
+    def input_of(self, name: str) -> str:
+        """The linear whose input ``name`` reads (the first of q/k/v, of gate/up): the key its Gram is stored by."""
+        groups = (self.manifest.get("gram") or {}).get("groups", {})
+        return next((lead for lead, members in groups.items() if name in members), name)
+
     def gram(self, name: str) -> torch.Tensor:
         """H = Σ x xᵀ over the calibration tokens of layer ``name``'s input: [in, in] (shared by q/k/v, ...)."""
         info = self.manifest.get("gram")

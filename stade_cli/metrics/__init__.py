@@ -1,6 +1,6 @@
 """The pruning methods: one file each in this package, found without a list (see ``base.py``).
 
-Adding a method is one new file here with a function decorated by ``@scorer`` or ``@solver`` (and its
+Adding a method is one new file here with a function decorated by ``@scorer``, ``@solver`` or ``@update`` (and its
 own options dataclass and ``validate``), plus its test; nothing else changes. A package of your own can
 add methods too, through the ``stade.methods`` entry-point group.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import (SCORER, SOLVER, UPDATE, LayerContext, LayerStats, Metric, MethodError, NoOptions, OptionSpec,
-                   build_options, flat_options, get_metric, methods, option_specs, scorer, solver)
+                   build_options, flat_options, get_metric, get_update, methods, metrics, option_specs, scorer,
+                   solver, update, updates)
 
 __all__ = ["REGISTRY", "SCORER", "SOLVER", "UPDATE", "LayerContext", "LayerStats", "Metric", "MethodError",
-           "NoOptions", "OptionSpec", "build_options", "flat_options", "get_metric", "methods", "option_specs", "scorer", "solver"]
+           "NoOptions", "OptionSpec", "build_options", "flat_options", "get_metric", "get_update", "methods",
+           "metrics", "option_specs", "scorer", "solver", "update", "updates"]
 
 
 class _Registry(Mapping):

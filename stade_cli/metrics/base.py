@@ -8,8 +8,9 @@ entry-point group) that decorates its function with ``@scorer`` or ``@solver``:
   (unstructured or N:M) turns scores into the mask;
 * a **solver** gives ``solve(weight, stats, pattern, ctx) -> (weight, mask)``: it chooses its own mask and
   may change the kept weights (SparseGPT's update, DSnoT's swaps);
-* an **update** (the kind a weight reconstruction after any mask will be) gives
-  ``update(weight, mask, stats, ctx) -> weight``, applied after a scorer's mask.
+* an **update** (``--update NAME``) gives ``update(weight, mask, stats, pattern, ctx, **how) -> (weight,
+  mask)``, applied after any method's mask: it reconstructs the kept weights (ADMM) and may re-choose the mask
+  (a gradual one, from ``how["score"]``, the metric's scores of given weights).
 
 A method owns its options: ``options=`` a frozen dataclass whose fields (defaults, and ``help`` in each
 field's metadata) become its command-line flags (``ria_alpha`` → ``--ria-alpha``) and its keys in the
@@ -44,6 +45,7 @@ class LayerStats:
 
     moments: Any = None             # Moments, or None
     gram: Any = None                # H = Σ x xᵀ [in, in] (a tensor), for methods that need it
+    input: str | None = None        # which input it is (layers reading the same input share it: q/k/v, gate/up)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Metric:
     order: int = 1000                                   # place in listings and in the report's options
     module: str = ""
     runs_with: Callable[[Any], tuple] = lambda options: ()   # other methods it runs (DSnoT: its init)
+    needs_scores: Callable[[Any], bool] = lambda options: False   # an update that re-chooses the mask by scores
 
     def running(self, options: Mapping[str, Any]) -> list["Metric"]:
         """This method and the ones it runs, given every method's options."""
@@ -137,6 +140,20 @@ def solver(name: str, summary: str, *, options: type = NoOptions, validate=_no_c
     return wrap
 
 
+def update(name: str, summary: str, *, options: type = NoOptions, validate=_no_checks, needs_gram: bool = True,
+           order: int = 1000, needs_scores: Callable[[Any], bool] = lambda options: False):
+    """Register ``update(weight, mask, stats, pattern, ctx, **how) -> (weight, mask)`` as the weight update
+    ``name`` (``--update NAME``): it runs after any method's mask and may re-choose it (a gradual mask)."""
+    def wrap(fn):
+        def run(weight, mask, stats, pattern, ctx: LayerContext | None = None, **how):
+            return fn(weight, mask, stats, pattern, _context(ctx, options, name), **how)
+
+        _register(Metric(name, UPDATE, summary, update=run, options=options, validate=validate,
+                         needs_gram=needs_gram, order=order, module=fn.__module__, needs_scores=needs_scores))
+        return fn
+    return wrap
+
+
 def discover() -> None:
     """Import every method file of this package, then every ``stade.methods`` entry point (once)."""
     global _DISCOVERED
@@ -157,22 +174,47 @@ def discover() -> None:
 
 
 def methods() -> dict[str, Metric]:
-    """Every method, in listing order."""
+    """Every method (metrics and weight updates), in listing order."""
     discover()
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
-def get_metric(name: str) -> Metric:
+def metrics() -> dict[str, Metric]:
+    """What ``--metric`` chooses from: the scorers and solvers."""
+    return {n: m for n, m in methods().items() if m.kind != UPDATE}
+
+
+def updates() -> dict[str, Metric]:
+    """What ``--update`` chooses from (besides ``none``)."""
+    return {n: m for n, m in methods().items() if m.kind == UPDATE}
+
+
+def _lookup(name: str, pool: dict[str, Metric], what: str, other: dict[str, Metric], flag: str,
+            extra: tuple[str, ...] = ()) -> Metric:
     from ..errors import UsageError
 
-    found = methods().get(name)
+    found = pool.get(name)
     if found is None:
         import difflib
 
-        close = difflib.get_close_matches(name, list(methods()), n=1)
+        if name in other:
+            raise UsageError(f"{name} is not a {what}", f"give it as {flag} {name}")
+        names = list(extra) + sorted(pool)
+        close = difflib.get_close_matches(name, names, n=1)
         guess = f"did you mean {close[0]}? " if close else ""
-        raise UsageError(f"unknown metric '{name}'", f"{guess}choose one of {', '.join(sorted(methods()))}")
+        raise UsageError(f"unknown {what} '{name}'", f"{guess}choose one of {', '.join(names)}")
     return found
+
+
+def get_metric(name: str) -> Metric:
+    return _lookup(name, metrics(), "metric", updates(), "--update")
+
+
+def get_update(name: str) -> Metric | None:
+    """The weight update ``name``, or None for ``none``."""
+    if name in (None, "none"):
+        return None
+    return _lookup(name, updates(), "weight update", metrics(), "--metric", extra=("none",))
 
 
 # ------------------------------------------------------------------------------------------ options

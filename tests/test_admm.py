@@ -1,0 +1,268 @@
+"""ADMM reconstruction (`--update admm`) against obviously correct solutions: least squares on the tokens
+themselves (torch.linalg.lstsq on X, never the Gram), row by row."""
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stade_cli.cli.app import app
+from stade_cli.decide import decide_layer
+from stade_cli.masks import NM, Unstructured
+from stade_cli.metrics import LayerContext, LayerStats, get_metric, get_update
+from stade_cli.metrics.admm import Options, factor, gradual_mask, reconstruct, schedule
+from stade_cli.calibration.moments import Moments
+
+runner = CliRunner()
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def tokens(n=400, width=12, seed=0, dead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, width, generator=g, dtype=torch.float64) @ torch.randn(width, width, generator=g,
+                                                                              dtype=torch.float64)
+    x += 0.7 * torch.rand(width, generator=g, dtype=torch.float64)        # a visible mean, as real inputs have
+    for j in dead:
+        x[:, j] = 0
+    return x
+
+
+def exact(x, w0, mask, damp, centred=False):
+    """Per row: min ‖X w₀ − X w (− b)‖² + δ'‖d ⊙ (w₀ − w)‖² over the kept w (and a free b when centred), by
+    least squares on the stacked tokens and pull rows. d_j = the (centred) column norm, δ' = damp · mean of the
+    unit diagonal over all inputs (dead ones count 0). Returns (w, b)."""
+    xc = x - x.mean(0) if centred else x
+    d = xc.norm(dim=0)
+    live = d > 0
+    pull = damp * float(live.double().mean())
+    scale = torch.where(live, d, torch.ones_like(d))
+    out_w = torch.zeros_like(w0)
+    out_b = torch.zeros(w0.shape[0], dtype=w0.dtype)
+    for i in range(w0.shape[0]):
+        keep = ~mask[i]
+        design = torch.cat([x[:, keep], math.sqrt(pull) * torch.diag(scale[keep])], 0)
+        target = torch.cat([x @ w0[i], math.sqrt(pull) * scale[keep] * w0[i, keep]])
+        if centred:   # a free intercept on the token rows only
+            design = torch.cat([design, torch.cat([torch.ones(x.shape[0], 1, dtype=x.dtype),
+                                                   torch.zeros(int(keep.sum()), 1, dtype=x.dtype)])], 1)
+        sol = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+        out_w[i, keep] = sol[:int(keep.sum())]
+        if centred:
+            out_b[i] = sol[-1]
+    return out_w, out_b
+
+
+def objective(x, w0, w, damp, centred=False):
+    """The row-wise objective the exact solution minimises (with the optimal intercept when centred)."""
+    xc = x - x.mean(0) if centred else x
+    d = xc.norm(dim=0)
+    live = d > 0
+    pull = damp * float(live.double().mean())
+    e = (w0 - w).double()
+    return ((xc @ e.T) ** 2).sum(0) + pull * ((torch.where(live, d, 0 * d) * e) ** 2).sum(1)
+
+
+def random_mask(rows, cols, sparsity, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Unstructured(sparsity).mask(torch.rand(rows, cols, generator=g))
+
+
+@pytest.mark.parametrize("damp", [0.1, 0.0])
+def test_matches_the_exact_masked_least_squares(damp):
+    x = tokens()
+    w0 = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = random_mask(6, 12, 0.5)
+    want, _ = exact(x, w0, mask, damp)
+    opts = Options(admm_damp=damp)
+    many, _ = reconstruct(w0, mask, factor(x.T @ x, opts, dtype=torch.float64), 3000)
+    assert torch.allclose(many, want, atol=1e-6, rtol=0), (many - want).abs().max()
+    few, _ = reconstruct(w0.float(), mask, factor((x.T @ x).float(), opts), opts.admm_iterations)
+    best, plain = objective(x, w0, want, damp), objective(x, w0, w0 * ~mask, damp)
+    got = objective(x, w0, few.double(), damp)
+    # default 20 iterations: within 5% of the optimum's error, far below plain masking's
+    assert (got <= best * 1.05 + 1e-9).all() and (got < plain).all(), (got / best, plain / best)
+
+
+def test_zeros_exact_counts_hold_and_never_worse_than_masking():
+    x = tokens(width=16, seed=3)
+    gram = x.T @ x
+    w0 = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for pattern in (Unstructured(0.5), Unstructured(0.75, "layer"), NM(2, 4), NM(1, 4)):
+        mask = pattern.mask(w0.abs() * x.norm(dim=0))
+        for iterations in (1, 2, 20):
+            new, out = reconstruct(w0, mask, factor(gram, Options(), dtype=torch.float64), iterations)
+            assert torch.equal(out, mask) and (new[mask] == 0).all() and (new[~mask] != 0).all()
+            assert (objective(x, w0, new, 0.1) <= objective(x, w0, w0 * ~mask, 0.1) + 1e-9).all()
+
+
+def test_dead_inputs_keep_their_dense_value():
+    x = tokens(dead=(3, 7))
+    w0 = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    mask = random_mask(5, 12, 0.5, seed=6)
+    f = factor(x.T @ x, Options(), dtype=torch.float64)
+    assert f.scale[3] == 1 and f.scale[7] == 1
+    new, _ = reconstruct(w0, mask, f, 20)
+    assert torch.isfinite(new).all()
+    for j in (3, 7):
+        keep = ~mask[:, j]
+        assert torch.allclose(new[keep, j], w0[keep, j], rtol=1e-12, atol=0)   # no information: left as they were
+    want, _ = exact(x, w0, mask, 0.1)
+    many, _ = reconstruct(w0, mask, f, 3000)
+    assert torch.allclose(many, want, atol=1e-6, rtol=0)
+
+
+def test_centred_fit_with_bias_is_the_joint_optimum():
+    """With bias correction, decide_layer fits on the centred Gram and moves the bias by (W₀ − W)μ: together
+    the least-squares optimum of weights and intercept."""
+    x = tokens(width=16, seed=7)
+    w0 = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    moments = Moments.of(x)
+    wanda = get_metric("wanda")
+    admm = get_update("admm")
+    opts = Options(admm_iterations=4000)
+    ctx = LayerContext(options=wanda.options())
+    uctx = LayerContext(options=opts)
+    new, mask, delta = decide_layer(w0.float(), wanda, Unstructured(0.5), LayerStats(moments, x.T @ x, "x"), ctx,
+                                    True, admm, uctx, None)
+    want_w, want_b = exact(x, w0, mask, 0.1, centred=True)
+    assert torch.allclose(new.double(), want_w, atol=2e-4, rtol=1e-4), (new.double() - want_w).abs().max()
+    # the intercept of the fit is the removed mean contribution: b = (W₀ − W) μ
+    assert torch.allclose(delta.double(), ((w0 - want_w) @ x.mean(0)), atol=2e-4, rtol=1e-4)
+    assert torch.allclose(want_b, (w0 - want_w) @ x.mean(0), atol=1e-8)
+
+
+def test_gradual_mask_ends_on_the_pattern():
+    assert schedule(0, 15, 0.5) == pytest.approx(0.5 * (1 - (14 / 15) ** 3))
+    assert schedule(14, 15, 0.5) == 0.5 and schedule(19, 15, 0.5) == 0.5
+    rises = [schedule(t, 15, 0.6) for t in range(15)]
+    assert rises == sorted(rises) and rises[-1] == 0.6
+    x = tokens(width=16, seed=9)
+    w0 = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    norm = x.norm(dim=0)
+    for pattern in (Unstructured(0.6), Unstructured(0.5, "layer"), NM(2, 4), NM(4, 8)):
+        start = pattern.mask(w0.abs() * norm)
+        new, mask = reconstruct(w0, start, factor(x.T @ x, Options(), dtype=torch.float64), 20,
+                                score=lambda w: w.abs() * norm, pattern=pattern, gradual_steps=15)
+        assert (new[mask] == 0).all()
+        if isinstance(pattern, NM):
+            groups = (~mask).reshape(8, -1, pattern.m).sum(-1)
+            assert (groups == pattern.n).all()
+        elif pattern.group == "row":
+            assert (mask.sum(1) == math.floor(0.6 * 16)).all()
+        else:
+            assert int(mask.sum()) == math.floor(0.5 * 8 * 16)
+    # part-way, under N:M: only N:M's candidates, fewer of them
+    scores = torch.rand(4, 8, generator=torch.Generator().manual_seed(11))
+    part = gradual_mask(scores, NM(2, 4), 0.25)
+    assert (part <= NM(2, 4).mask(scores)).all() and (part.sum(1) == 2).all()
+
+
+def test_options_are_checked(tiny_llama, tmp_path):
+    stats = tmp_path / "stats"
+    run("calibrate", tiny_llama, "-o", stats, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32)
+    base = ["prune", tiny_llama, "--stats", stats, "-o", tmp_path / "out", "--update", "admm"]
+    assert "--admm-iterations must be at least 1" in run(*base, "--admm-iterations", 0, code=2).stderr
+    assert "--admm-rho must be positive" in run(*base, "--admm-rho", 0, code=2).stderr
+    assert "--admm-damp must be non-negative" in run(*base, "--admm-damp", -1, code=2).stderr
+    assert "--admm-gradual-steps" in run(*base, "--admm-gradual", "--admm-gradual-steps", 30, code=2).stderr
+    assert "did you mean admm" in run(*base[:-1], "admn", code=2).stderr
+    assert "give it as --update admm" in run(*base[:-2], "--metric", "admm", code=2).stderr
+    assert "sparsegpt has none" in run(*base, "--metric", "sparsegpt", "--admm-gradual", code=2).stderr
+    no_gram = run(*base, code=1)
+    assert "Gram matrices" in no_gram.stderr and "stade calibrate --gram" in no_gram.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def gram_stats(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("admm-stats") / "s"
+    run("calibrate", tiny_llama, "-o", out, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
+    return out
+
+
+def _layer_errors(model, pruned, stats):
+    """tr((W₀ − W) H (W₀ − W)ᵀ) per target layer: its output error on the calibration tokens."""
+    from safetensors.torch import load_file
+
+    from stade_cli.calibration.store import load_stats
+
+    st = load_stats(stats)
+    dense, new = load_file(str(model / "model.safetensors")), load_file(str(pruned / "model.safetensors"))
+    out = {}
+    for name in st.moments:
+        e = (dense[f"{name}.weight"] - new[f"{name}.weight"]).double()
+        out[name] = float(((e @ st.gram(name).double()) * e).sum())
+    return out
+
+
+def test_prune_with_admm_lowers_every_layers_error(tiny_llama, gram_stats, tmp_path, monkeypatch):
+    """End to end from cached stats: the same mask as wanda's (unstructured, N:M), every layer's error on the
+    calibration data below plain masking's, one factorisation per distinct input, and the report says so."""
+    import stade_cli.metrics.admm as admm
+
+    calls = []
+    real = admm.factor
+    monkeypatch.setattr(admm, "factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for pattern in ("unstructured", "2:4"):
+        plain, rebuilt = tmp_path / f"wanda-{pattern[0]}", tmp_path / f"admm-{pattern[0]}"
+        run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--pattern", pattern, "-o", plain)
+        calls.clear()
+        run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--pattern", pattern, "--update", "admm",
+            "-o", rebuilt)
+        assert len(calls) == 2 * 4        # per block: q/k/v, o, gate/up, down
+        a, b = _layer_errors(tiny_llama, plain, gram_stats), _layer_errors(tiny_llama, rebuilt, gram_stats)
+        assert all(b[n] < a[n] for n in a), {n: b[n] / a[n] for n in a}
+        report = json.loads((rebuilt / "stade_report.json").read_text())
+        assert report["update"] == "admm" and report["options"]["admm_iterations"] == 20
+        assert report["overall"]["sparsity"] == pytest.approx(0.5)
+        cmp = json.loads(run("inspect", plain, "--against", rebuilt, "--json").stdout)
+        assert cmp["mask_changed"] == 0 and cmp["changed"] > 0     # same mask, new kept weights
+        assert cmp["b_method"] == "wanda + admm"
+
+
+def test_sequential_admm_and_gradual(tiny_llama, gram_stats, tmp_path):
+    seq = tmp_path / "seq"
+    run("prune", tiny_llama, "--stats", gram_stats, "--metric", "stade", "--update", "admm", "--sequential", "-o", seq)
+    report = json.loads((seq / "stade_report.json").read_text())
+    assert report["mode"] == "sequential" and report["update"] == "admm"
+    assert report["bias_correction"]["layers"] == 14
+    grad = tmp_path / "grad"
+    run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--pattern", "2:4", "--update", "admm",
+        "--admm-gradual", "-o", grad)
+    summary = json.loads(run("inspect", grad, "--json").stdout)
+    assert summary["nm_ok"] and summary["overall"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_factorisations_are_computed_once_per_input_across_threads():
+    """Eight threads ask for one input's factorisation at once: one computes it (while the others wait on it),
+    all get the same object; a third block's arrival drops the first block's entries."""
+    import threading
+
+    from stade_cli.decide import Factorisations
+
+    cache = Factorisations()
+    release, calls, got = threading.Event(), [], []
+
+    def compute():
+        calls.append(1)
+        release.wait()
+        return object()
+
+    threads = [threading.Thread(target=lambda: got.append(cache.at(0).shared("q", compute))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(g) for g in got}) == 1
+    first = got[0]
+    assert cache.at(0).shared("q", object) is first
+    cache.at(1).shared("k", object)
+    cache.at(2).shared("v", object)                   # blocks 1 and 2 kept, block 0 dropped
+    assert cache.at(0).shared("q", object) is not first
