@@ -121,6 +121,8 @@ class Plan:
 
     def corrects(self, ctx: LayerContext) -> bool:
         bc = self.request.bias_correction
+        if bc is None and self.update is not None:
+            return False    # measured: after a weight update the bias helps little and can hurt (README)
         return self.method.corrects_bias(ctx) if bc is None else bc
 
     def roles(self, st: Stats | None) -> dict[str, bool]:
@@ -151,7 +153,7 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         raise UsageError("no layer left to prune", "check --only/--skip")
     for t in arch.targets.values():
         pattern.check_width(t.in_features, t.name)
-    bias_table = _bias_table(req, method, options, arch, config)
+    bias_table = _bias_table(req, method, options, arch, config, checked.update)
 
     needs_gram = any(m.needs_gram for m in running)
     st = given if given is not None and (needs_moments or req.sequential) else None
@@ -177,10 +179,11 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                 calibrate_first, needs_gram, bias_table, started, checked.update)
 
 
-def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config) -> Mapping[str, list]:
+def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config,
+                update: Metric | None = None) -> Mapping[str, list]:
     """The config flags that can give linears a bias, when bias correction may need them; refuses early a
     correction that every layer needs and the model cannot hold."""
-    if req.bias_correction is False:
+    if req.bias_correction is False or (req.bias_correction is None and update is not None):
         return {}
     ctx = LayerContext(options=options[method.name], all_options=options)
     by_role = {method.corrects_bias(dataclasses.replace(ctx, reads_norm=r)) for r in (False, True)}

@@ -231,7 +231,11 @@ def test_sequential_admm_and_gradual(tiny_llama, gram_stats, tmp_path):
     run("prune", tiny_llama, "--stats", gram_stats, "--metric", "stade", "--update", "admm", "--sequential", "-o", seq)
     report = json.loads((seq / "stade_report.json").read_text())
     assert report["mode"] == "sequential" and report["update"] == "admm"
-    assert report["bias_correction"]["layers"] == 14
+    assert report["bias_correction"]["layers"] == 0        # with an update, stade's bias is off by default
+    corrected = tmp_path / "corrected"
+    run("prune", tiny_llama, "--stats", gram_stats, "--metric", "stade", "--update", "admm", "--bias-correction",
+        "-o", corrected)
+    assert json.loads((corrected / "stade_report.json").read_text())["bias_correction"]["layers"] == 14
     grad = tmp_path / "grad"
     run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--pattern", "2:4", "--update", "admm",
         "--admm-gradual", "-o", grad)

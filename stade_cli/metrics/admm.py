@@ -127,8 +127,7 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, f: Factor, iterations:
     """
     d = f.scale.to(weight.device)
     v0 = weight.to(f.g.dtype) * d                         # normalised coordinates: H has a unit diagonal
-    base = (v0 @ f.g) @ f.inverse                    # V₀ G (G + ρI)⁻¹, the same every iteration
-    rho_inv = f.rho * f.inverse
+    rho_inv = f.rho * f.inverse                      # ρ(G + ρI)⁻¹; and G(G + ρI)⁻¹ = I − ρ(G + ρI)⁻¹, so
     keep = ~mask
     if gradual_steps:
         z, u = v0.clone(), torch.zeros_like(v0)
@@ -136,7 +135,7 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, f: Factor, iterations:
     else:
         z, u = v0 * keep, torch.zeros_like(v0)
     for step in range(iterations):
-        v = base + (z - u) @ rho_inv
+        v = v0 + (z - u - v0) @ rho_inv              # (V₀G + ρ(Z − U))(G + ρI)⁻¹: one product an iteration
         if gradual_steps and step < gradual_steps:
             keep = ~gradual_mask(score((v + u) / d), pattern, schedule(step, gradual_steps, target))
         z = (v + u) * keep
