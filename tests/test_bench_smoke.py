@@ -66,3 +66,28 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     assert solver["measured_s"] > 0 and solver["baseline_s"] > 0 and solver["pass"]   # recorded, no target
     ev = next(f for f in data["figures"] if f["kind"] == "eval")
     assert ev["check"]["agree"], ev["check"]
+
+
+def test_table_merges_files_of_one_protocol(tmp_path):
+    """bench/table.py: rows from several result files side by side, renamed; files whose dense perplexities
+    differ (another protocol) are refused."""
+    def result(dense, label, cells):
+        return {"settings": {"model": "m"}, "dense": {"ppl": dense},
+                "cells": [{"label": c, "pattern": "unstructured", "sparsity": 0.5, "implied_sparsity": 0.5}
+                          for c in cells],
+                "rows": [{"label": label, "cells": {c: {"ppl": 10.0 + i, "prune_seconds": 2.0}
+                                                    for i, c in enumerate(cells)}}]}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(result(5.0, "wanda", ["50%"])))
+    b.write_text(json.dumps(result(5.0, "wanda:update=admm", ["50%", "60%"])))
+    c.write_text(json.dumps(result(6.0, "other", ["50%"])))
+    out = tmp_path / "out"
+    proc = _run(["bench/table.py", str(a), str(b), "--cells", "60%", "50%", "--label",
+                 "wanda:update=admm -> wanda + admm", "--out", str(out)])
+    assert proc.stdout.startswith("| method | 60% | 50% |\n")
+    assert "| wanda |  | 10.00 |" in proc.stdout and "| wanda + admm | 11.00 | 10.00 |" in proc.stdout
+    assert json.loads((out / "table.json").read_text())["rows"][1]["label"] == "wanda + admm"
+    bad = subprocess.run([sys.executable, "bench/table.py", str(a), str(c), "--out", str(tmp_path / "x")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "not the same protocol" in bad.stderr
