@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as `python bench/peer.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
-from stade_cli.outputs import json_with_keys, replace_file  # noqa: E402
+from _results import ResultFiles  # noqa: E402
 
 from stade_cli.errors import StadeError  # noqa: E402
 from stade_cli.sweep import cell_specs, fmt_ppl, markdown as ppl_table  # noqa: E402
@@ -46,9 +46,8 @@ CHILD = Path(__file__).resolve().parent / "_peer_child.py"
 METHODS = ("wanda", "sparsegpt")
 LLMCOMPRESSOR_VERSION = "0.14.0.1"   # installs beside torch 2.13 (CPU) and runs both modifiers on the CPU
 DEFAULT_VENV = "~/.cache/stade-bench/llmcompressor-venv"
-OUTPUT_FILES = ("peer.json", "peer.md")
 SPARSITY_TOLERANCE = 0.01   # SparseGPT's per-block threshold keeps ties: a few weights a layer over the target
-_OURS = json_with_keys("settings", "cells", "rows", "llmcompressor")
+RESULTS = ResultFiles("bench/peer.py", "peer", ("settings", "cells", "rows", "llmcompressor"), ("peer.md",))
 
 
 def log(msg: str) -> None:
@@ -259,20 +258,11 @@ def markdown(result: dict) -> str:
 
 
 def check_out(out: Path) -> None:
-    """--out may be new, or hold results of this script: its peer.* files are replaced, nothing else in it
-    is touched. A peer.md beside no peer.json of ours is someone else's."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file (give a directory)")
-    present = [n for n in OUTPUT_FILES if (out / n).exists() or (out / n).is_symlink()]
-    if present and not ((out / "peer.json").is_file() and _OURS(out / "peer.json")):
-        raise SystemExit(f"error: --out {out} holds {', '.join(present)}, which bench/peer.py did not write "
-                         "(choose another --out, or move them yourself)")
+    RESULTS.check(out)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    """peer.json and peer.md, each replaced atomically (a reader never sees half a file)."""
-    replace_file(out / "peer.json", json.dumps(result, indent=2) + "\n", _OURS, "results of bench/peer.py")
-    replace_file(out / "peer.md", markdown(result), lambda p: True, "results of bench/peer.py")
+    RESULTS.write(out, result, {"peer.md": markdown(result)})
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as `python bench/quality.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
-from stade_cli.outputs import json_with_keys, remove_output, replace_file  # noqa: E402
+from _results import ResultFiles  # noqa: E402
+from stade_cli.outputs import remove_output  # noqa: E402
 
 from stade_cli.errors import UsageError  # noqa: E402
 from stade_cli.sweep import cell_specs, markdown, parse_entry, run_cell  # noqa: E402
@@ -61,25 +61,15 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-OUTPUT_FILES = ("quality.json", "quality.md", "quality.png")
-_OURS = json_with_keys("settings", "cells", "rows")
+RESULTS = ResultFiles("bench/quality.py", "quality", ("settings", "cells", "rows"), ("quality.md", "quality.png"))
 
 
 def check_out(out: Path) -> None:
-    """--out may be new, or hold results of this script: its quality.* files are replaced, nothing else
-    in it is touched. A quality.md or quality.png beside no quality.json of ours is someone else's."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file (give a directory)")
-    present = [n for n in OUTPUT_FILES if (out / n).exists() or (out / n).is_symlink()]
-    if present and not ((out / "quality.json").is_file() and _OURS(out / "quality.json")):
-        raise SystemExit(f"error: --out {out} holds {', '.join(present)}, which bench/quality.py did not write "
-                         "(choose another --out, or move them yourself)")
+    RESULTS.check(out)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    """quality.json and quality.md, each replaced atomically (a reader never sees half a file)."""
-    replace_file(out / "quality.json", json.dumps(result, indent=2) + "\n", _OURS, "results of bench/quality.py")
-    replace_file(out / "quality.md", markdown(result), lambda p: True, "results of bench/quality.py")
+    RESULTS.write(out, result, {"quality.md": markdown(result)})
 
 
 def main(argv: list[str] | None = None) -> int:

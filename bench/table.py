@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stade_cli.outputs import json_with_keys, replace_file  # noqa: E402
+from _results import ResultFiles  # noqa: E402
 from stade_cli.sweep import markdown  # noqa: E402
 
-_OURS = json_with_keys("sources", "cells", "rows")
+RESULTS = ResultFiles("bench/table.py", "table", ("sources", "cells", "rows"), ("table.md", "table.png"))
 
 
 def merge(results: list[dict], labels: dict[str, str], order: list[str] | None) -> dict:
@@ -89,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(data)
     result = merge(results, labels, args.cells)
     out = Path(args.out)
-    if (out / "table.json").exists() and not _OURS(out / "table.json"):
-        raise SystemExit(f"error: {out}/table.json is not this script's")
+    RESULTS.check(out)
     text = markdown(result) + "\n" + seconds_table(result)
-    replace_file(out / "table.json", json.dumps(result, indent=2) + "\n", _OURS, "results of bench/table.py")
-    replace_file(out / "table.md", text, lambda path: True, "results of bench/table.py")
+    RESULTS.write(out, result, {"table.md": text})
     try:
         from stade_cli.plots import sweep_plot
 
