@@ -1,6 +1,7 @@
 """A bench script's results folder: its own files are replaced atomically, nothing else in it is touched."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -31,3 +32,20 @@ class ResultFiles:
         replace_file(out / self.json, json.dumps(result, indent=2) + "\n", self.ours, what)
         for name, data in texts.items():
             replace_file(out / name, data, lambda p: True, what)
+
+
+def protocol_arguments(p: argparse.ArgumentParser, device_help: str | None = None) -> None:
+    """The flags that fix the protocol (model, texts, cells, windows, seed, device), spelled alike in every
+    script, so two scripts' results given the same flags measure the same thing."""
+    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
+    p.add_argument("--calib", nargs="+", required=True, help="calibration text files (.txt/.jsonl/.parquet)")
+    p.add_argument("--eval", nargs="+", required=True, help="held-out evaluation text files")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5],
+                   help="unstructured sparsities (default: 0.5)")
+    p.add_argument("--patterns", nargs="+", default=["unstructured"],
+                   help="unstructured and/or N:M patterns such as 2:4 (default: unstructured)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=device_help)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as `python bench/peer.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
-from _results import ResultFiles  # noqa: E402
+from _results import ResultFiles, protocol_arguments  # noqa: E402
 
 from stade_cli.errors import StadeError  # noqa: E402
 from stade_cli.sweep import cell_specs, fmt_ppl, markdown as ppl_table  # noqa: E402
@@ -257,10 +257,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_out(out: Path) -> None:
-    RESULTS.check(out)
-
-
 def write_outputs(result: dict, out: Path) -> None:
     RESULTS.write(out, result, {"peer.md": markdown(result)})
 
@@ -270,20 +266,9 @@ def write_outputs(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
-    p.add_argument("--calib", nargs="+", required=True, help="calibration text files (.txt/.jsonl/.parquet)")
-    p.add_argument("--eval", nargs="+", required=True, help="held-out evaluation text files")
+    protocol_arguments(p, "device of the evaluations here (llm-compressor runs on the CPU)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="llm-compressor methods (default: wanda sparsegpt)")
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5],
-                   help="unstructured sparsities (default: 0.5)")
-    p.add_argument("--patterns", nargs="+", default=["unstructured"],
-                   help="unstructured and/or N:M patterns such as 2:4 (default: unstructured)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
-    p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="device of the evaluations here (llm-compressor runs on the CPU)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer"))
     p.add_argument("--venv", default=DEFAULT_VENV,
                    help=f"llm-compressor's virtual environment, created when missing (default: {DEFAULT_VENV})")
@@ -314,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = ",".join(str(Path(f).expanduser()) for f in args.calib)   # as `--dataset a,b,c`: joined in order
     evalset = ",".join(str(Path(f).expanduser()) for f in args.eval)
     out = Path(args.out).expanduser()
-    check_out(out)
+    RESULTS.check(out)
     started = time.perf_counter()
     venv = Path(args.venv).expanduser().absolute()
     versions = ensure_venv(venv, args.torch_version or _torch_version(), args.llmcompressor_version)

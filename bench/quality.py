@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as `python bench/quality.py` without installing the package
     sys.path.insert(0, str(ROOT))
 
-from _results import ResultFiles  # noqa: E402
+from _results import ResultFiles, protocol_arguments  # noqa: E402
 from stade_cli.outputs import remove_output  # noqa: E402
 
 from stade_cli.errors import UsageError  # noqa: E402
@@ -54,7 +54,7 @@ def plot(result: dict, path: Path) -> bool:
     try:
         from stade_cli.plots import sweep_plot
 
-        sweep_plot(result, path, ours=lambda p: True)   # check_out vouched for the results folder
+        sweep_plot(result, path, ours=lambda p: True)   # RESULTS.check vouched for the results folder
     except UsageError as exc:   # matplotlib missing: the table and JSON still count
         print(f"note: {exc}; skipping the plot", file=sys.stderr)
         return False
@@ -64,10 +64,6 @@ def plot(result: dict, path: Path) -> bool:
 RESULTS = ResultFiles("bench/quality.py", "quality", ("settings", "cells", "rows"), ("quality.md", "quality.png"))
 
 
-def check_out(out: Path) -> None:
-    RESULTS.check(out)
-
-
 def write_outputs(result: dict, out: Path) -> None:
     RESULTS.write(out, result, {"quality.md": markdown(result)})
 
@@ -75,20 +71,9 @@ def write_outputs(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
-    p.add_argument("--calib", nargs="+", required=True, help="calibration text files (.txt/.jsonl/.parquet)")
-    p.add_argument("--eval", nargs="+", required=True, help="held-out evaluation text files")
+    protocol_arguments(p)
     p.add_argument("--metrics", nargs="+", default=["magnitude", "wanda", "stade"],
                    help="metric entries: NAME or NAME:key=value,... (default: magnitude wanda stade)")
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5],
-                   help="unstructured sparsities (default: 0.5)")
-    p.add_argument("--patterns", nargs="+", default=["unstructured"],
-                   help="unstructured and/or N:M patterns such as 2:4 (default: unstructured)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
-    p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     p.add_argument("--stats", default=None,
                    help="reuse this stats directory (from `stade calibrate`) instead of calibrating; its manifest "
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = ",".join(str(Path(f).expanduser()) for f in args.calib)
     evalset = ",".join(str(Path(f).expanduser()) for f in args.eval)
     out = Path(args.out).expanduser()
-    check_out(out)
+    RESULTS.check(out)
     started = time.perf_counter()
 
     result = {
