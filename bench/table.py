@@ -54,7 +54,8 @@ def merge(results: list[dict], labels: dict[str, str], order: list[str] | None) 
 
 
 def seconds_table(result: dict) -> str:
-    """Prune wall seconds per cell (and CPU seconds where recorded: the peer's whole child process)."""
+    """Prune wall seconds per cell and CPU seconds where recorded (all of stade's threads during the prune; the
+    peer's whole child process, which calibrates too)."""
     cells = result["cells"]
     lines = ["| prune seconds | " + " | ".join(c["label"] for c in cells) + " |", "|---|" + "---|" * len(cells)]
     for row in result["rows"]:
@@ -62,7 +63,7 @@ def seconds_table(result: dict) -> str:
         for c in cells:
             cell = row["cells"].get(c["label"]) or {}
             wall = cell.get("prune_seconds", cell.get("oneshot_wall_seconds", cell.get("wall_seconds")))
-            cpu = cell.get("cpu_seconds")
+            cpu = cell.get("cpu_seconds", cell.get("prune_cpu_seconds"))
             vals.append("" if wall is None else f"{wall:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None else ""))
         lines.append(f"| {row['label']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from stade_cli.cli.app import app
 from stade_cli.decide import decide_layer
 from stade_cli.masks import NM, Unstructured
 from stade_cli.metrics import LayerContext, LayerStats, get_metric, get_update
-from stade_cli.metrics.admm import Options, factor, gradual_mask, reconstruct, schedule
+from stade_cli.metrics.admm import Options, factor, gradual_mask, product_dtype, reconstruct, schedule
 from stade_cli.calibration.moments import Moments
 
 runner = CliRunner()
@@ -125,7 +125,7 @@ def test_centred_fit_with_bias_is_the_joint_optimum():
     moments = Moments.of(x)
     wanda = get_metric("wanda")
     admm = get_update("admm")
-    opts = Options(admm_iterations=4000)
+    opts = Options(admm_iterations=4000, admm_precision="float32")
     ctx = LayerContext(options=wanda.options())
     uctx = LayerContext(options=opts)
     new, mask, delta = decide_layer(w0.float(), wanda, Unstructured(0.5), LayerStats(moments, x.T @ x, "x"), ctx,
@@ -135,6 +135,37 @@ def test_centred_fit_with_bias_is_the_joint_optimum():
     # the intercept of the fit is the removed mean contribution: b = (W₀ − W) μ
     assert torch.allclose(delta.double(), ((w0 - want_w) @ x.mean(0)), atol=2e-4, rtol=1e-4)
     assert torch.allclose(want_b, (w0 - want_w) @ x.mean(0), atol=1e-8)
+
+
+def test_bfloat16_products_keep_the_float32_result():
+    """In bfloat16 only each iteration's correction is rounded (sums stay float32): on a 64-wide layer with
+    correlated inputs the error stays within 1% of the float32 solve's, zeros exact, never worse than masking."""
+    x = tokens(n=2000, width=64, seed=12).float()
+    w0 = torch.randn(32, 64, generator=torch.Generator().manual_seed(13))
+    mask = Unstructured(0.6).mask(w0.abs() * x.norm(dim=0))
+    gram = x.T @ x
+    f32 = factor(gram, Options())
+    bf16 = factor(gram, Options(), products=torch.bfloat16)
+    assert f32.step.dtype == torch.float32 and bf16.step.dtype == torch.bfloat16
+    for gradual in (0, 15):
+        score = (lambda w: w.abs() * x.norm(dim=0)) if gradual else None
+        a, mask_a = reconstruct(w0, mask, f32, 20, score, Unstructured(0.6), gradual)
+        b, mask_b = reconstruct(w0, mask, bf16, 20, score, Unstructured(0.6), gradual)
+        assert b.dtype == torch.float32 and (b[mask_b] == 0).all()
+        err_a, err_b = objective(x.double(), w0.double(), a, 0.1), objective(x.double(), w0.double(), b, 0.1)
+        plain = objective(x.double(), w0.double(), w0.double() * ~mask_b, 0.1)
+        assert err_b.sum() <= err_a.sum() * 1.01 and (err_b <= plain + 1e-6).all()
+
+
+def test_products_precision_by_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert product_dtype(Options(admm_precision="float32"), cpu) == torch.float32
+    assert product_dtype(Options(admm_precision="bfloat16"), cpu) == torch.bfloat16
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        want = torch.bfloat16 if amx or avx else torch.float32
+        assert product_dtype(Options(), cpu) == want
 
 
 def test_gradual_mask_ends_on_the_pattern():
@@ -170,6 +201,8 @@ def test_options_are_checked(tiny_llama, tmp_path):
     assert "--admm-iterations must be at least 1" in run(*base, "--admm-iterations", 0, code=2).stderr
     assert "--admm-rho must be positive" in run(*base, "--admm-rho", 0, code=2).stderr
     assert "--admm-damp must be non-negative" in run(*base, "--admm-damp", -1, code=2).stderr
+    assert "--admm-precision must be auto, float32 or bfloat16" in run(*base, "--admm-precision", "fp16",
+                                                                        code=2).stderr
     assert "--admm-gradual-steps" in run(*base, "--admm-gradual", "--admm-gradual-steps", 30, code=2).stderr
     assert "did you mean admm" in run(*base[:-1], "admn", code=2).stderr
     assert "give it as --update admm" in run(*base[:-2], "--metric", "admm", code=2).stderr

@@ -46,6 +46,28 @@ class Options:
         "help": "admm: re-choose the mask while iterating (cubic schedule)."})
     admm_gradual_steps: int = field(default=15, metadata={
         "help": "admm: iterations that re-choose the mask."})
+    admm_precision: str = field(default="auto", metadata={
+        "help": "admm: auto | float32 | bfloat16 products (auto: bfloat16 on CUDA, AMX or AVX512-BF16)."})
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are faster than float32 ones on ``device``: CUDA with bfloat16 support,
+    or a CPU with AMX tiles or AVX512-BF16 (elsewhere the CPU converts to float32 and it is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+        return any(bool(p()) for p in probes if p is not None)
+    return False
+
+
+def product_dtype(options: Options, device: torch.device) -> torch.dtype:
+    if options.admm_precision == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+    return PRECISIONS[options.admm_precision]
 
 
 def validate(options: Options, pattern=None) -> None:
@@ -58,22 +80,25 @@ def validate(options: Options, pattern=None) -> None:
     if options.admm_gradual and not 1 <= options.admm_gradual_steps <= options.admm_iterations:
         raise MethodError(f"{{admm_gradual_steps}} must be between 1 and {{admm_iterations}} "
                           f"(got {options.admm_gradual_steps} of {options.admm_iterations})")
+    if options.admm_precision not in ("auto", *PRECISIONS):
+        raise MethodError(f"{{admm_precision}} must be auto, float32 or bfloat16 (got {options.admm_precision!r})")
 
 
 @dataclass(frozen=True)
 class Factor:
-    """What one input's Gram gives every layer that reads it: the scale d, G = Hn + δI and (G + ρI)⁻¹."""
+    """What one input's Gram gives every layer that reads it: the scale d, G = Hn + δI and ρ(G + ρI)⁻¹."""
 
     scale: torch.Tensor      # [in] d_j (1 for dead inputs)
     g: torch.Tensor          # [in, in] normalised Gram plus dampening
-    inverse: torch.Tensor    # [in, in] (G + ρI)⁻¹
-    rho: float
+    step: torch.Tensor       # [in, in] ρ(G + ρI)⁻¹, in the iterations' product precision
 
 
 def factor(gram: torch.Tensor, options: Options, device: torch.device | None = None,
-           mean: torch.Tensor | None = None, count: int = 0, dtype: torch.dtype = torch.float32) -> Factor:
-    """The factorisation for a Gram matrix H (centred as H − count·μμᵀ when ``mean`` is given), computed in
-    float64 and kept in ``dtype`` (the iterations' precision)."""
+           mean: torch.Tensor | None = None, count: int = 0, dtype: torch.dtype = torch.float32,
+           products: torch.dtype | None = None) -> Factor:
+    """The factorisation for a Gram matrix H (centred as H − count·μμᵀ when ``mean`` is given): centred and
+    normalised in float64 (the centring cancels), factorised in ``dtype`` (the iterations' precision); the step
+    matrix is kept in ``products`` (default ``dtype``)."""
     device = device or gram.device
     h = gram.to(device, torch.float64)
     if mean is not None:
@@ -86,18 +111,15 @@ def factor(gram: torch.Tensor, options: Options, device: torch.device | None = N
     hn[~live, :] = 0
     hn[:, ~live] = 0
     g = hn + options.admm_damp * float(torch.diagonal(hn).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=device)
-    system = g + options.admm_rho * torch.eye(h.shape[0], dtype=h.dtype, device=device)
+    g = g.to(dtype)
+    # G + ρI has a diagonal ≥ ρ and eigenvalues ≥ ρ: well conditioned, so it is factorised in ``dtype``
+    system = g + options.admm_rho * torch.eye(h.shape[0], dtype=dtype, device=device)
     try:
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(system))
     except torch.linalg.LinAlgError:  # pragma: no cover - ρ > 0 makes it positive definite
         raise MethodError("the Gram matrix could not be factorised", "raise {admm_rho}") from None
-    return Factor(scale.to(dtype), g.to(dtype), inverse.to(dtype), options.admm_rho)
-
-
-def masked_error(w0: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per row, (w₀ − w) G (w₀ − w)ᵀ (in the coordinates of g): [out]."""
-    e = w0 - w
-    return ((e @ g) * e).sum(1)
+    step = (options.admm_rho * inverse).to(products or dtype)
+    return Factor(scale.to(dtype), g, step)
 
 
 def schedule(step: int, steps: int, sparsity: float) -> float:
@@ -127,7 +149,7 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, f: Factor, iterations:
     """
     d = f.scale.to(weight.device)
     v0 = weight.to(f.g.dtype) * d                         # normalised coordinates: H has a unit diagonal
-    rho_inv = f.rho * f.inverse                      # ρ(G + ρI)⁻¹; and G(G + ρI)⁻¹ = I − ρ(G + ρI)⁻¹, so
+    step_dtype = f.step.dtype                     # ρ(G + ρI)⁻¹; and G(G + ρI)⁻¹ = I − ρ(G + ρI)⁻¹, so
     keep = ~mask
     if gradual_steps:
         z, u = v0.clone(), torch.zeros_like(v0)
@@ -135,13 +157,16 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, f: Factor, iterations:
     else:
         z, u = v0 * keep, torch.zeros_like(v0)
     for step in range(iterations):
-        v = v0 + (z - u - v0) @ rho_inv              # (V₀G + ρ(Z − U))(G + ρI)⁻¹: one product an iteration
+        # (V₀G + ρ(Z − U))(G + ρI)⁻¹: one product an iteration (in bfloat16 only the correction is rounded)
+        v = v0 + ((z - u - v0).to(step_dtype) @ f.step).to(v0.dtype)
         if gradual_steps and step < gradual_steps:
             keep = ~gradual_mask(score((v + u) / d), pattern, schedule(step, gradual_steps, target))
         z = (v + u) * keep
         u = u + v - z
+    # keep z only where it beats plain masking p: with a = v₀ − p and b = p − z, err(z) − err(p) = b·G(2a + b)
     plain = v0 * keep
-    worse = masked_error(v0, z, f.g) > masked_error(v0, plain, f.g)
+    b = plain - z
+    worse = ((b @ f.g) * (2 * (v0 - plain) + b)).sum(1) > 0
     z = torch.where(worse[:, None], plain, z)
     return z / d, ~keep
 
@@ -159,7 +184,7 @@ def admm(weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats, pattern, c
                           "use a scoring metric (magnitude, wanda, stade, stadew, ria, stochria)")
     def compute() -> Factor:
         return factor(stats.gram, opts, weight.device, stats.moments.mean if centred else None,
-                      stats.moments.count if centred else 0)
+                      stats.moments.count if centred else 0, products=product_dtype(opts, weight.device))
 
     f = cache.shared((key, centred), compute) if cache is not None and key is not None else compute()
     return reconstruct(weight, mask, f, opts.admm_iterations, score, pattern,
