@@ -149,7 +149,8 @@ def dense_inputs(plan, reporter: Reporter):
         cal = plan.calibration
         st = compute_stats(plan.source, cal.dataset, cal.nsamples, cal.seqlen, cal.seed, plan.request.device,
                            plan.request.dtype, cal.batch_size, reporter, only=plan.request.only,
-                           skip=plan.request.skip, gram=plan.needs_gram, placement=plan.request.placement)
+                           skip=plan.request.skip, gram=plan.needs_gram, placement=plan.request.placement,
+                           world=plan.world)
     block_sparsity = None
     if plan.request.layer_sparsity == "owl":
         block_sparsity = owl_block_sparsity(plan.source.path, plan.files, plan.arch, st,

@@ -16,6 +16,7 @@ import torch
 from .arch import Architecture, Target, bias_flag_table, bias_switches, describe, meta_model
 from .calibration.store import Stats, load_stats
 from .checkpoint import ModelSource, load_config
+from .distributed import World
 from .errors import StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
@@ -105,6 +106,7 @@ class Plan:
     bias_table: Mapping[str, list]       # config flag → the linears it gives a bias ({} if none can be needed)
     started: float
     update: Metric | None = None         # the weight update after the mask (--update), or None
+    world: World = World()               # the ranks sharing this prune (one process unless launched)
 
     def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
         if block_sparsity is None:
@@ -132,7 +134,8 @@ class Plan:
         return {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in self.arch.targets}
 
 
-def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float) -> Plan:
+def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float,
+              world: World = World()) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
     running = method.running(options) + ([checked.update] if checked.update is not None else [])
     needs_moments = (method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
@@ -176,7 +179,7 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
-                calibrate_first, needs_gram, bias_table, started, checked.update)
+                calibrate_first, needs_gram, bias_table, started, checked.update, world)
 
 
 def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config,

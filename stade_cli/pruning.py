@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .checkpoint import resolve_model, weight_files
 from .decide import one_shot
+from .distributed import World, claimed, current
 from .loading import CalibrationSpec, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
@@ -47,14 +48,29 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
                            CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
                            placement, update)
     checked = check_request(request)
+    world = current()
+    if sequential and world.several:
+        if not world.main:
+            return None
+        reporter.log(f"--sequential runs on rank 0 alone: each block is pruned on the activations of the blocks "
+                     f"pruned before it, one after another (the other {world.size - 1} rank(s) have stopped)")
+        world = World()
     out = Path(out).expanduser()
     dest = Output(out, "checkpoint", force, reporter.log)
-    dest.check_inputs(run_inputs(model, dataset, placement, stats))
-    with dest:                                                   # checked and locked before any work
-        source = resolve_model(model)
-        dest.check_inputs(run_inputs(source, dataset, placement, stats))   # a hub model: its cache snapshot
-        files = weight_files(source.path)
-        check_space(out, sum((source.path / f).stat().st_size for f in files))
-        plan = make_plan(request, checked, source, files, started)
+    with claimed(dest, world, run_inputs(model, dataset, placement, stats)):   # checked and locked before any work
+        def resolve():
+            source = resolve_model(model)
+            if world.main:
+                dest.check_inputs(run_inputs(source, dataset, placement, stats))   # a hub model: its cache snapshot
+                check_space(out, sum((source.path / f).stat().st_size for f in weight_files(source.path)))
+            return source
+
+        source = world.first(resolve)
+        with world.together():
+            plan = make_plan(request, checked, source, weight_files(source.path), started, world)
+        if world.several:
+            idle = max(world.size - len(plan.files), 0)
+            reporter.log(f"{world.size} ranks share the {len(plan.files)} weight shard(s), balanced by bytes"
+                         + (f"; {idle} rank(s) have no shard to write" if idle else ""))
         decisions = (sequential_decisions if sequential else one_shot)(plan, reporter)
         return write(plan, decisions, dest, reporter)

@@ -17,14 +17,20 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 
 
 def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
-    """``auto`` → cuda when available, else cpu. An explicit cuda without a GPU is an error."""
+    """``auto`` → cuda when available (under a launcher, cuda:LOCAL_RANK), else cpu. An explicit cuda without a
+    GPU is an error."""
     import torch
 
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from .distributed import launched
+
+        world = launched()      # under a launcher, each rank of a node takes its own GPU
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count()) if world.several else torch.device("cuda")
     try:
         device = torch.device(spec)
     except RuntimeError:

@@ -13,7 +13,8 @@ import json
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .arch import Target, bias_switches
 from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT_NAME, ShardReader, ShardWriter,
                          TensorEntry, copy_side_files, output_name, read_header, tensor_bytes)
 from .decide import Decisions
+from .distributed import World
 from .errors import ModelError, OutputError
 from .metrics import flat_options
 from .outputs import Output
@@ -71,35 +73,72 @@ def _output_plan(entries: list[TensorEntry], layout: Layout, by_key: dict[str, T
     return out
 
 
-def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) -> dict:
+def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) -> dict | None:
     """Read each shard tensor by tensor, decide targets on a small thread pool, write in order into
     ``dest``'s staging directory, which is put in place when complete; returns the report.
 
     Untouched tensors are copied as raw bytes; a pruned tensor is written as soon as it is ready, so
-    reading, computing and writing overlap and only a few tensors are in memory at once.
+    reading, computing and writing overlap and only a few tensors are in memory at once. Under several ranks
+    (``plan.world``) each writes its own shards (balanced by bytes) into rank 0's staging directory; rank 0
+    writes the rest and returns the report, the others None.
     """
-    src, dev = plan.source.path, plan.device
+    src, dev, world = plan.source.path, plan.device, plan.world
     needed = {n for n in decisions.corrected if not plan.arch.targets[n].has_bias}
     bias_flags, new_biases = bias_switches(plan.bias_table, plan.arch.model_type, needed)
     layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases))
     workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
-    total = sum((src / f).stat().st_size for f in plan.files)
-    with _one_thread_per_worker(dev, workers), dest.staging() as tmp, \
-            ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, _disk_full_is_an_error(dest.path, total):
-        stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
-        with reporter.task("pruning", total=total) as advance:
-            for fname in plan.files:
-                stream.shard(fname, tmp / output_name(fname), advance)
-        stream.check_complete()
-        copy_side_files(src, tmp)
-        _write_index(src, tmp, stream.added)
-        if layout.bias_flags:
-            config = json.loads((tmp / "config.json").read_text())
-            config.update(layout.bias_flags)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        report = json.dumps(_report(plan, decisions, layout, stream.layers), indent=2) + "\n"
-        (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
-    return json.loads(report)
+    sizes = [(src / f).stat().st_size for f in plan.files]
+    mine = world.pick(sizes)
+    total = sum(sizes[i] for i in mine)
+    with _one_thread_per_worker(dev, workers), _staging(dest, world) as tmp:
+        stream = None
+        with world.together():                   # this rank's shards
+            with ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
+                    _disk_full_is_an_error(dest.path, total):
+                stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
+                with reporter.task("pruning", total=total) as advance:
+                    for i in mine:
+                        stream.shard(plan.files[i], tmp / output_name(plan.files[i]), advance)
+        parts = world.gather((stream.layers, stream.added)) if world.several else []
+        report = None
+        with world.together():                   # rank 0: the rest, the report last
+            if world.main:
+                for layers, added in parts[1:]:
+                    stream.layers.update(layers)
+                    stream.added.update(added)
+                stream.check_complete()
+                copy_side_files(src, tmp)
+                _write_index(src, tmp, stream.added)
+                if layout.bias_flags:
+                    config = json.loads((tmp / "config.json").read_text())
+                    config.update(layout.bias_flags)
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                report = json.dumps(_report(plan, decisions, layout, stream.layers), indent=2) + "\n"
+                (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
+    return json.loads(report) if report is not None else None
+
+
+@contextmanager
+def _staging(dest: Output, world: World):
+    """``dest.staging()`` on rank 0, its path told to every rank; it is published (rank 0) only when every rank's
+    part succeeded, and all ranks learn whether publishing did."""
+    if not world.several:
+        with dest.staging() as tmp:
+            yield tmp
+        return
+    stack = ExitStack()
+    tmp = None
+    with world.together():
+        if world.main:
+            tmp = stack.enter_context(dest.staging())
+    try:
+        yield Path(world.broadcast(str(tmp) if tmp is not None else None))
+    except BaseException:
+        if not stack.__exit__(*sys.exc_info()):
+            raise
+        return
+    with world.together():
+        stack.close()                            # rank 0: record, flush, rename
 
 
 class _Stream:

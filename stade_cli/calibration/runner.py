@@ -14,6 +14,8 @@ import torch
 
 from ..arch import Architecture, bias_flag_table, describe
 from ..checkpoint import ModelSource, resolve_model
+from ..distributed import World, claimed, current
+from ..errors import UsageError
 from ..loading import CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output
 from ..runtime import Reporter
@@ -140,23 +142,57 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
     return collected
 
 
+def sum_over_ranks(collected: Collected, world: World) -> None:
+    """Each rank's moments and Gram matrices summed in place (float64): afterwards every rank holds the stats of
+    all windows. The moments of all layers travel as one tensor; each Gram matrix on its own."""
+    if not world.several:
+        return
+    names = sorted(collected.moments)
+    flat = torch.cat([torch.cat([torch.tensor([float(collected.moments[n].count)], dtype=torch.float64),
+                                 collected.moments[n].sum, collected.moments[n].sumsq]) for n in names])
+    world.sum_(flat)
+    at = 0
+    for n in names:
+        m, width = collected.moments[n], collected.moments[n].sum.numel()
+        m.count = int(flat[at])
+        m.sum, m.sumsq = flat[at + 1: at + 1 + width].clone(), flat[at + 1 + width: at + 1 + 2 * width].clone()
+        at += 1 + 2 * width
+    for leader in sorted(collected.grams):
+        h = collected.grams[leader]
+        total = world.sum_(h.double() if h.dtype != torch.float64 else h)
+        collected.grams[leader] = total.to(h.dtype)
+
+
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
                   seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                   reporter: Reporter | None = None, only: str | None = None, skip: str | None = None,
-                  gram: bool = False, placement=None) -> Stats:
-    """Calibrate in memory: the Stats that ``calibrate`` would write."""
+                  gram: bool = False, placement=None, world: World | None = None) -> Stats:
+    """Calibrate in memory: the Stats that ``calibrate`` would write.
+
+    Under a launcher (``world``, default: this process's) each rank runs its contiguous share of the windows
+    and the sums are added up, so every rank returns the stats of all windows.
+    """
     reporter = reporter or Reporter()
+    world = world or current()
     rt = Runtime.of(model, device, dtype)
     spec = CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size)
     spec.check()
-    windows = spec.windows(rt)
+    windows = spec.windows(rt)                        # the same windows on every rank: sampled from the seed
+    if len(windows) < world.size:
+        raise UsageError(f"{len(windows)} calibration windows cannot be shared by {world.size} ranks",
+                         "ask for at least one window per rank (--nsamples), or launch fewer ranks")
+    start, stop = world.share(len(windows))
+    ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""
     reporter.log(f"calibrating {rt.source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
-                 f"{rt.device}, {rt.dtype_name}")
+                 f"{rt.device}, {rt.dtype_name}{ranks}")
     t0 = time.perf_counter()
-    with rt.model(placement) as net:
-        arch = describe(net, only=only, skip=skip)
-        capture = collect_moments(net, arch, windows, rt.device, batch_size, reporter, gram=gram, placement=placement)
-        whole = describe(net)                       # unfiltered: prune applies its own --only/--skip
+    with world.together():
+        with rt.model(placement) as net:
+            arch = describe(net, only=only, skip=skip)
+            capture = collect_moments(net, arch, windows[start:stop], rt.device, batch_size, reporter, gram=gram,
+                                      placement=placement)
+            whole = describe(net)                       # unfiltered: prune applies its own --only/--skip
+    sum_over_ranks(capture, world)
     seconds = time.perf_counter() - t0
     whole.bias_flags = bias_flag_table(rt.config)
     manifest = {
@@ -164,7 +200,7 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
         "architecture": whole.to_data(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **spec.manifest(windows, rt), "tokens": int(windows.numel()),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2), "world_size": world.size,
         "modules": {n: {"in_features": t.in_features, "block": t.block,
                         "reads_norm": capture.reads_norm.get(n, False)} for n, t in arch.targets.items()},
         "shared_inputs": capture.shared_inputs(),
@@ -187,14 +223,21 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
     ``force`` replaces an empty directory or stats that stade wrote, never anything else (``outputs.py``).
     """
     reporter = reporter or Reporter()
+    world = current()
     out = Path(out).expanduser()
     dest = Output(out, "stats", force, reporter.log)
-    dest.check_inputs(run_inputs(model, dataset, placement))
-    with dest:                                        # checked and locked before the expensive part
-        source = resolve_model(model)
-        dest.check_inputs(run_inputs(source, dataset, placement))   # a hub model: its cache snapshot
+    with claimed(dest, world, run_inputs(model, dataset, placement)):   # checked and locked before the work
+        def resolve():
+            source = resolve_model(model)
+            if world.main:
+                dest.check_inputs(run_inputs(source, dataset, placement))   # a hub model: its cache snapshot
+            return source
+
+        source = world.first(resolve)
         stats = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram,
-                              placement=placement)
-        with dest.staging() as tmp:
-            write_stats(tmp, stats)
+                              placement=placement, world=world)
+        with world.together():
+            if world.main:
+                with dest.staging() as tmp:
+                    write_stats(tmp, stats)
     return out

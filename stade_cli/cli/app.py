@@ -7,6 +7,7 @@ console script and from ``typer.testing.CliRunner``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -18,7 +19,7 @@ from ..errors import Interrupted
 from ..runtime import StderrReporter
 from . import calibrate, demo, eval as eval_cmd, inspect, prune, sweep
 from ._errors import UsageError, report
-from .output import State, debug_from_env
+from .output import State, debug_from_env, other_rank
 
 
 class StadeCommand(TyperCommand):
@@ -84,6 +85,9 @@ def main_callback(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
+    if other_rank():    # under a launcher, rank 0 alone prints results and progress
+        quiet = True
+        sys.stdout = open(os.devnull, "w")
     ctx.obj = State(json=json_out, quiet=quiet, debug=debug or debug_from_env(), reporter=StderrReporter(quiet=quiet))
 
 
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         code = report(KeyboardInterrupt(), False)
     except (UsageError, KeyboardInterrupt, Interrupted) as exc:
         code = report(exc, False)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)    # done: a launcher's SIGTERM now simply ends the exit
     sys.exit(code if isinstance(code, int) else 0)
 
 

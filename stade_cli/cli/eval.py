@@ -64,6 +64,12 @@ def eval_command(
     from ..errors import UsageError
 
     if tasks is not None:
+        from ..distributed import launched
+
+        if launched().several:
+            raise UsageError("zero-shot evaluation (--tasks) runs in one process",
+                             "run it without a launcher; lm-evaluation-harness has its own multi-GPU mode: "
+                             "accelerate launch -m lm_eval --model hf ...")
         if clash := _given(ctx, PERPLEXITY_ONLY):
             raise UsageError(f"{', '.join(clash)} only apply to perplexity and cannot be combined with --tasks",
                              "run perplexity and zero-shot as two commands")

@@ -37,6 +37,8 @@ def state(ctx, json_out: bool = False, quiet: bool = False) -> State:
     st = root.obj
     if json_out:
         st.json = True
+    if other_rank():
+        quiet = True
     if quiet and not st.quiet:
         st.quiet = True
         st.reporter = StderrReporter(quiet=True)
@@ -57,7 +59,21 @@ def emit_line(text: str) -> None:
 
 
 def error(message: str) -> None:
-    """One line on stderr (markup in the message is printed literally)."""
+    """One line on stderr (markup in the message is printed literally); under a launcher it names the rank."""
     from rich.text import Text
 
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), f" {message}"))
+    from ..distributed import launched
+
+    try:
+        world = launched()
+    except Exception:  # noqa: BLE001 - a malformed environment is itself being reported
+        world = None
+    where = f"rank {world.rank}: " if world is not None and world.several else ""
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), f" {where}{message}"))
+
+
+def other_rank() -> bool:
+    """Launched by torchrun/accelerate as a rank other than 0: it prints nothing on stdout and no progress."""
+    from ..distributed import launched
+
+    return not launched().main

@@ -63,6 +63,8 @@ def prune(
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
+    if report is None:      # another rank than 0 under a launcher: rank 0 reports
+        return
     corrected = report["bias_correction"]["layers"]
     how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
     st.reporter.log(f"pruned {len(report['layers'])} layers with {how} ({report['pattern']}, "

@@ -1,0 +1,231 @@
+"""Several processes: what each rank does when stade runs under ``torchrun`` or ``accelerate launch``.
+
+A launcher starts N copies of the same command and says so in the environment (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). With ``WORLD_SIZE`` absent or 1 nothing here imports
+``torch.distributed`` or starts anything: one process is one process.
+
+The work splits where the math is a sum or a set of independent pieces:
+
+* calibrate: the windows (sampled once, from the seed, identically on every rank) are cut into N contiguous
+  shares; each rank accumulates its moments and Gram matrices; they are summed in float64 (``sum_``) and
+  rank 0 writes the stats.
+* prune from stats: each rank decides and writes its weight shards (``pick``: balanced by bytes) into rank 0's
+  staging directory; rank 0 writes the index, config, tokenizer files and report and makes the one rename.
+* eval: each rank scores its share of the windows; rank 0 sums the per-window NLLs in window order.
+
+Every collective runs on CPU tensors over gloo, so the same code runs with or without GPUs. A failure on any
+rank is told to all (``together``): every rank stops with the same error and no output is published.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from .errors import StadeError
+
+T = TypeVar("T")
+TIMEOUT = timedelta(hours=1)      # a rank waits this long for the others at a collective
+
+
+class RankFailed(StadeError):
+    """Another rank of the same run failed (its own error is on its stderr)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of one run; the default is a run of one."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.size > 1
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.size}"
+
+    # ------------------------------------------------------------------ dividing the work (pure)
+    def share(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous share of n items: sizes differ by at most one."""
+        return share(n, self.rank, self.size)
+
+    def pick(self, sizes: Sequence[int]) -> list[int]:
+        """Indices of the items (e.g. weight shards by bytes) this rank takes, in their original order."""
+        return [i for i, r in enumerate(assign(sizes, self.size)) if r == self.rank]
+
+    # ------------------------------------------------------------------ collectives (no-ops for one process)
+    def sum_(self, tensor):
+        """Sum ``tensor`` over the ranks in place (a CPU tensor; float64 for exact-enough sums)."""
+        if self.several:
+            import torch.distributed as dist
+
+            with _peers_gone(self):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank (on every rank)."""
+        if not self.several:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        with _peers_gone(self):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.several:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.main else None]
+        with _peers_gone(self):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check(self, error: BaseException | None = None) -> None:
+        """All ranks say whether their part failed; a rank whose part failed re-raises its own error, the others
+        raise ``RankFailed`` naming the first rank that failed and why. Call it on every rank at the same point."""
+        if not self.several:
+            if error is not None:
+                raise error
+            return
+        said = None if error is None else _one_line(error)
+        failed = [(r, msg) for r, msg in enumerate(self.gather(said)) if msg is not None]
+        if error is not None:
+            raise error
+        if failed:
+            r, msg = failed[0]
+            raise RankFailed(f"rank {r} of {self.size} failed: {msg}",
+                             "its stderr has the details; nothing was written")
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Run a part on every rank, then agree that every rank's part succeeded (``check``). No collective may
+        run inside: a rank that fails early would meet the others at a different one."""
+        try:
+            yield
+        except BaseException as exc:
+            self.check(exc)
+            raise
+        self.check(None)
+
+
+    def first(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0, then on the others once it succeeded there (a download the others then find in
+        the cache); a failure anywhere stops every rank."""
+        result = None
+        with self.together():
+            if self.main:
+                result = fn()
+        if self.several:
+            with self.together():
+                if not self.main:
+                    result = fn()
+        return result
+
+
+@contextmanager
+def claimed(dest, world: World, inputs) -> Iterator[None]:
+    """``with dest`` (an ``outputs.Output``: checked, locked, leftovers recovered) on rank 0 alone, with every
+    rank learning whether it could: the other ranks never touch the output path."""
+    with ExitStack() as stack:
+        with world.together():
+            if world.main:
+                dest.check_inputs(inputs)
+                stack.enter_context(dest)
+        yield
+
+
+@contextmanager
+def _peers_gone(world: World) -> Iterator[None]:
+    """A collective whose peer died (killed, out of memory, a crash before it could say why) is a RankFailed."""
+    try:
+        yield
+    except RuntimeError as exc:      # gloo: "Connection closed by peer", "Timed out waiting ..."
+        said = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(exc))[:100]      # gloo's source location dropped
+        raise RankFailed(f"another of the {world.size} ranks stopped without saying why ({said})",
+                         "it was killed or crashed: its stderr, or the launcher's log, tells which") from None
+
+
+def share(n: int, rank: int, size: int) -> tuple[int, int]:
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def assign(sizes: Sequence[int], size: int) -> list[int]:
+    """The rank of each item: largest first onto the least-loaded rank (ties: the lower rank), deterministic."""
+    load = [0] * size
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += sizes[i]
+    return out
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text and text[0] else type(error).__name__
+
+
+def launched(env: dict | None = None) -> World:
+    """The World a launcher described in the environment (``WORLD_SIZE`` > 1), else a run of one."""
+    env = os.environ if env is None else env
+    try:
+        size = int(env.get("WORLD_SIZE", "1") or 1)
+        if size <= 1:
+            return World()
+        rank = int(env["RANK"])
+        local = int(env.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        raise StadeError("WORLD_SIZE is set but RANK is missing or not a number",
+                         "launch with torchrun or accelerate launch, or unset WORLD_SIZE") from None
+    if not 0 <= rank < size:
+        raise StadeError(f"RANK {rank} is outside WORLD_SIZE {size}")
+    return World(rank, size, local)
+
+
+_CURRENT: World | None = None
+
+
+def current() -> World:
+    """This process's World; under a launcher the process group is started (gloo) on first use."""
+    global _CURRENT
+    if _CURRENT is None:
+        world = launched()
+        if world.several:
+            _start(world)
+        _CURRENT = world
+    return _CURRENT
+
+
+def _start(world: World) -> None:
+    import atexit
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="env://", rank=world.rank, world_size=world.size,
+                                timeout=TIMEOUT)
+        atexit.register(_stop)
+
+
+def _stop() -> None:  # pragma: no cover - at interpreter exit
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

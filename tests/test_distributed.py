@@ -1,0 +1,200 @@
+"""Several processes: the same commands under `torchrun --nproc-per-node 2` (gloo, on the CPU) against one process.
+
+Both sides run with one thread per process (OMP_NUM_THREADS=1, as torchrun sets it), so each window's forward
+pass is the same arithmetic on both; what may differ is only the order of the float64 sums.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stade_cli.distributed import RankFailed, World, assign, launched, share
+from stade_cli.errors import StadeError
+
+HERE = Path(__file__).resolve().parent
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------- pure parts
+def test_shares_cover_every_item_once_and_differ_by_at_most_one():
+    for n in (0, 1, 5, 7, 128):
+        for size in (1, 2, 3, 8):
+            parts = [share(n, r, size) for r in range(size)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            lengths = [b - a for a, b in parts]
+            assert max(lengths) - min(lengths) <= 1
+    assert [share(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_shards_are_balanced_by_bytes():
+    # largest first onto the least-loaded rank: 9 → r0, 7 → r1, 4 → r1 (7 < 9), 3 → r0 (9 < 11), 1 → r1 (11 < 12)
+    assert assign([4, 9, 1, 7, 3], 2) == [1, 0, 1, 1, 0]
+    assert World(0, 2).pick([4, 9, 1, 7, 3]) == [1, 4] and World(1, 2).pick([4, 9, 1, 7, 3]) == [0, 2, 3]
+    assert assign([5], 3) == [0] and World(2, 3).pick([5]) == []
+    loads = [0, 0, 0]
+    sizes = [10, 10, 10, 1, 1, 1]
+    for i, r in enumerate(assign(sizes, 3)):
+        loads[r] += sizes[i]
+    assert loads == [11, 11, 11]
+
+
+def test_the_launchers_environment():
+    assert launched({}) == World() and launched({"WORLD_SIZE": "1", "RANK": "0"}) == World()
+    assert launched({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == World(2, 4, 0)
+    with pytest.raises(StadeError, match="RANK is missing"):
+        launched({"WORLD_SIZE": "2"})
+    with pytest.raises(StadeError, match="outside WORLD_SIZE"):
+        launched({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def test_one_process_is_one_process(tiny_llama, tmp_path):
+    """Without a launcher nothing starts a process group, and the collectives are the identity."""
+    import torch.distributed as dist
+    from typer.testing import CliRunner
+
+    from stade_cli.cli.app import app
+
+    w = World()
+    t = torch.arange(3.0)
+    assert w.sum_(t) is t and w.gather(5) == [5] and w.broadcast("x") == "x" and w.first(lambda: 7) == 7
+    with pytest.raises(ValueError):
+        w.check(ValueError("mine"))
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama), "-o", str(tmp_path / "s"), "--dataset", "builtin",
+                                      "--nsamples", "2", "--seqlen", "16"])
+    assert result.exit_code == 0, result.stderr
+    assert not dist.is_initialized()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["world_size"] == 1
+
+
+# ---------------------------------------------------------------------------------------- under torchrun
+def stade(*args, ranks: int = 1, script: Path | None = None, env: dict | None = None, code: int = 0):
+    """Run the stade CLI in one process, or under torchrun with ``ranks`` processes (gloo)."""
+    args = [str(a) for a in args]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "stade_cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               *([str(script)] if script else ["-m", "stade_cli"]), *args]
+    full_env = {**os.environ, **ONE_THREAD, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+    if code is not None:
+        assert (proc.returncode == 0) == (code == 0), f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_factory, tmp_path_factory) -> Path:
+    """A 4-block tiny Llama saved in several safetensors shards (so two ranks have shards to share)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_factory("llama", num_hidden_layers=4)
+    out = tmp_path_factory.mktemp("sharded") / "model"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(out, max_shard_size="60KB")
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    assert len(list(out.glob("*.safetensors"))) >= 3
+    return out
+
+
+CAL = ["--dataset", "builtin", "--nsamples", 6, "--seqlen", 32, "--gram"]
+
+
+@pytest.fixture(scope="module")
+def stats_pair(sharded, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-stats")
+    one = stade("calibrate", sharded, "-o", root / "one", *CAL)
+    two = stade("calibrate", sharded, "-o", root / "two", *CAL, ranks=2)
+    return root / "one", root / "two", one, two
+
+
+def _stats(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.rglob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            out[f"{f.relative_to(path)}:{k}"] = v
+    return out
+
+
+def test_calibrate_on_two_ranks_equals_one_process(stats_pair):
+    one, two, p1, p2 = stats_pair
+    a, b = _stats(one), _stats(two)
+    assert a.keys() == b.keys() and any("gram" in k for k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-12, atol=1e-12), k
+    m1, m2 = (json.loads((p / "manifest.json").read_text()) for p in (one, two))
+    assert m1["world_size"] == 1 and m2["world_size"] == 2
+    for key in ("created", "seconds", "world_size"):
+        m1.pop(key), m2.pop(key)
+    assert m1 == m2
+    # rank 0 alone prints the stats path; the log says how the windows were shared
+    assert p2.stdout.strip().splitlines() == [str(two)]
+    assert "2 ranks, windows 0-2 here" in p2.stderr
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
+
+
+def test_prune_on_two_ranks_is_byte_identical(sharded, stats_pair, tmp_path):
+    stats = stats_pair[0]
+    for extra in ([], ["--metric", "sparsegpt"], ["--metric", "wanda", "--update", "admm", "--pattern", "2:4"]):
+        one, two = tmp_path / f"one{len(extra)}", tmp_path / f"two{len(extra)}"
+        stade("prune", sharded, "--stats", stats, "-o", one, *extra)
+        p = stade("prune", sharded, "--stats", stats, "-o", two, *extra, ranks=2)
+        a, b = _files(one), _files(two)
+        assert a.keys() == b.keys() and "model.safetensors.index.json" in a
+        for name in a:
+            if name not in ("stade_report.json", ".stade-output.json"):
+                assert a[name] == b[name], (extra, name)
+        ra, rb = (json.loads(x["stade_report.json"]) for x in (a, b))
+        for r in (ra, rb):
+            r.pop("created"), r.pop("seconds")
+        assert ra == rb
+        assert "2 ranks share the" in p.stderr
+        assert not list(tmp_path.glob(".*stade-*"))             # no staging or lock left beside the outputs
+
+
+def test_eval_on_two_ranks_gives_the_same_number(sharded):
+    args = ["eval", sharded, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 7, "--batch-size", 2, "--json"]
+    one = json.loads(stade(*args).stdout)
+    two = json.loads(stade(*args, ranks=2).stdout)          # rank 0 alone writes the JSON
+    assert one["ppl"] == two["ppl"] and one["nll"] == two["nll"] and one["tokens"] == two["tokens"]
+    assert two["world_size"] == 2 and "world_size" not in one
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_rank_failing_mid_prune_leaves_no_output(sharded, stats_pair, tmp_path, how):
+    out = tmp_path / "out"
+    p = stade("prune", sharded, "--stats", stats_pair[0], "-o", out, ranks=2, script=HERE / "_dist_fail.py",
+              env={"STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": how}, code=1)
+    assert p.returncode != 0
+    assert not out.exists() and not list(tmp_path.iterdir())   # neither the output nor its staging or lock
+    if how == "raise":
+        assert "error: rank 1: unexpected OSError: [Errno 5] Input/output error (injected)" in p.stderr
+        assert "rank 1 of 2 failed" in p.stderr                 # rank 0 says why it stopped
+    else:
+        assert "stopped without saying why" in p.stderr
+
+
+def test_sequential_and_zero_shot_under_two_ranks(sharded, stats_pair, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["prune", sharded, "--stats", stats_pair[0], "--metric", "wanda", "--sequential"]
+    stade(*args, "-o", one)
+    p = stade(*args, "-o", two, ranks=2)
+    assert "--sequential runs on rank 0 alone" in p.stderr
+    a, b = _files(one), _files(two)
+    assert all(a[n] == b[n] for n in a if n.endswith(".safetensors"))
+    z = stade("eval", sharded, "--tasks", "arc_easy", ranks=2, code=2)
+    assert "runs in one process" in z.stderr and "accelerate launch -m lm_eval" in z.stderr
