@@ -218,6 +218,10 @@ def _start(world: World) -> None:
 
     import torch.distributed as dist
 
+    import torch
+
+    if torch.cuda.is_available():     # libraries that use "the current device" use this rank's GPU
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method="env://", rank=world.rank, world_size=world.size,
                                 timeout=TIMEOUT)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,12 +50,6 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
                            placement, update)
     checked = check_request(request)
     world = current()
-    if sequential and world.several:
-        if not world.main:
-            return None
-        reporter.log(f"--sequential runs on rank 0 alone: each block is pruned on the activations of the blocks "
-                     f"pruned before it, one after another (the other {world.size - 1} rank(s) have stopped)")
-        world = World()
     out = Path(out).expanduser()
     dest = Output(out, "checkpoint", force, reporter.log)
     with claimed(dest, world, run_inputs(model, dataset, placement, stats)):   # checked and locked before any work
@@ -68,9 +63,15 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         source = world.first(resolve)
         with world.together():
             plan = make_plan(request, checked, source, weight_files(source.path), started, world)
-        if world.several:
+        if world.several and not sequential:
             idle = max(world.size - len(plan.files), 0)
             reporter.log(f"{world.size} ranks share the {len(plan.files)} weight shard(s), balanced by bytes"
                          + (f"; {idle} rank(s) have no shard to write" if idle else ""))
         decisions = (sequential_decisions if sequential else one_shot)(plan, reporter)
+        if sequential and world.several:
+            # every rank made the same decisions (from the sums over all ranks' windows): rank 0 writes them
+            if not world.main:
+                return None
+            reporter.log("the forward passes were shared by the ranks; rank 0 writes the checkpoint")
+            plan = dataclasses.replace(plan, world=World())
         return write(plan, decisions, dest, reporter)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .blockwise import BlockRunner
-from .calibration.runner import MomentCapture
+from .calibration.runner import MomentCapture, sum_over_ranks
 from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
+from .errors import UsageError
 from .loading import Placement, Runtime
 from .metrics import LayerStats
 from .runtime import Reporter
@@ -32,22 +33,30 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     placement = plan.request.placement or Placement()
     rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
     windows = spec.windows(rt)
+    world = plan.world         # under a launcher: each rank runs its share of the windows; sums are shared
+    if len(windows) < world.size:
+        raise UsageError(f"{len(windows)} calibration windows cannot be shared by {world.size} ranks",
+                         "ask for at least one window per rank (--nsamples), or launch fewer ranks")
+    start, stop = world.share(len(windows))
     arch = plan.arch
-    reporter.log(f"sequential pruning: {len(arch.blocks)} blocks, {spec.nsamples} × {windows.shape[1]} tokens")
+    ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""
+    reporter.log(f"sequential pruning: {len(arch.blocks)} blocks, {spec.nsamples} × {windows.shape[1]} tokens{ranks}")
     decisions: dict[str, LayerDecision] = {}
     reads_norm: dict[str, bool] = {}
     cache = Factorisations()
-    with rt.model(placement) as model, BlockRunner(model, arch, windows, rt.device, spec.batch_size, placement,
-                                                   reporter) as runner:
+    with rt.model(placement) as model, BlockRunner(model, arch, windows[start:stop], rt.device, spec.batch_size,
+                                                   placement, reporter) as runner:
         modules = dict(model.named_modules())
         last = len(arch.blocks) - 1
         for index, block, dev in runner.blocks("pruning blocks"):
             sub = arch.block(index)
             capture = MomentCapture(model, sub, dev, gram=plan.needs_gram)
             try:
-                runner.run(block, dev, keep=False, after_batch=capture.end_batch)
+                with world.together():
+                    runner.run(block, dev, keep=False, after_batch=capture.end_batch)
             finally:
                 capture.remove()
+            sum_over_ranks(capture, world)     # every rank now decides the same, from the stats of all windows
             for name, target in sub.targets.items():
                 linear = modules[name]
                 ctx = plan.context(name, capture.reads_norm.get(name, False))

@@ -142,25 +142,27 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
     return collected
 
 
-def sum_over_ranks(collected: Collected, world: World) -> None:
-    """Each rank's moments and Gram matrices summed in place (float64): afterwards every rank holds the stats of
-    all windows. The moments of all layers travel as one tensor; each Gram matrix on its own."""
+def sum_over_ranks(collected: "Collected | MomentCapture", world: World) -> None:
+    """Each rank's moments and Gram matrices summed in place (float64, on the CPU for gloo, then back where they
+    were): afterwards every rank holds the stats of all windows. The moments of all layers travel as one
+    tensor; each Gram matrix on its own."""
     if not world.several:
         return
     names = sorted(collected.moments)
     flat = torch.cat([torch.cat([torch.tensor([float(collected.moments[n].count)], dtype=torch.float64),
-                                 collected.moments[n].sum, collected.moments[n].sumsq]) for n in names])
+                                 collected.moments[n].sum.cpu(), collected.moments[n].sumsq.cpu()]) for n in names])
     world.sum_(flat)
     at = 0
     for n in names:
         m, width = collected.moments[n], collected.moments[n].sum.numel()
         m.count = int(flat[at])
-        m.sum, m.sumsq = flat[at + 1: at + 1 + width].clone(), flat[at + 1 + width: at + 1 + 2 * width].clone()
+        m.sum = flat[at + 1: at + 1 + width].to(m.sum.device, copy=True)
+        m.sumsq = flat[at + 1 + width: at + 1 + 2 * width].to(m.sumsq.device, copy=True)
         at += 1 + 2 * width
     for leader in sorted(collected.grams):
         h = collected.grams[leader]
-        total = world.sum_(h.double() if h.dtype != torch.float64 else h)
-        collected.grams[leader] = total.to(h.dtype)
+        total = world.sum_(h.to("cpu", torch.float64, copy=True))
+        collected.grams[leader] = total.to(h.device, h.dtype)
 
 
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
