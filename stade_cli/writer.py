@@ -106,6 +106,8 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                 for layers, added in parts[1:]:
                     stream.layers.update(layers)
                     stream.added.update(added)
+                order = {output_name(f): i for i, f in enumerate(plan.files)}   # new tensors as one process adds them
+                stream.added = dict(sorted(stream.added.items(), key=lambda item: order[item[1]]))
                 stream.check_complete()
                 copy_side_files(src, tmp)
                 _write_index(src, tmp, stream.added)
