@@ -312,3 +312,16 @@ def test_inspect_against_names_both_sides_and_tells_weights_from_mask(tiny_llama
     text = run("inspect", a, "--against", b).stdout
     assert f"A: {cmp['a']} (wanda, 2:4)" in text and f"B: {cmp['b']} (sparsegpt, 2:4)" in text
     assert "weights changed" in text and "mask changed" in text and f"{cmp['mask_changed']:,} of them in the mask" in text
+
+
+def test_an_option_given_twice_is_refused(tiny_llama, llama_stats, tmp_path):
+    """click keeps the last of two values silently; a tired user calibrating on two files would get one."""
+    r = run("calibrate", tiny_llama, "-o", tmp_path / "s", "--dataset", "a.txt", "--dataset", "b.txt", code=2)
+    assert "--dataset was given twice" in r.stderr and "--dataset a.txt,b.txt" in r.stderr
+    r = run("prune", tiny_llama, "--stats", llama_stats, "-o", tmp_path / "p", "--sparsity", "0.5",
+            "--sparsity=0.6", code=2)
+    assert "--sparsity was given twice" in r.stderr
+    r = run("prune", tiny_llama, "--stats", llama_stats, "--output", tmp_path / "p", "-o", tmp_path / "q", code=2)
+    assert "was given twice" in r.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
+    run("prune", tiny_llama, "--stats", llama_stats, "-o", tmp_path / "p", "--force", "--force", "-q")  # flags: harmless

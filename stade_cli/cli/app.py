@@ -35,6 +35,29 @@ class StadeCommand(TyperCommand):
             option.rich_help_panel = panels[0]
         return option
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        """An option that takes one value, given twice, is refused: click would silently keep the last one
+        (``--dataset a.txt --dataset b.txt`` calibrating on b.txt alone)."""
+        takes_value = {opt: p for p in self.params if p.param_type_name == "option" and not p.is_flag
+                       and not p.multiple and not getattr(p, "count", False) for opt in p.opts + p.secondary_opts}
+        seen: dict[str, str] = {}
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                break
+            name, has_value = token.split("=", 1)[0], "=" in token
+            param = takes_value.get(name)
+            if param is not None:
+                if param.name in seen:
+                    several = " (several files: one comma-separated value, --dataset a.txt,b.txt)" \
+                        if param.name == "dataset" else ""
+                    raise UsageError(f"{name} was given twice; give it once{several}", ctx=ctx)
+                seen[param.name] = name
+                i += 0 if has_value else 1          # its value is the next token
+            i += 1
+        return super().parse_args(ctx, args)
+
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
