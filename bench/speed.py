@@ -46,7 +46,8 @@ if str(ROOT) not in sys.path:  # runnable as `python bench/speed.py` without ins
     sys.path.insert(0, str(ROOT))
 
 GB = 1e9
-TARGETS = {"calibrate": 1.10, "prune": 1.5, "memory": 1.0, "eval": 1.05, "solver": math.inf}  # solver: recorded
+TARGETS = {"calibrate": 1.10, "prune": 1.5, "memory": 1.0, "eval": 1.05, "solver": math.inf,  # solver: recorded
+           "update": 1.0}     # --update admm (and gradual) no slower than sparsegpt from the same stats
 
 
 from stade_cli.errors import OutputError  # noqa: E402
@@ -290,30 +291,41 @@ def bench_prune(model_dir: Path, stats_dir: Path, work: Path, args) -> list[dict
     return results
 
 
-def bench_solver(model_dir: Path, stats_dir: Path, work: Path, args) -> dict:
-    """SparseGPT's cost relative to Wanda's: both prune 50% unstructured from the same (Gram) stats."""
+def bench_solver(model_dir: Path, stats_dir: Path, work: Path, args) -> list[dict]:
+    """From the same (Gram) stats at 50% unstructured: SparseGPT's cost relative to Wanda's (recorded), and
+    ``--update admm`` (plain and gradual, after Wanda's mask) relative to SparseGPT's (target: no slower)."""
     from stade_cli.pruning import prune
 
-    outs = {m: work / f"solver-{m}" for m in ("sparsegpt", "wanda")}
+    runs = {"sparsegpt": dict(metric="sparsegpt"), "wanda": dict(metric="wanda"),
+            "admm": dict(metric="wanda", update="admm"),
+            "admm gradual": dict(metric="wanda", update="admm", options={"admm_gradual": True})}
+    outs = {m: work / f"solver-{m.replace(' ', '-')}" for m in runs}
 
     def cleanup():
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
 
-    def run(metric):
-        return lambda: prune(str(model_dir), outs[metric], metric=metric, sparsity=0.5, stats=stats_dir,
-                             device=args.device, force=True)
+    def run(name):
+        return lambda: prune(str(model_dir), outs[name], sparsity=0.5, stats=stats_dir, device=args.device, force=True,
+                             **runs[name])
 
-    log(f"solver: prune sparsegpt vs wanda, {args.repeats} rounds")
+    log(f"solver: prune sparsegpt, wanda, wanda + admm (plain, gradual), {args.repeats} rounds")
     try:
-        t = interleaved({"sparsegpt": run("sparsegpt"), "wanda": run("wanda")}, args.repeats, args.warmup, cleanup)
+        t = interleaved({name: run(name) for name in runs}, args.repeats, args.warmup, cleanup)
     except Exception as exc:  # noqa: BLE001
         cleanup()
-        return failed_figure("solver", "prune sparsegpt / prune wanda", exc)
+        return [failed_figure("solver", "prune sparsegpt / prune wanda", exc)]
     cleanup()
     sg, wa = med(t["sparsegpt"]), med(t["wanda"])
-    return figure("solver", "prune sparsegpt / prune wanda (same Gram stats, 50%)", sg / wa, measured_s=sg,
-                  baseline_s=wa, samples=t, cpu_ratio=cpu_ratio(t, "sparsegpt", "wanda"))
+    out = [figure("solver", "prune sparsegpt / prune wanda (same Gram stats, 50%)", sg / wa, measured_s=sg,
+                  baseline_s=wa, samples={k: t[k] for k in ("sparsegpt", "wanda")},
+                  cpu_ratio=cpu_ratio(t, "sparsegpt", "wanda"))]
+    for name in ("admm", "admm gradual"):
+        m = med(t[name])
+        out.append(figure("update", f"prune wanda + {name} / prune sparsegpt (same Gram stats, 50%)", m / sg,
+                          measured_s=m, baseline_s=sg, samples={k: t[k] for k in (name, "sparsegpt")},
+                          cpu_ratio=cpu_ratio(t, name, "sparsegpt")))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -570,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cpus": os.cpu_count(), "machine": platform.machine()},
         "figures": [], "info": {},
     }
-    order = {"calibrate": 0, "prune": 1, "solver": 2, "memory": 3, "eval": 4}
+    order = {"calibrate": 0, "prune": 1, "solver": 2, "update": 3, "memory": 4, "eval": 5}
 
     def save() -> None:  # after every section, so an interrupted run keeps what it measured
         result["figures"].sort(key=lambda f: order[f["kind"]])
@@ -608,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             result["figures"].extend(bench_prune(model_dir, stats_dir, work, args))
             save()
             if not args.skip_solver:
-                result["figures"].append(bench_solver(model_dir, stats_dir, work, args))
+                result["figures"].extend(bench_solver(model_dir, stats_dir, work, args))
         except Exception as exc:  # noqa: BLE001
             result["figures"].append(failed_figure("prune", "prune", exc))
         save()

@@ -53,7 +53,7 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     data = json.loads(out.read_text())
     assert json.loads(proc.stdout) == data
     kinds = [f["kind"] for f in data["figures"]]
-    assert kinds == ["calibrate", "prune", "solver", "memory", "memory", "eval"]
+    assert kinds == ["calibrate", "prune", "solver", "update", "update", "memory", "memory", "eval"]
     for f in data["figures"]:
         assert _finite(f["ratio"]) and f["ratio"] > 0, f
         assert isinstance(f["pass"], bool)
@@ -64,6 +64,9 @@ def test_speed_smoke(tiny_llama, text_file, tmp_path):
     assert _finite(prune["secondary"]["ratio"])
     solver = next(f for f in data["figures"] if f["kind"] == "solver")
     assert solver["measured_s"] > 0 and solver["baseline_s"] > 0 and solver["pass"]   # recorded, no target
+    updates = [f for f in data["figures"] if f["kind"] == "update"]
+    assert [f["figure"].split(" / ")[0] for f in updates] == ["prune wanda + admm", "prune wanda + admm gradual"]
+    assert all(f["baseline_s"] == solver["measured_s"] and f["target"] == 1.0 for f in updates)   # against sparsegpt
     ev = next(f for f in data["figures"] if f["kind"] == "eval")
     assert ev["check"]["agree"], ev["check"]
 

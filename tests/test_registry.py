@@ -34,7 +34,7 @@ def test_options_belong_to_their_methods():
     specs = option_specs()
     assert list(specs) == ["ria_alpha", "stoch_beta", "seed", "percdamp", "blocksize", "init", "dsnot_pow",
                            "dsnot_threshold", "dsnot_cycles", "r2_gamma1", "r2_gamma2", "admm_iterations", "admm_rho",
-                           "admm_damp", "admm_gradual", "admm_gradual_steps"]
+                           "admm_damp", "admm_gradual", "admm_gradual_steps", "admm_precision"]
     assert specs["ria_alpha"].users == ("ria", "stochria") and specs["init"].users == ("dsnot", "r2dsnot")
     assert specs["blocksize"].type is int and specs["blocksize"].default == 128
     opts = build_options({"ria_alpha": 2.0, "blocksize": 64}, seed=7)
