@@ -143,6 +143,18 @@ def test_calibrate_on_two_ranks_equals_one_process(stats_pair):
     assert "2 ranks, windows 0-2 here" in p2.stderr
 
 
+def test_calibrate_with_a_device_map_on_two_ranks(sharded, stats_pair, tmp_path):
+    """Each rank loads the model with accelerate's placement (here a CPU budget, offload in a folder of its own
+    inside the one --offload-dir): the same stats."""
+    out = tmp_path / "placed"
+    stade("calibrate", sharded, "-o", out, *CAL, "--max-memory", "cpu=1GiB", "--offload-dir", tmp_path / "off",
+          ranks=2)
+    a, b = _stats(stats_pair[1]), _stats(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "manifest.json").read_text())["placement"]
+    assert not list((tmp_path / "off").iterdir())          # each rank's offload folder removed
+
+
 def test_accelerate_launch_is_the_same_engine(sharded, stats_pair, tmp_path):
     """`accelerate launch` starts torchrun's workers with the same environment: the same stats."""
     pytest.importorskip("accelerate")
