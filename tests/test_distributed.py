@@ -242,3 +242,19 @@ def test_sequential_shares_the_forward_passes(sharded, stats_pair, tmp_path):
 def test_zero_shot_is_refused_under_a_launcher(sharded):
     z = stade("eval", sharded, "--tasks", "arc_easy", ranks=2, code=2)
     assert "runs in one process" in z.stderr and "accelerate launch -m lm_eval" in z.stderr
+
+
+def test_sweep_and_demo_are_refused_under_a_launcher(tiny_llama, tmp_path, monkeypatch):
+    """They claim outputs of their own: every rank would claim the same one. Refused before any work (the launcher's
+    environment alone decides; no process group is needed to say no)."""
+    from typer.testing import CliRunner
+
+    from stade_cli.cli.app import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for args in (["sweep", str(tiny_llama), "--metrics", "wanda", "-o", str(tmp_path / "sw"), "--dataset", "builtin"],
+                 ["demo", "--workdir", str(tmp_path / "demo")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "runs in one process, not as 2 ranks" in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())
