@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .arch import Architecture
-from .errors import UsageError
 from .loading import Placement, check_batch_size
 from .runtime import Reporter
 

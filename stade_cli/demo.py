@@ -7,7 +7,6 @@ transformers' ``GgufConfig(dequantize=True)`` and cached as safetensors. Text: `
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import ModelError

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .errors import StadeError
+from .errors import StadeError, UsageError
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=1)      # a rank waits this long for the others at a collective
@@ -58,6 +58,13 @@ class World:
     def share(self, n: int) -> tuple[int, int]:
         """[start, stop) of this rank's contiguous share of n items: sizes differ by at most one."""
         return share(n, self.rank, self.size)
+
+    def windows(self, n: int) -> tuple[int, int]:
+        """``share`` of n calibration windows, refused when some rank would get none."""
+        if n < self.size:
+            raise UsageError(f"{n} calibration windows cannot be shared by {self.size} ranks",
+                             "ask for at least one window per rank (--nsamples), or launch fewer ranks")
+        return self.share(n)
 
     def pick(self, sizes: Sequence[int]) -> list[int]:
         """Indices of the items (e.g. weight shards by bytes) this rank takes, in their original order."""

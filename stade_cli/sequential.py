@@ -17,7 +17,6 @@ from torch import nn
 from .blockwise import BlockRunner
 from .calibration.runner import MomentCapture, sum_over_ranks
 from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
-from .errors import UsageError
 from .loading import Placement, Runtime
 from .metrics import LayerStats
 from .runtime import Reporter
@@ -34,10 +33,7 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
     windows = spec.windows(rt)
     world = plan.world         # under a launcher: each rank runs its share of the windows; sums are shared
-    if len(windows) < world.size:
-        raise UsageError(f"{len(windows)} calibration windows cannot be shared by {world.size} ranks",
-                         "ask for at least one window per rank (--nsamples), or launch fewer ranks")
-    start, stop = world.share(len(windows))
+    start, stop = world.windows(len(windows))
     arch = plan.arch
     ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""
     reporter.log(f"sequential pruning: {len(arch.blocks)} blocks, {spec.nsamples} × {windows.shape[1]} tokens{ranks}")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stade_cli.distributed import RankFailed, World, assign, launched, share
+from stade_cli.distributed import World, assign, launched, share
 from stade_cli.errors import StadeError
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,6 @@ import torch
 from ..arch import Architecture, bias_flag_table, describe
 from ..checkpoint import ModelSource, resolve_model
 from ..distributed import World, claimed, current
-from ..errors import UsageError
 from ..loading import CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output
 from ..runtime import Reporter
@@ -180,10 +179,7 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     spec = CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size)
     spec.check()
     windows = spec.windows(rt)                        # the same windows on every rank: sampled from the seed
-    if len(windows) < world.size:
-        raise UsageError(f"{len(windows)} calibration windows cannot be shared by {world.size} ranks",
-                         "ask for at least one window per rank (--nsamples), or launch fewer ranks")
-    start, stop = world.share(len(windows))
+    start, stop = world.windows(len(windows))
     ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""
     reporter.log(f"calibrating {rt.source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
                  f"{rt.device}, {rt.dtype_name}{ranks}")
