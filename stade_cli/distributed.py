@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .errors import StadeError, UsageError
+from .errors import Interrupted, StadeError, UsageError
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=1)      # a rank waits this long for the others at a collective
@@ -124,6 +124,8 @@ class World:
         run inside: a rank that fails early would meet the others at a different one."""
         try:
             yield
+        except (KeyboardInterrupt, Interrupted):
+            raise            # the launcher signals every rank: each unwinds at once, no collective to meet at
         except BaseException as exc:
             self.check(exc)
             raise

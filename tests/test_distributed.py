@@ -218,6 +218,32 @@ def test_a_rank_failing_mid_prune_leaves_no_output(sharded, stats_pair, tmp_path
         assert "stopped without saying why" in p.stderr
 
 
+def test_ctrl_c_on_the_launcher_stops_every_rank_and_leaves_nothing(sharded, stats_pair, tmp_path):
+    """Rank 1 is stuck in its shards, rank 0 waits for it at a collective; Ctrl-C on torchrun (SIGINT to every
+    rank) unwinds both at once: each says it was interrupted, and no output, staging or lock is left."""
+    import signal
+    import time
+
+    work, ready = tmp_path / "work", tmp_path / "ready"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(HERE / "_dist_fail.py"), "prune", str(sharded), "--stats", str(stats_pair[0]), "-o", str(work / "out")]
+    env = {**os.environ, **ONE_THREAD, "STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": "hang",
+           "STADE_TEST_READY": str(ready)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while not ready.exists():                 # the event: rank 1 is inside its shards
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "error: rank 0: interrupted" in err and "error: rank 1: interrupted" in err, err
+    assert not list(work.iterdir())
+
+
 def test_sequential_shares_the_forward_passes(sharded, stats_pair, tmp_path):
     """--sequential under two ranks: each runs half the windows through every block, the block's moments (and
     Gram) are summed, every rank decides the same and rank 0 writes: the checkpoint of one process."""
