@@ -11,9 +11,9 @@ import datetime as _dt
 import errno
 import json
 import math
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +91,6 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     mine = world.pick(sizes)
     total = sum(sizes[i] for i in mine)
     with _one_thread_per_worker(dev, workers), _staging(dest, world) as tmp:
-        stream = None
         with world.together():                   # this rank's shards
             with ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
                     _disk_full_is_an_error(dest.path, total):
