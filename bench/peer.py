@@ -123,7 +123,7 @@ def other_zeros(path: Path) -> dict[str, int]:
     from stade_cli.arch import describe, meta_model
     from stade_cli.checkpoint import ShardReader, load_config, weight_files
 
-    targets = describe(meta_model(load_config(path))).by_weight_key()
+    targets = describe(meta_model(load_config(path))).by_key()
     out = {}
     for fname in weight_files(path):
         with ShardReader(path / fname) as f:

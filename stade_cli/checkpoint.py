@@ -137,6 +137,18 @@ def weight_files(path: Path) -> list[str]:
     return files
 
 
+def tensor_shapes(path: Path, files: list[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape by key, in shard order: from the safetensors headers (no data read), or for ``.bin``
+    shards from the memory-mapped archive."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files if files is not None else weight_files(path):
+        if name.endswith(".bin"):
+            shapes.update({k: tuple(t.shape) for k, t in load_bin(path / name).items()})
+        else:
+            shapes.update({e.name: tuple(e.shape) for e in read_header(path / name)[0]})
+    return shapes
+
+
 def output_name(shard: str) -> str:
     """The safetensors name a pruned shard is written under: the same name, or for ``pytorch_model*.bin``
     the name ``save_pretrained`` gives safetensors (``pytorch_model-00001-of-00002.bin`` →
@@ -409,8 +421,9 @@ class ShardReader:
     def get_tensor(self, name: str):
         return self._state[name] if self.is_bin else self._st.get_tensor(name)
 
-    def copy(self, entry: TensorEntry, writer: "ShardWriter") -> None:
+    def copy(self, entry: TensorEntry, writer: "ShardWriter", name: str | None = None) -> None:
+        """Copy an untouched tensor into ``writer`` (under ``name``, when the output renames it)."""
         if self.is_bin:
-            writer.write(entry.name, tensor_bytes(self._state[entry.name]))
+            writer.write(name or entry.name, tensor_bytes(self._state[entry.name]))
         else:
-            writer.copy(entry.name, self._raw, self._data_start + entry.begin, entry.nbytes)
+            writer.copy(name or entry.name, self._raw, self._data_start + entry.begin, entry.nbytes)

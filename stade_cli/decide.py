@@ -7,12 +7,14 @@ as the writer streams the shards; it calibrates first when there are no stats) a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from .arch import Target
+from .experts import Rewrite, TargetStats, fallbacks, plan_removal, summary
 from .metrics import LayerContext, LayerStats, Metric
 from .owl import owl_block_sparsity
 from .runtime import Reporter
@@ -45,7 +47,9 @@ class Decisions:
     reads_norm: Mapping[str, bool]
     block_sparsity: Mapping[int, float] | None
     stats_manifest: dict | None
-    layer: Callable[[Target, torch.Tensor], LayerDecision]
+    layer: Callable[[Target, torch.Tensor], LayerDecision] | None     # None: no target is pruned (--experts alone)
+    removal: Rewrite | None = None         # --experts: which experts stay, and how the checkpoint changes
+    fallback: dict | None = None           # experts on fallback statistics (experts.summary), for the report
 
 
 def select(weight: torch.Tensor, metric: Metric, pattern, moments, ctx: LayerContext) -> torch.Tensor:
@@ -141,7 +145,8 @@ class _BlockView:
 
 
 def dense_inputs(plan, reporter: Reporter):
-    """(the dense model's stats: cached, calibrated now, or None; OWL's per-block sparsities or None)."""
+    """(the dense model's stats: cached, calibrated now, or None; OWL's per-block sparsities or None; the expert
+    removal of --experts or None)."""
     from .calibration.runner import compute_stats
 
     st = plan.stats
@@ -151,32 +156,64 @@ def dense_inputs(plan, reporter: Reporter):
                            plan.request.dtype, cal.batch_size, reporter, only=plan.request.only,
                            skip=plan.request.skip, gram=plan.needs_gram, placement=plan.request.placement,
                            world=plan.world)
+    removal = None
+    arch = plan.arch
+    if plan.request.experts is not None:
+        removal = plan_removal(arch, plan.shapes, dict(plan.config_json), st.experts, plan.request.experts,
+                               plan.request.expert_score, plan.calibration.seed)
+        kept = {n: t for n, t in arch.targets.items() if removal.keeps(t)}
+        arch = dataclasses.replace(arch, targets=kept)
+        blocks = len(removal.kept)
+        reporter.log(f"experts: keeping {plan.request.experts} of {arch.experts[min(removal.kept)].num_experts} in "
+                     f"each of {blocks} MoE block(s), ranked by {plan.request.expert_score}")
     block_sparsity = None
     if plan.request.layer_sparsity == "owl":
-        block_sparsity = owl_block_sparsity(plan.source.path, plan.files, plan.arch, st,
+        block_sparsity = owl_block_sparsity(plan.source.path, plan.files, arch, st,
                                             plan.pattern.target_sparsity, plan.request.owl_m,
-                                            plan.request.owl_lambda, plan.device)
+                                            plan.request.owl_lambda, plan.device,
+                                            fallback=_fallback(plan, arch, st))
         reporter.log("OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in block_sparsity.values()))
-    return st, block_sparsity
+    return st, block_sparsity, removal
+
+
+def _fallback(plan, arch, st) -> dict[str, str]:
+    """target → the fallback statistics it uses (experts that saw fewer than --expert-min-tokens tokens)."""
+    if st is None or not st.experts:
+        return {}
+    return fallbacks(arch, st.experts, plan.request.expert_min_tokens)
 
 
 def one_shot(plan, reporter: Reporter) -> Decisions:
     """Decisions from the dense model's moments (cached, or calibrated now), made per tensor as it streams."""
-    st, block_sparsity = dense_inputs(plan, reporter)
+    st, block_sparsity, removal = dense_inputs(plan, reporter)
+    arch = plan.arch
+    if removal is not None:
+        arch = dataclasses.replace(arch, targets={n: t for n, t in arch.targets.items() if removal.keeps(t)})
+    if not plan.request.unstructured:
+        return Decisions(frozenset(), {}, None, st.manifest if st is not None else None, None, removal)
     reads_norm = plan.roles(st)
-    contexts = {n: plan.context(n, reads_norm.get(n, False)) for n in plan.arch.targets}
-    corrected = frozenset(n for n in plan.arch.targets if st is not None and plan.corrects(contexts[n]))
+    contexts = {n: plan.context(n, reads_norm.get(n, False)) for n in arch.targets}
+    corrected = frozenset(n for n, t in arch.targets.items()
+                          if st is not None and not t.fused and plan.corrects(contexts[n]))
+    fallback = _fallback(plan, arch, st)
+    gram = st is not None and plan.needs_gram
+    stats_of = (TargetStats(arch, st.moments, st.gram if gram else None, st.input_of if gram else None, fallback)
+                if st is not None else None)
+    if fallback:
+        n_experts = len({(arch.targets[n].block, arch.targets[n].expert) for n in fallback})
+        reporter.log(f"{n_experts} expert(s) saw fewer than {plan.request.expert_min_tokens} calibration tokens: "
+                     "their gate/up use the block's pooled input, their down projections magnitude")
 
     cache = Factorisations()
 
     def layer(target: Target, tensor: torch.Tensor) -> LayerDecision:
-        gram = st is not None and plan.needs_gram
-        stats = LayerStats(st.moments[target.name] if st else None, st.gram(target.name) if gram else None,
-                           st.input_of(target.name) if gram else None)
+        stats = stats_of(target) if stats_of is not None else LayerStats()
         pattern = plan.pattern_for(target, block_sparsity)
         new, _, delta = decide_layer(tensor.to(plan.device), plan.method, pattern, stats, contexts[target.name],
                                      target.name in corrected, plan.update, plan.update_context(target.name),
                                      cache.at(target.block))
         return LayerDecision(weight=new.cpu(), bias_delta=delta.cpu() if delta is not None else None)
 
-    return Decisions(corrected, reads_norm, block_sparsity, st.manifest if st is not None else None, layer)
+    report = summary(arch, st.experts, plan.request.expert_min_tokens) if st is not None and st.experts else None
+    return Decisions(corrected, reads_norm, block_sparsity, st.manifest if st is not None else None, layer, removal,
+                     report)

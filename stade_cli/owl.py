@@ -37,17 +37,22 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
 
 
 def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stats, sparsity: float,
-                       m: float, lam: float, device: torch.device) -> dict[int, float]:
-    """OWL from the dense model's Wanda scores |W_ij|·‖X_j‖₂, block by block."""
-    by_key = arch.by_weight_key()
+                       m: float, lam: float, device: torch.device, fallback=None) -> dict[int, float]:
+    """OWL from the dense model's Wanda scores |W_ij|·‖X_j‖₂, block by block (``fallback``: experts' targets on
+    fallback statistics, ``experts.fallbacks``)."""
+    from .experts import TargetStats
+
+    stats_of = TargetStats(arch, st.moments, fallback=fallback)
+    by_key = arch.by_key()
     per_block: dict[int, list[torch.Tensor]] = {}
     for fname in files:
         with ShardReader(src / fname) as f:
-            for key in f.keys():
-                if key in by_key:
-                    t = by_key[key]
-                    w = f.get_tensor(key).to(device).float()
-                    per_block.setdefault(t.block, []).append(w.abs() * st.moments[t.name].norm.to(device, w.dtype))
+            for key in (k for k in f.keys() if k in by_key):
+                tensor = f.get_tensor(key)
+                for t in by_key[key]:
+                    w = t.matrix(tensor).to(device).float()
+                    norm = stats_of(t).moments.norm
+                    per_block.setdefault(t.block, []).append(w.abs() * norm.to(device, w.dtype))
     blocks = sorted(per_block)
     ratios = [owl_outlier_ratio(per_block[b], m) for b in blocks]
     out = dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))

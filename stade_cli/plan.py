@@ -13,11 +13,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .arch import Architecture, Target, bias_flag_table, bias_switches, describe, meta_model
+from .arch import Architecture, Coverage, Target, bias_flag_table, bias_switches, check_coverage, describe, meta_model
 from .calibration.store import Stats, load_stats
-from .checkpoint import ModelSource, load_config
+from .checkpoint import ModelSource, load_config, tensor_shapes
 from .distributed import World
-from .errors import StatsError, UsageError
+from .errors import ModelError, StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
 from .metrics import LayerContext, Metric, build_options, get_metric, get_update, methods
@@ -47,6 +47,14 @@ class PruneRequest:
     skip: str | None = None
     placement: Placement | None = None
     update: str = "none"                     # a weight update after the mask (``admm``), or none
+    experts: int | None = None               # keep this many experts in every MoE block (remove the others)
+    expert_score: str = "reap"               # how --experts ranks them: reap, frequency or random
+    expert_min_tokens: int = 128             # experts that saw fewer calibration tokens use fallback statistics
+
+    @property
+    def unstructured(self) -> bool:
+        """Whether weights are zeroed at all: always, except --experts alone (no --sparsity, no N:M pattern)."""
+        return not (self.experts is not None and self.sparsity is None and ":" not in self.pattern)
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,18 @@ class Checked:
 
 def check_request(req: PruneRequest) -> Checked:
     method = get_metric(req.metric)
-    pattern = parse_pattern(req.pattern, req.sparsity, req.group)
+    pattern = parse_pattern(req.pattern, req.sparsity if req.unstructured else 0.0, req.group)
+    if req.experts is not None:
+        from .experts import SCORES
+
+        if req.expert_score not in SCORES:
+            raise UsageError(f"--expert-score must be one of {', '.join(SCORES)} (got {req.expert_score})")
+        if req.sequential:
+            raise UsageError("--experts does not combine with --sequential",
+                             "remove the experts first (stade prune M --experts K -o M-K), then prune M-K "
+                             "--sequential")
+    if req.expert_min_tokens < 0:
+        raise UsageError(f"--expert-min-tokens must be at least 0 (got {req.expert_min_tokens})")
     if req.layer_sparsity not in ("uniform", "owl"):
         raise UsageError(f"--layer-sparsity must be uniform or owl (got {req.layer_sparsity})")
     if req.layer_sparsity == "owl":
@@ -107,6 +126,9 @@ class Plan:
     started: float
     update: Metric | None = None         # the weight update after the mask (--update), or None
     world: World = World()               # the ranks sharing this prune (one process unless launched)
+    coverage: Coverage | None = None     # the targets' share of the decoder blocks' weights
+    shapes: Mapping[str, tuple] = field(default_factory=dict)   # every checkpoint tensor's shape by key
+    config_json: Mapping[str, Any] = field(default_factory=dict)  # config.json as written (for --experts)
 
     def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
         if block_sparsity is None:
@@ -142,6 +164,7 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                      or checked.update is not None)
     given: Stats | None = None
     arch = config = None
+    shapes = tensor_shapes(source.path, files)
     if req.stats is not None:
         given = load_stats(Path(req.stats))
         given.check_fingerprint(source.fingerprint)
@@ -151,14 +174,34 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
     if arch is None or arch.bias_flags is None:
         config = load_config(source.path)
     if arch is None:
-        arch = describe(meta_model(config), only=req.only, skip=req.skip)
-    if not arch.targets:
+        arch = describe(meta_model(config), only=req.only, skip=req.skip, disk=shapes)
+    cov = check_coverage(arch, shapes, req.skip)          # never do less than we say: refused before any work
+    _check_keys(arch, shapes)
+    if not arch.targets and req.unstructured:
         raise UsageError("no layer left to prune", "check --only/--skip")
     for t in arch.targets.values():
         pattern.check_width(t.in_features, t.name)
+    config_json: dict = {}
+    if req.experts is not None:
+        import json
+
+        from .experts import check_removal, config_entries
+
+        check_removal(arch, req.experts)
+        config_json = json.loads((source.path / "config.json").read_text())
+        config_entries(config_json, list(arch.experts.values()), req.experts)
+        needs_moments = True
+        reap = (given.manifest.get("experts") or {}).get("reap") if given is not None else \
+            all(m.fused_runtime for m in arch.experts.values()) or None
+        if req.expert_score == "reap" and reap is False:
+            raise StatsError("--expert-score reap needs the router weights of the tokens each expert saw, which "
+                             f"{'these stats do' if given is not None else 'this transformers version does'} not "
+                             "record (experts as separate linears: transformers 4.x)",
+                             "use --expert-score frequency, or calibrate with transformers 5")
     bias_table = _bias_table(req, method, options, arch, config, checked.update)
 
-    needs_gram = any(m.needs_gram for m in running)
+    needs_gram = any(m.needs_gram for m in running) and req.unstructured
+    needs_moments = needs_moments and (req.unstructured or req.experts is not None)
     st = given if given is not None and (needs_moments or req.sequential) else None
     calibration = req.calibration
     if st is not None:
@@ -179,7 +222,19 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
-                calibrate_first, needs_gram, bias_table, started, checked.update, world)
+                calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json)
+
+
+def _check_keys(arch: Architecture, shapes: Mapping[str, tuple]) -> None:
+    """Every target's tensor is in the checkpoint with the shape the description says (before any work)."""
+    for t in arch.targets.values():
+        shape = shapes.get(t.weight_key)
+        if shape is None:
+            raise ModelError(f"the weight shards hold no tensor {t.weight_key}", "the checkpoint does not match its config")
+        want = (t.in_features, t.out_features) if t.transposed else (t.out_features, t.in_features)
+        if tuple(shape[1:] if t.index is not None else shape) != want:
+            raise ModelError(f"{t.weight_key} has shape {tuple(shape)}, its config says {want}",
+                             "the checkpoint does not match its config")
 
 
 def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, config,

@@ -32,7 +32,8 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
           dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
-          placement=None, update: str = "none") -> dict:
+          placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
+          expert_min_tokens: int = 128) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help``
@@ -41,13 +42,18 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     mask from the Gram matrix (its options ``admm_*`` in ``options``). ``placement`` (``loading.Placement``: device map, memory
     budget, offload dir, spilling) applies to the forward passes: ``--sequential`` and calibrating on the fly.
     ``force`` replaces only an empty directory or a pruned checkpoint that stade wrote (``outputs.py``).
+
+    Mixtures of experts: every expert's matrices are targets, each with the statistics of the tokens routed to it;
+    an expert that saw fewer than ``expert_min_tokens`` tokens uses fallback statistics (``experts.py``).
+    ``experts=K`` keeps the K best experts of every MoE block (``expert_score``: reap, frequency or random) and
+    removes the others; with ``sparsity=None`` (and no N:M pattern) nothing else is pruned.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
                            bias_correction, layer_sparsity, owl_m, owl_lambda, sequential, dict(options or {}),
                            CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
-                           placement, update)
+                           placement, update, experts, expert_score, expert_min_tokens)
     checked = check_request(request)
     world = current()
     out = Path(out).expanduser()

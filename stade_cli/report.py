@@ -5,14 +5,15 @@ report, when present, is only compared against it.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .arch import Architecture, describe, meta_model
+from .arch import Architecture, coverage, describe, meta_model
 from .calibration.store import MANIFEST, load_stats, stats_summary
-from .checkpoint import ShardReader, load_config, read_report, resolve_model, weight_files
+from .checkpoint import ShardReader, load_config, read_report, resolve_model, tensor_shapes, weight_files
 from .errors import ModelError, StadeError
 from .masks import parse_pattern
 
@@ -25,34 +26,44 @@ def nm_conforms(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool(((weight != 0).reshape(rows, width // m, m).sum(-1) <= n).all())
 
 
+def describe_checkpoint(path: Path) -> tuple[Architecture, dict]:
+    """A checkpoint's blocks and targets, named as its shards store them, and every tensor's shape."""
+    shapes = tensor_shapes(path)
+    return describe(meta_model(load_config(path)), disk=shapes), shapes
+
+
+def _matrices(path: Path, arch: Architecture):
+    """(target, its [out, in] matrix) for every target of the checkpoint at ``path``, shard by shard."""
+    by_key = arch.by_key()
+    for fname in weight_files(path):
+        try:
+            with ShardReader(path / fname) as f:
+                for key in (k for k in f.keys() if k in by_key):
+                    tensor = f.get_tensor(key)
+                    for target in by_key[key]:
+                        yield target, target.matrix(tensor)
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"cannot read weight shard {path / fname}: {exc}") from None
+
+
 def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     source = resolve_model(str(path))
-    arch = describe(meta_model(load_config(source.path)))
+    arch, shapes = describe_checkpoint(source.path)
     report = read_report(source.path)
     pattern = pattern or (report or {}).get("pattern")
     nm = parse_pattern(pattern, None) if pattern and ":" in pattern else None
-    by_key = arch.by_weight_key()
     layers: dict[str, dict] = {}
-    for fname in weight_files(source.path):
-        try:
-            with ShardReader(source.path / fname) as f:
-                for key in f.keys():
-                    target = by_key.get(key)
-                    if target is None:
-                        continue
-                    w = f.get_tensor(key)
-                    zeros = int((w == 0).sum())
-                    layers[target.name] = {"block": target.block, "role": arch.role(target.name),
-                                           "shape": list(w.shape), "zeros": zeros,
-                                           "params": w.numel(), "sparsity": zeros / w.numel()}
-                    expected = ((report or {}).get("layers", {}).get(target.name) or {}).get(
-                        "target_sparsity", (report or {}).get("target_sparsity"))
-                    if expected is not None:  # floor(S·width) per row: within one weight per row of S
-                        layers[target.name]["off_target"] = abs(zeros / w.numel() - expected) > 1 / w.shape[1] + 1e-9
-                    if nm is not None:
-                        layers[target.name]["nm_ok"] = nm_conforms(w, nm.n, nm.m)
-        except (SafetensorError, OSError) as exc:
-            raise ModelError(f"cannot read weight shard {source.path / fname}: {exc}") from None
+    for target, w in _matrices(source.path, arch):
+        zeros = int((w == 0).sum())
+        layers[target.name] = {"block": target.block, "role": arch.role(target.name),
+                               "shape": list(w.shape), "zeros": zeros,
+                               "params": w.numel(), "sparsity": zeros / w.numel()}
+        expected = ((report or {}).get("layers", {}).get(target.name) or {}).get(
+            "target_sparsity", (report or {}).get("target_sparsity"))
+        if expected is not None:  # floor(S·width) per row: within one weight per row of S
+            layers[target.name]["off_target"] = abs(zeros / w.numel() - expected) > 1 / w.shape[1] + 1e-9
+        if nm is not None:
+            layers[target.name]["nm_ok"] = nm_conforms(w, nm.n, nm.m)
     layers = {name: layers[name] for name in arch.targets if name in layers}  # model order
     blocks: dict[int, dict] = {}
     for info in layers.values():
@@ -75,6 +86,8 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
                "target_sparsity": (report or {}).get("target_sparsity"),
                "method": (report or {}).get("method"), "update": (report or {}).get("update"),
                "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
+               "coverage": _pruned_coverage(arch, shapes, report),
+               "experts": _experts_summary(arch, report),
                "blocks": [blocks[k] for k in sorted(blocks)], "layers": layers}
     if nm is not None:
         summary["nm_ok"] = all(l["nm_ok"] for l in layers.values())
@@ -84,30 +97,44 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     return summary
 
 
+def _pruned_coverage(arch: Architecture, shapes: dict, report: dict | None) -> dict:
+    """The share of the decoder blocks' weights that are targets: the ones the report says were pruned (all
+    targets without a report)."""
+    pruned = arch
+    if report is not None:
+        names = set(report.get("layers") or {})
+        pruned = dataclasses.replace(arch, targets={n: t for n, t in arch.targets.items() if n in names})
+    return coverage(pruned, shapes).to_data()
+
+
+def _experts_summary(arch: Architecture, report: dict | None) -> dict | None:
+    """Experts per MoE block, and from the report: the experts on fallback statistics, the removal."""
+    if not arch.experts:
+        return None
+    reported = (report or {}).get("experts") or {}
+    return {"blocks": len(arch.experts), "per_block": sorted({m.num_experts for m in arch.experts.values()}),
+            "fallback": reported.get("fallback"), "removal": reported.get("removal")}
+
+
 def compare_checkpoints(a: Path, b: Path) -> dict:
     """Which target layers differ between two checkpoints of the same architecture, and by how many weights."""
     sa, sb = resolve_model(str(a)), resolve_model(str(b))
-    arch = describe(meta_model(load_config(sa.path)))
-    other = describe(meta_model(load_config(sb.path)))
+    arch, _ = describe_checkpoint(sa.path)
+    other, _ = describe_checkpoint(sb.path)
     if set(arch.targets) != set(other.targets):
         raise StadeError(f"{a} and {b} do not have the same layers; they cannot be compared")
-    keys = arch.by_weight_key()
     where_b = {k: f for f in weight_files(sb.path) for k in _keys(sb.path / f)}
     layers = {}
-    for fname in weight_files(sa.path):
-        with ShardReader(sa.path / fname) as fa:
-            for key in fa.keys():
-                if key not in keys:
-                    continue
-                with ShardReader(sb.path / where_b[key]) as fb:
-                    wb = fb.get_tensor(key)
-                wa = fa.get_tensor(key)
-                if wa.shape != wb.shape:
-                    raise StadeError(f"{key} has shape {tuple(wa.shape)} in {a} but {tuple(wb.shape)} in {b}")
-                za, zb = wa == 0, wb == 0
-                layers[keys[key].name] = {"block": keys[key].block, "params": wa.numel(),
-                                          "changed": int((wa != wb).sum()), "mask_changed": int((za != zb).sum()),
-                                          "sparsity_a": float(za.float().mean()), "sparsity_b": float(zb.float().mean())}
+    for target, wa in _matrices(sa.path, arch):
+        key = target.weight_key
+        with ShardReader(sb.path / where_b[key]) as fb:
+            wb = target.matrix(fb.get_tensor(key))
+        if wa.shape != wb.shape:
+            raise StadeError(f"{key} has shape {tuple(wa.shape)} in {a} but {tuple(wb.shape)} in {b}")
+        za, zb = wa == 0, wb == 0
+        layers[target.name] = {"block": target.block, "params": wa.numel(),
+                               "changed": int((wa != wb).sum()), "mask_changed": int((za != zb).sum()),
+                               "sparsity_a": float(za.float().mean()), "sparsity_b": float(zb.float().mean())}
     layers = {n: layers[n] for n in arch.targets if n in layers}
     ra, rb = read_report(sa.path) or {}, read_report(sb.path) or {}
     return {"kind": "comparison", "a": str(sa.path), "b": str(sb.path),

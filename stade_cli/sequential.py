@@ -11,14 +11,18 @@ bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from .arch import describe
 from .blockwise import BlockRunner
 from .calibration.runner import MomentCapture, sum_over_ranks
 from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
+from .errors import ModelError
+from .experts import TargetStats, fallbacks, summary
 from .loading import Placement, Runtime
-from .metrics import LayerStats
 from .runtime import Reporter
 from .tensors import pack_mask
 
@@ -26,7 +30,7 @@ from .tensors import pack_mask
 @torch.inference_mode()
 def sequential(plan, reporter: Reporter) -> Decisions:
     """Every target's decision, block by block on the pruned model's activations."""
-    st, block_sparsity = dense_inputs(plan, reporter)      # stats only for OWL (or as given)
+    st, block_sparsity, _ = dense_inputs(plan, reporter)   # stats only for OWL (or as given)
     spec = plan.calibration
     spec.check()
     placement = plan.request.placement or Placement()
@@ -40,32 +44,44 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     decisions: dict[str, LayerDecision] = {}
     reads_norm: dict[str, bool] = {}
     cache = Factorisations()
+    min_tokens = plan.request.expert_min_tokens
+    routing: dict = {}          # by block: its experts' routing statistics
     with rt.model(placement) as model, BlockRunner(model, arch, windows[start:stop], rt.device, spec.batch_size,
                                                    placement, reporter) as runner:
         modules = dict(model.named_modules())
+        loaded = describe(model, disk=plan.shapes)     # where each target lives in this transformers version
+        missing = [n for n in arch.targets if n not in loaded.places]
+        if missing:
+            raise ModelError(f"cannot find where {missing[0]} lives in the loaded model, so --sequential cannot "
+                             "update it", "prune without --sequential, or --skip it")
+        runtime = dataclasses.replace(arch, experts=loaded.experts, places=loaded.places)
         last = len(arch.blocks) - 1
         for index, block, dev in runner.blocks("pruning blocks"):
-            sub = arch.block(index)
+            sub = runtime.block(index)
             capture = MomentCapture(model, sub, dev, gram=plan.needs_gram)
             try:
                 with world.together():
                     runner.run(block, dev, keep=False, after_batch=capture.end_batch)
             finally:
                 capture.remove()
+            capture.finish()
             sum_over_ranks(capture, world)     # every rank now decides the same, from the stats of all windows
+            routing.update(capture.experts)
+            gram_of = (lambda name: capture.grams[capture.leader.get(name, name)]) if plan.needs_gram else None
+            stats_of = TargetStats(sub, capture.moments, gram_of, lambda name: capture.leader.get(name, name),
+                                   fallbacks(sub, capture.experts, min_tokens))
             for name, target in sub.targets.items():
-                linear = modules[name]
+                place = runtime.places[name]
                 ctx = plan.context(name, capture.reads_norm.get(name, False))
                 reads_norm[name] = ctx.reads_norm
-                source = capture.leader.get(name, name)
-                gram = capture.grams.get(source) if plan.needs_gram else None
-                weight = linear.weight
+                weight = place.view(modules)
+                correct = plan.corrects(ctx) and not target.fused
                 new, mask, delta = decide_layer(weight, plan.method, plan.pattern_for(target, block_sparsity),
-                                                LayerStats(capture.moments[name], gram, source), ctx,
-                                                plan.corrects(ctx), plan.update, plan.update_context(name),
-                                                cache.at(index))
-                linear.weight.copy_(new)
+                                                stats_of(target), ctx, correct, plan.update,
+                                                plan.update_context(name), cache.at(index))
+                weight.copy_(new)
                 if delta is not None:  # the next blocks see the corrected layer, as the checkpoint will
+                    linear = modules[name]
                     if linear.bias is None:
                         linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=dev),
                                                    requires_grad=False)
@@ -81,5 +97,6 @@ def sequential(plan, reporter: Reporter) -> Decisions:
         manifest["placement"] = placement.describe()
     stats_manifest = dict(st.manifest if st is not None else {}, sequential=manifest)
     corrected = frozenset(n for n, d in decisions.items() if d.bias_delta is not None)
+    report = summary(arch, routing, min_tokens) if routing else None
     return Decisions(corrected, reads_norm, block_sparsity, stats_manifest,
-                     lambda target, tensor: decisions[target.name])
+                     lambda target, tensor: decisions[target.name], None, report)

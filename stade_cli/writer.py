@@ -28,6 +28,7 @@ from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT
 from .decide import Decisions
 from .distributed import World
 from .errors import ModelError, OutputError
+from .experts import Rewrite
 from .metrics import flat_options
 from .outputs import Output
 from .plan import Plan
@@ -43,30 +44,41 @@ class Layout:
     corrected: frozenset
     bias_flags: dict
     new_biases: frozenset
+    rewrite: Rewrite = Rewrite()      # --experts: tensors dropped, renamed, cut to the kept experts' rows
 
 
-def _output_plan(entries: list[TensorEntry], layout: Layout, by_key: dict[str, Target]) -> list[tuple[str, str, tuple, int]]:
-    """The output shard's tensors in write order: a target's bias right after its weight."""
+def _out_entry(e: TensorEntry, rw: Rewrite) -> tuple[str, str, tuple, int]:
+    """An input tensor as the output holds it: its new name and shape (rows of the kept experts)."""
+    shape = rw.shape(e.name, e.shape)
+    nbytes = e.nbytes if shape == tuple(e.shape) else e.nbytes // max(math.prod(e.shape), 1) * math.prod(shape)
+    return rw.out_key(e.name), e.dtype, shape, nbytes
+
+
+def _output_plan(entries: list[TensorEntry], layout: Layout,
+                 by_key: dict[str, list[Target]]) -> list[tuple[str, str, tuple, int]]:
+    """The output shard's tensors in write order, by their output names: a target's bias right after its weight;
+    nothing of a removed expert."""
+    rw = layout.rewrite
     names = {e.name for e in entries}
-    moved = {f"{by_key[e.name].name}.bias" for e in entries if e.name in by_key
-             and by_key[e.name].name in layout.corrected and f"{by_key[e.name].name}.bias" in names}
+    single = {k: ts[0] for k, ts in by_key.items() if len(ts) == 1 and ts[0].index is None}
+    moved = {f"{single[e.name].name}.bias" for e in entries if e.name in single
+             and single[e.name].name in layout.corrected and f"{single[e.name].name}.bias" in names}
     out = []
     by_name = {e.name: e for e in entries}
     for e in entries:
-        if e.name in moved:
+        if e.name in moved or e.name in rw.drop:
             continue
-        out.append((e.name, e.dtype, e.shape, e.nbytes))
+        out.append(_out_entry(e, rw))
         owner = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
         bias_key = f"{owner}.bias"
         if owner is None:
             continue
         if bias_key in moved:
-            b = by_name[bias_key]
-            out.append((b.name, b.dtype, b.shape, b.nbytes))
+            out.append(_out_entry(by_name[bias_key], rw))
         elif owner in layout.new_biases and bias_key not in names:
             itemsize = e.nbytes // max(math.prod(e.shape), 1)
-            out.append((bias_key, e.dtype, (e.shape[0],), e.shape[0] * itemsize))
-    for target in (by_key[e.name] for e in entries if e.name in by_key):
+            out.append((rw.out_key(bias_key), e.dtype, (e.shape[0],), e.shape[0] * itemsize))
+    for target in (single[e.name] for e in entries if e.name in single):
         if target.name in layout.corrected and target.has_bias and target.bias_key not in names:
             raise ModelError(f"the bias of {target.name} is stored in another shard than its weight; "
                              "bias correction cannot update it", "pass --no-bias-correction")
@@ -85,7 +97,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     src, dev, world = plan.source.path, plan.device, plan.world
     needed = {n for n in decisions.corrected if not plan.arch.targets[n].has_bias}
     bias_flags, new_biases = bias_switches(plan.bias_table, plan.arch.model_type, needed)
-    layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases))
+    layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases), decisions.removal or Rewrite())
     workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
     sizes = [(src / f).stat().st_size for f in plan.files]
     mine = world.pick(sizes)
@@ -109,10 +121,11 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                 stream.added = dict(sorted(stream.added.items(), key=lambda item: order[item[1]]))
                 stream.check_complete()
                 copy_side_files(src, tmp)
-                _write_index(src, tmp, stream.added)
-                if layout.bias_flags:
+                _write_index(src, tmp, stream.added, layout.rewrite)
+                if layout.bias_flags or layout.rewrite.config:
                     config = json.loads((tmp / "config.json").read_text())
                     config.update(layout.bias_flags)
+                    layout.rewrite.apply_config(config)
                     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 report = json.dumps(_report(plan, decisions, layout, stream.layers), indent=2) + "\n"
                 (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
@@ -147,14 +160,30 @@ class _Stream:
 
     def __init__(self, plan: Plan, decisions: Decisions, layout: Layout, pool: ThreadPoolExecutor, ahead: int):
         self.plan, self.decisions, self.layout, self.pool, self.ahead = plan, decisions, layout, pool, ahead
-        self.by_key = plan.arch.by_weight_key()
-        self.layers: dict[str, dict] = {}          # per-layer report entries
+        rw = layout.rewrite
+        self.by_key = {} if decisions.layer is None else {     # what is decided: the kept experts' targets
+            k: kept for k, ts in plan.arch.by_key().items() if (kept := [t for t in ts if rw.keeps(t)])}
+        self.layers: dict[str, dict] = {}          # per-layer report entries, by output name
         self.added: dict[str, str] = {}            # new tensor → shard (for the index)
 
-    def _job(self, target: Target, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        decision = self.decisions.layer(target, tensor)
-        pruned = decision.weight_for(tensor)
-        return pruned, decision.bias_delta, _layer_info(target, pruned, self.plan, self.decisions, self.layout)
+    def _job(self, targets: list[Target], tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The pruned tensor, its bias change (a lone linear's) and the report entries of the targets it holds."""
+        layer = self.decisions.layer
+        rw = self.layout.rewrite
+        if len(targets) == 1 and targets[0].index is None and not targets[0].transposed:
+            target = targets[0]
+            decision = layer(target, tensor)
+            pruned = decision.weight_for(tensor)
+            return pruned, decision.bias_delta, {rw.target_name(target): _layer_info(target, pruned, self.plan,
+                                                                                   self.decisions, self.layout)}
+        out = tensor.clone()                       # several experts in one tensor: each slice is its own matrix
+        infos = {}
+        for t in targets:
+            matrix = t.matrix(tensor)
+            new = layer(t, matrix).weight_for(matrix)
+            t.store(out, new)
+            infos[rw.target_name(t)] = _layer_info(t, new, self.plan, self.decisions, self.layout)
+        return out, None, infos
 
     def shard(self, fname: str, out: Path, advance) -> None:
         src = self.plan.source.path / fname
@@ -169,40 +198,54 @@ class _Stream:
 
     def _tensors(self, out_name: str, out_plan, f: ShardReader, writer: ShardWriter, advance) -> None:
         """Every tensor of the output shard, in order: pruned targets, their biases, copies of the rest."""
-        entry_by_name = {e.name: e for e in f.entries}
+        rw = self.layout.rewrite
+        entry_by_out = {rw.out_key(e.name): e for e in f.entries if e.name not in rw.drop}
         queued = iter([e for e in f.entries if e.name in self.by_key])
-        futures: dict[str, Future] = {}
-        biases: dict[str, torch.Tensor] = {}       # bias tensors to write next
+        futures: dict[str, Future] = {}            # by input key
+        biases: dict[str, torch.Tensor] = {}       # bias tensors to write next, by output name
+        for e in f.entries:
+            if e.name in rw.drop:
+                advance(e.nbytes)
         for name, *_ in out_plan:
             while len(futures) < self.ahead and (nxt := next(queued, None)) is not None:
                 futures[nxt.name] = self.pool.submit(self._job, self.by_key[nxt.name], f.get_tensor(nxt.name))
-            entry = entry_by_name.get(name)
-            if name in futures:
-                tensor, delta, info = futures.pop(name).result()
-                target = self.by_key[name]
-                self.layers[target.name] = info
+            entry = entry_by_out.get(name)
+            key = entry.name if entry is not None else None
+            if key in futures:
+                tensor, delta, infos = futures.pop(key).result()
+                self.layers.update(infos)
+                if key in rw.rows:
+                    tensor = tensor[list(rw.rows[key])].contiguous()
                 writer.write(name, tensor_bytes(tensor))
-                bias = _new_bias(target, delta, tensor.dtype, self.layout, f)
+                target = self.by_key[key][0]
+                bias = _new_bias(target, delta, tensor.dtype, self.layout, f) if len(self.by_key[key]) == 1 else None
                 if bias is not None:
-                    biases[target.bias_key] = bias
+                    biases[rw.out_key(target.bias_key)] = bias
             elif name in biases:
                 writer.write(name, tensor_bytes(biases.pop(name)))
             elif entry is None:                    # a zero bias for a sibling that is not pruned
-                weight = entry_by_name[f"{name[: -len('.bias')]}.weight"]
+                weight = entry_by_out[f"{name[: -len('.bias')]}.weight"]
                 writer.write(name, tensor_bytes(torch.zeros(weight.shape[0], dtype=_torch_dtype(weight.dtype))))
+            elif key in rw.rows:                   # a router's or fused experts' tensor: the kept experts' rows
+                writer.write(name, tensor_bytes(f.get_tensor(key)[list(rw.rows[key])].contiguous()))
             else:
-                f.copy(entry, writer)
+                f.copy(entry, writer, name)
             if entry is None:
                 self.added[name] = out_name
             else:
                 advance(entry.nbytes)
 
     def check_complete(self) -> None:
-        missing = [t.weight_key for t in self.plan.arch.targets.values() if t.name not in self.layers]
+        if self.decisions.layer is None:
+            return
+        rw = self.layout.rewrite
+        missing = [t.weight_key for t in self.plan.arch.targets.values()
+                   if rw.keeps(t) and rw.target_name(t) not in self.layers]
         if missing:
             raise ModelError(f"the weight shards hold no tensor {missing[0]}",
                              "the checkpoint does not match its config")
-        lost = sorted(f"{n}.bias" for n in self.layout.new_biases if f"{n}.bias" not in self.added)
+        lost = sorted(f"{n}.bias" for n in self.layout.new_biases
+                      if rw.out_key(f"{n}.bias") not in self.added and f"{n}.bias" not in self.added)
         if lost:
             raise ModelError(f"no weight found for the new bias {lost[0]}")
 
@@ -245,16 +288,16 @@ def _torch_dtype(safetensors_dtype: str) -> torch.dtype:
     return getattr(torch, _SAFETENSORS_DTYPES[safetensors_dtype])
 
 
-def _write_index(src: Path, tmp: Path, added: dict[str, str]) -> None:
-    """The output's safetensors index: the input's (a .bin index with the shards renamed) plus the new
-    tensors; none for a single-file checkpoint."""
+def _write_index(src: Path, tmp: Path, added: dict[str, str], rw: Rewrite = Rewrite()) -> None:
+    """The output's safetensors index: the input's (a .bin index with the shards renamed; removed experts' tensors
+    out, kept ones renumbered) plus the new tensors; none for a single-file checkpoint."""
     for name in (INDEX_NAME, BIN_INDEX_NAME):
         if (src / name).is_file():
             index = json.loads((src / name).read_text())
             break
     else:
         return
-    weight_map = {k: output_name(v) for k, v in index.get("weight_map", {}).items()}
+    weight_map = {rw.out_key(k): output_name(v) for k, v in index.get("weight_map", {}).items() if k not in rw.drop}
     weight_map.update(added)
     index["weight_map"] = weight_map
     files = sorted(set(weight_map.values()))
@@ -272,17 +315,35 @@ def _layer_info(target: Target, weight: torch.Tensor, plan: Plan, decisions: Dec
             "reads_norm": decisions.reads_norm.get(target.name, False)}
 
 
+def _coverage(plan: Plan, layout: Layout, layers: dict) -> dict:
+    """The pruned targets' share of the output's decoder-block weights (after any expert removal)."""
+    rw = layout.rewrite
+    prefixes = tuple(b + "." for b in plan.arch.blocks)
+    blocks = sum(math.prod(rw.shape(k, s)) for k, s in plan.shapes.items() if k.startswith(prefixes)
+                 and k not in rw.drop)
+    targets = sum(l["shape"][0] * l["shape"][1] for l in layers.values())
+    return {"target_params": targets, "block_params": blocks, "share": targets / max(blocks, 1)}
+
+
 def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict) -> dict:
     zeros = sum(l["zeros"] for l in layers.values())
     params = sum(l["shape"][0] * l["shape"][1] for l in layers.values())
-    layers = {name: layers[name] for name in plan.arch.targets if name in layers}
+    rw = layout.rewrite
+    order = [rw.target_name(t) for t in plan.arch.targets.values() if rw.keeps(t)]
+    layers = {name: layers[name] for name in order if name in layers}
     req = plan.request
+    pruned = decisions.layer is not None
+    experts = None
+    if plan.arch.experts:
+        experts = {"blocks": len(plan.arch.experts), "fallback": decisions.fallback,
+                   "removal": rw.report() if decisions.removal is not None else None}
     return {
         "tool": "stade", "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": plan.method.name, "update": plan.update.name if plan.update is not None else None,
-        "pattern": plan.pattern.name, "group": getattr(plan.pattern, "group", None),
-        "target_sparsity": plan.pattern.target_sparsity,
+        "method": plan.method.name if pruned else None,
+        "update": plan.update.name if plan.update is not None and pruned else None,
+        "pattern": plan.pattern.name if pruned else None, "group": getattr(plan.pattern, "group", None),
+        "target_sparsity": plan.pattern.target_sparsity if pruned else None,
         "mode": "sequential" if req.sequential else "one-shot",
         "options": flat_options(plan.options),
         "bias_correction": {"layers": len(layout.corrected), "config_flags": layout.bias_flags,
@@ -292,6 +353,8 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict) -> d
                            "blocks": {str(b): s for b, s in (decisions.block_sparsity or {}).items()}},
         "model": plan.source.identity(), "stats": decisions.stats_manifest,
         "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
+        "coverage": _coverage(plan, layout, layers),
+        "experts": experts,
         "seconds": round(time.perf_counter() - plan.started, 2),
         "layers": layers,
     }

@@ -37,6 +37,24 @@ TINY = {
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8)),
 }
+# mixtures of experts: experts stored per expert on disk (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE) and
+# fused 3-D on disk (Granite-MoE [E, out, in]; GPT-OSS [E, in, out], interleaved gate/up, expert biases)
+MOE = {
+    "mixtral": ("MixtralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                     layer_types=["sliding_attention", "full_attention"])),
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,7 +89,9 @@ def build_tiny(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0, **overr
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, kwargs = TINY[arch]
+    cls_name, kwargs = {**TINY, **MOE}[arch]
+    if not hasattr(transformers, cls_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
     config = getattr(transformers, cls_name)(vocab_size=VOCAB, max_position_embeddings=256,
                                             **{**kwargs, **overrides})
     torch.manual_seed(seed)

@@ -77,7 +77,7 @@ def test_nonpruned_tensors_pass_through(tiny_llama, llama_stats, tmp_path):
     assert before.keys() == after.keys()
     arch = describe(meta_model(reload(tiny_llama).config))
     for key, tensor in before.items():
-        if key in arch.by_weight_key():
+        if key in arch.by_key():
             kept = after[key] != 0
             assert torch.equal(after[key][kept], tensor[kept])  # kept weights bit-identical
         else:

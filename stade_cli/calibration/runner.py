@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..arch import Architecture, bias_flag_table, describe
-from ..checkpoint import ModelSource, resolve_model
+from ..arch import Architecture, bias_flag_table, coverage, describe
+from ..checkpoint import ModelSource, resolve_model, tensor_shapes
 from ..distributed import World, claimed, current
 from ..loading import CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output
 from ..runtime import Reporter
+from .experts import ExpertCapture, ExpertStats
 from .moments import Moments
 from .store import Stats, write_stats
 
@@ -39,20 +40,46 @@ class MomentCapture:
 
     def __init__(self, model: torch.nn.Module, arch: Architecture, device: torch.device, gram: bool = False):
         modules = dict(model.named_modules())
+        self.arch = arch
         self.moments = {name: Moments.zeros(t.in_features, device) for name, t in arch.targets.items()}
         self.gram = gram
         self.grams: dict[str, torch.Tensor] = {}       # by leader (first linear reading that input): Σ x xᵀ
         self.leader: dict[str, str] = {}
         self.reads_norm: dict[str, bool] = {}
+        self.experts: dict[int, ExpertStats] = {}      # by block: routing statistics of its experts
         self._last_x: torch.Tensor | None = None
         self._last: Moments | None = None
         self._last_name = ""
         self._norm_outputs: dict[int, torch.Tensor] = {}
-        self._handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in arch.targets]
+        linears = [n for n in arch.targets if isinstance(modules.get(n), torch.nn.Linear)]
+        self._handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in linears]
+        self._captures: list[ExpertCapture] = []
+        for b, moe in arch.experts.items():             # experts held as fused 3-D parameters: run by us
+            if moe.fused_runtime:
+                self.experts[b] = ExpertStats.zeros(moe.num_experts)
+                self._captures.append(ExpertCapture(modules[moe.module], self.experts[b],
+                                                    self._routed(moe.inputs), self._routed(moe.middles)))
         for block_name in arch.blocks:
             block = modules[block_name]
             self._handles += [m.register_forward_hook(self._norm_hook) for m in block.modules() if is_norm(m)]
             self._handles.append(block.register_forward_hook(self._block_done))
+
+    def _routed(self, groups: tuple[tuple[str, ...], ...]):
+        """Recorder of what expert e's targets in ``groups[e]`` read: x [tokens routed to it, in]."""
+        def record(e: int, x: torch.Tensor) -> None:
+            names = [n for n in groups[e] if n in self.moments]
+            if not names:
+                return
+            m = Moments.of(x)
+            for n in names:
+                self.moments[n].count += m.count
+                self.moments[n].sum += m.sum
+                self.moments[n].sumsq += m.sumsq
+                self.leader.setdefault(n, names[0])
+                self.reads_norm.setdefault(n, False)
+            if self.gram:
+                self._add_gram(names[0], x)
+        return record
 
     def _norm_hook(self, module, args, output):
         if isinstance(output, torch.Tensor):
@@ -91,6 +118,18 @@ class MomentCapture:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        for c in self._captures:
+            c.remove()
+        self._captures = []
+
+    def finish(self) -> None:
+        """Experts that are plain linears (transformers 4.x): their token counts, from their inputs' moments; the
+        router weights they carried are not seen there."""
+        for b, moe in self.arch.experts.items():
+            if not moe.fused_runtime:
+                count = torch.tensor([float(self.moments[x[0]].count) if x and x[0] in self.moments else 0.0
+                                      for x in moe.inputs], dtype=torch.float64)
+                self.experts[b] = ExpertStats(count, None, None)
 
     def shared_inputs(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -107,12 +146,15 @@ class Collected:
         self.grams: dict[str, torch.Tensor] = {}
         self.leader: dict[str, str] = {}
         self.reads_norm: dict[str, bool] = {}
+        self.experts: dict[int, ExpertStats] = {}
 
     def add(self, capture: MomentCapture) -> None:
+        capture.finish()
         self.moments.update({n: m.to("cpu") for n, m in capture.moments.items()})
         self.grams.update({n: h.cpu() for n, h in capture.grams.items()})
         self.leader.update(capture.leader)
         self.reads_norm.update(capture.reads_norm)
+        self.experts.update(capture.experts)
 
     shared_inputs = MomentCapture.shared_inputs
 
@@ -162,6 +204,9 @@ def sum_over_ranks(collected: "Collected | MomentCapture", world: World) -> None
         h = collected.grams[leader]
         total = world.sum_(h.to("cpu", torch.float64, copy=True))
         collected.grams[leader] = total.to(h.device, h.dtype)
+    for b in sorted(collected.experts):
+        for t in collected.experts[b].tensors():
+            t.copy_(world.sum_(t.to("cpu", torch.float64, copy=True)))
 
 
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
@@ -184,12 +229,17 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     reporter.log(f"calibrating {rt.source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
                  f"{rt.device}, {rt.dtype_name}{ranks}")
     t0 = time.perf_counter()
+    disk = tensor_shapes(rt.source.path)              # targets are named as the checkpoint stores them
     with world.together():
         with rt.model(placement) as net:
-            arch = describe(net, only=only, skip=skip)
+            arch = describe(net, only=only, skip=skip, disk=disk)
+            unknown = coverage(arch, disk, skip).unknown
+            if unknown:
+                reporter.log(f"note: {unknown[0]} ({len(disk[unknown[0]])}-D) is neither a layer stade prunes nor "
+                             "one known to stay dense; prune will refuse it unless --skip accepts it")
             capture = collect_moments(net, arch, windows[start:stop], rt.device, batch_size, reporter, gram=gram,
                                       placement=placement)
-            whole = describe(net)                       # unfiltered: prune applies its own --only/--skip
+            whole = describe(net, disk=disk)            # unfiltered: prune applies its own --only/--skip
     sum_over_ranks(capture, world)
     seconds = time.perf_counter() - t0
     whole.bias_flags = bias_flag_table(rt.config)
@@ -210,7 +260,11 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     if gram:
         manifest["gram"] = {"groups": capture.shared_inputs(),
                             "blocks": {leader: arch.targets[leader].block for leader in grams}}
-    return Stats(manifest, moments, grams=grams)
+    if capture.experts:
+        manifest["experts"] = {"blocks": sorted(capture.experts),
+                               "reap": all(e.reap is not None for e in capture.experts.values()),
+                               "router_weights": all(e.gate is not None for e in capture.experts.values())}
+    return Stats(manifest, moments, grams=grams, experts=capture.experts)
 
 
 def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,

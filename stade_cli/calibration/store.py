@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from .._version import __version__
 from ..outputs import Output
 from ..errors import StatsError
+from .experts import ExpertStats
 from .moments import Moments
 
 FORMAT = "stade-stats"
@@ -35,6 +36,7 @@ class Stats:
     moments: dict[str, Moments] = field(default_factory=dict)   # by module name
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # in memory, by leader (fresh calibration)
     path: Path | None = None                                      # on disk: Gram files read on demand
+    experts: dict[int, ExpertStats] = field(default_factory=dict)  # by block: routing statistics of its experts
 
     @property
     def has_gram(self) -> bool:
@@ -99,6 +101,8 @@ def write_stats(tmp: Path, stats: Stats) -> None:
         tensors[f"{name}.count"] = torch.tensor([m.count], dtype=torch.int64)
         tensors[f"{name}.sum"] = m.sum.detach().cpu().contiguous()
         tensors[f"{name}.sumsq"] = m.sumsq.detach().cpu().contiguous()
+    for block, e in stats.experts.items():
+        tensors.update(e.to_tensors(block))
     manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
                     files=[MOMENTS_FILE])
     save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
@@ -154,11 +158,18 @@ def load_stats(path: Path) -> Stats:
         if not (torch.isfinite(s).all() and torch.isfinite(sq).all()):
             raise StatsError(f"moments of {name} contain NaN or Inf", "re-calibrate, e.g. in float32 (--dtype float32)")
         moments[name] = Moments(int(count.reshape(-1)[0]), s.to(torch.float64), sq.to(torch.float64))
+    experts = {}
+    for block in (manifest.get("experts") or {}).get("blocks", []):
+        e = ExpertStats.from_tensors(tensors, int(block))
+        if e is None:
+            raise StatsError(f"{path / MOMENTS_FILE} lacks the routing statistics of block {block}'s experts",
+                             "re-run `stade calibrate`")
+        experts[int(block)] = e
     if "gram" in manifest:
         missing = [b for b in set(manifest["gram"]["blocks"].values()) if not (path / GRAM_DIR / gram_file(b)).is_file()]
         if missing:
             raise StatsError(f"{path / GRAM_DIR} lacks {gram_file(min(missing))}", "re-run `stade calibrate --gram`")
-    return Stats(manifest, moments, path=path)
+    return Stats(manifest, moments, path=path, experts=experts)
 
 
 def stats_summary(stats: Stats) -> list[dict]:

@@ -21,7 +21,7 @@ def calibrate(
     device: Device = "auto",
     dtype: DType = "auto",
     batch_size: BatchSize = 1,
-    gram: Annotated[bool, typer.Option("--gram", help="Also accumulate the Gram matrix Σxxᵀ per distinct input (for sparsegpt).")] = False,
+    gram: Annotated[bool, typer.Option("--gram", help="Also accumulate the Gram matrix Σxxᵀ per distinct input (for sparsegpt, --update admm). MoE: one per expert input and intermediate (Mixtral-8x7B: about 8 GB a block); prune --sequential needs none.")] = False,
     force: Force = False,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,

@@ -77,6 +77,12 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     if s.get("nm_ok") is not None:
         line += f"; every row follows {s['pattern']}" if s["nm_ok"] else f"; [red]some rows break {s['pattern']}[/]"
     console.print(line)
+    cov = s.get("coverage")
+    if cov:
+        console.print(f"targets: {cov['share']:.1%} of the decoder blocks' weights ({cov['target_params']:,} of "
+                      f"{cov['block_params']:,})")
+    for text in experts_lines(s.get("experts")):
+        console.print(text, highlight=False)
     if s.get("nm_ok") is not None and s.get("target_sparsity") is not None:
         extra = o["zeros"] - round(o["params"] * s["target_sparsity"])
         if extra > 0:
@@ -110,6 +116,27 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     if off or off_blocks:
         console.print(f"[bold yellow]{len(off)} layer(s) and {len(off_blocks)} block(s) differ from the target "
                       "sparsity[/] (highlighted)")
+
+
+def experts_lines(e: dict | None) -> list[str]:
+    """A mixture of experts: how many, which were removed, which were pruned from fallback statistics."""
+    if not e:
+        return []
+    lines = [f"mixture of experts: {'/'.join(map(str, e['per_block']))} experts in each of {e['blocks']} blocks"]
+    removal = e.get("removal")
+    if removal:
+        removed = next(iter(removal["removed"].values()), [])
+        lines[0] += f"; {len(removed)} per block removed (ranked by {removal['score']})"
+    fallback = e.get("fallback")
+    if fallback and fallback.get("experts"):
+        which = ", ".join(f"block {b} expert {x} ({n} tokens)" for b, x, n in fallback["experts"][:4])
+        more = f" and {len(fallback['experts']) - 4} more" if len(fallback["experts"]) > 4 else ""
+        lines.append(f"{len(fallback['experts'])} expert(s) saw fewer than {fallback['min_tokens']} calibration "
+                     f"tokens and were pruned from fallback statistics (gate/up: the block's pooled input, down: "
+                     f"magnitude): {which}{more}")
+    elif fallback is not None:
+        lines.append(f"every expert saw at least {fallback['min_tokens']} calibration tokens")
+    return lines
 
 
 def render_stats(s: dict, layers: bool = True) -> None:

@@ -32,6 +32,9 @@ def prune(
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span 2 × lambda around a mean of --sparsity.")] = 0.08,
     update: Annotated[str, typer.Option(help="none, or admm: refit the kept weights to the Gram matrix (needs --gram stats, or --sequential).")] = "none",
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
+    experts: Annotated[Optional[int], typer.Option(help="Keep K experts per MoE block, remove the rest; alone, prunes nothing else.", show_default=False)] = None,
+    expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
+    expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
     skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears whose name matches dense.", show_default=False)] = None,
@@ -55,29 +58,56 @@ def prune(
     st = state(ctx, json_out, quiet)
     from ..pruning import prune as prune_model  # lazy: keeps `stade --help` fast
 
-    if sparsity is None and ":" not in pattern:
+    if sparsity is None and ":" not in pattern and experts is None:
         sparsity = 0.5
     report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
                          stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
                          owl_lambda=owl_lambda, sequential=sequential, options=method_options,
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
+                         experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
-    corrected = report["bias_correction"]["layers"]
-    how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
-    st.reporter.log(f"pruned {len(report['layers'])} layers with {how} ({report['pattern']}, "
-                    f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
-                    + (f"; {corrected} bias-corrected" if corrected else ""))
-    st.reporter.log(f"{output} is a dense checkpoint with zeros: it loads wherever the model loads and is the same "
-                    "size on disk; speed-ups need sparse kernels (" + ("2:4 runs on recent NVIDIA GPUs" if
-                    report["pattern"] == "2:4" else "e.g. a 2:4 pattern on recent NVIDIA GPUs") + ").")
+    for line in summary_lines(report, output):
+        st.reporter.log(line)
     if st.json:
         emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})
     else:
         emit_line(str(output))
+
+
+def summary_lines(report: dict, output) -> list[str]:
+    """What prune says when it is done: what it removed, what it pruned, the targets' share of the blocks."""
+    lines = []
+    cov = report.get("coverage") or {}
+    share = f"targets: {cov['share']:.1%} of the decoder blocks' weights" if cov else ""
+    experts = report.get("experts") or {}
+    removal = experts.get("removal")
+    if removal:
+        kept = next(iter(removal["kept"].values()))
+        lines.append(f"removed {len(next(iter(removal['removed'].values())))} of "
+                     f"{len(kept) + len(next(iter(removal['removed'].values())))} experts in each of "
+                     f"{len(removal['kept'])} MoE blocks (ranked by {removal['score']}); the config says "
+                     f"{len(kept)} experts")
+    if report["method"] is None:
+        lines.append(f"no weights zeroed in the kept experts and the other layers (give --sparsity to prune them "
+                     f"too); {share}")
+        return lines
+    corrected = report["bias_correction"]["layers"]
+    how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
+    fallback = (experts.get("fallback") or {}).get("experts") or []
+    lines.append(f"pruned {len(report['layers'])} layers with {how} ({report['pattern']}, "
+                 f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
+                 + (f"; {corrected} bias-corrected" if corrected else "")
+                 + (f"; {len(fallback)} expert(s) on fallback statistics" if fallback else "")
+                 + (f"; {share}" if share else ""))
+    lines.append(f"{output} is a dense checkpoint with zeros: it loads wherever the model loads and is "
+                 + ("smaller by the removed experts" if removal else "the same size on disk")
+                 + "; speed-ups need sparse kernels (" + ("2:4 runs on recent NVIDIA GPUs" if
+                 report["pattern"] == "2:4" else "e.g. a 2:4 pattern on recent NVIDIA GPUs") + ").")
+    return lines
 
 
 # The help's panels, in this order: what goes in and out, what is pruned, each method's options (from the
@@ -86,6 +116,7 @@ _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only", "skip",
                  "update", "sequential"),
+    "Mixtures of experts": ("experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
                                                            "batch_size"),
