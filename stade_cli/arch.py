@@ -475,7 +475,7 @@ class Coverage:
         return self.target_params / max(self.block_params, 1)
 
     def line(self) -> str:
-        return f"targets: {self.share:.1%} of the decoder blocks' weights"
+        return f"targets: {self.share:.2%} of the decoder blocks' weights"
 
     def to_data(self) -> dict:
         return {"target_params": self.target_params, "block_params": self.block_params, "share": self.share}

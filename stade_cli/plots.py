@@ -144,6 +144,14 @@ def _blocks_axis(ax) -> None:
     ax.set_xlabel("block")
 
 
+def _short(role: str) -> str:
+    """A column label: the layer's own name, with its expert when it has one (``e3.w1``, ``gate_up_proj[3]``)."""
+    parts = role.split(".")
+    if len(parts) >= 2 and parts[-2].isdigit():
+        return f"e{parts[-2]}.{parts[-1]}"
+    return parts[-1]
+
+
 def _heat(ax, fig, rows: list[dict], value: str, label: str, cmap: str, vmin=None, vmax=None):
     """Blocks down, roles (q_proj, ..., down_proj) across, colour = ``value``."""
     roles = list(dict.fromkeys(r["role"] for r in rows if "role" in r))
@@ -153,7 +161,7 @@ def _heat(ax, fig, rows: list[dict], value: str, label: str, cmap: str, vmin=Non
         if "role" in r:
             grid[blocks.index(r["block"])][roles.index(r["role"])] = r[value]
     im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(range(len(roles)), [r.split(".")[-1] for r in roles], rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(roles)), [_short(r) for r in roles], rotation=45, ha="right", fontsize=8)
     step = max(1, len(blocks) // 16)
     ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=8)
     ax.set_ylabel("block")

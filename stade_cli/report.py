@@ -180,8 +180,14 @@ def stats_report(path: Path) -> dict:
                           "max_std": max(r["max_std"] for r in blocks[b])})
     # the layers whose inputs have the largest means first: there STADE (σ) and Wanda (‖X‖) disagree most
     layers = sorted(rows, key=lambda r: -r["mean_abs_mean"])
+    experts = None
+    if stats.experts:
+        counts = sorted(int(c) for e in stats.experts.values() for c in e.count.tolist())
+        experts = {"blocks": len(stats.experts), "per_block": sorted({e.count.numel() for e in stats.experts.values()}),
+                   "tokens_min": counts[0], "tokens_median": counts[len(counts) // 2], "tokens_max": counts[-1],
+                   "reap": all(e.reap is not None for e in stats.experts.values())}
     return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "blocks": per_block, "layers": layers,
-            "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0)}
+            "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0), "experts": experts}
 
 
 def inspect(path: str | Path, pattern: str | None = None, against: str | Path | None = None) -> dict:

@@ -159,21 +159,22 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
     from .loading import CalibrationSpec
     from .plan import PruneRequest, check_request
 
-    allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update"}
+    allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
+               "expert_min_tokens"}
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
         unknown = sorted(set(extra) - allowed)
         if unknown:
             raise UsageError(f"{label}: unknown option {unknown[0]!r}",
                              "method options (see stade prune --help) or bias_correction, layer_sparsity, owl_m, "
-                             "owl_lambda, group, only, skip, update")
+                             "owl_lambda, group, only, skip, update, expert_min_tokens")
         for cell in cells:
             check_request(PruneRequest(
                 "", name, cell["sparsity"], cell["pattern"], extra.get("group", "row"), None,
                 extra.get("bias_correction"), extra.get("layer_sparsity", "uniform"), extra.get("owl_m", 5.0),
                 extra.get("owl_lambda", 0.08), False, dict(extra.get("options") or {}),
                 CalibrationSpec("c4", 1, None, seed, 1), "cpu", "auto", extra.get("only"), extra.get("skip"), None,
-                extra.get("update", "none")))
+                extra.get("update", "none"), expert_min_tokens=extra.get("expert_min_tokens", 128)))
 
 
 def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[float] = (0.5,),

@@ -127,7 +127,8 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                     config.update(layout.bias_flags)
                     layout.rewrite.apply_config(config)
                     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                report = json.dumps(_report(plan, decisions, layout, stream.layers), indent=2) + "\n"
+                written = {"before": sum(sizes), "after": sum((tmp / output_name(f)).stat().st_size for f in plan.files)}
+                report = json.dumps(_report(plan, decisions, layout, stream.layers, written), indent=2) + "\n"
                 (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
     return json.loads(report) if report is not None else None
 
@@ -325,7 +326,7 @@ def _coverage(plan: Plan, layout: Layout, layers: dict) -> dict:
     return {"target_params": targets, "block_params": blocks, "share": targets / max(blocks, 1)}
 
 
-def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict) -> dict:
+def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, written: dict | None = None) -> dict:
     zeros = sum(l["zeros"] for l in layers.values())
     params = sum(l["shape"][0] * l["shape"][1] for l in layers.values())
     rw = layout.rewrite
@@ -355,6 +356,7 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict) -> d
         "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
         "coverage": _coverage(plan, layout, layers),
         "experts": experts,
+        "weight_bytes": written,
         "seconds": round(time.perf_counter() - plan.started, 2),
         "layers": layers,
     }

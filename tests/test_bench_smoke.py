@@ -94,3 +94,24 @@ def test_table_merges_files_of_one_protocol(tmp_path):
     bad = subprocess.run([sys.executable, "bench/table.py", str(a), str(c), "--out", str(tmp_path / "x")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not the same protocol" in bad.stderr
+
+
+def test_experts_smoke(tiny_factory, text_file, tmp_path):
+    """bench/experts.py on a tiny Qwen2-MoE: the full model, then 2 of 4 experts kept by each ranking (and once
+    more with wanda on top): finite perplexities, and every pruned checkpoint smaller than the model."""
+    model = tiny_factory("qwen2_moe")
+    stats = tmp_path / "stats"
+    _run(["-m", "stade_cli", "calibrate", str(model), "-o", str(stats), "--dataset", str(text_file), "--nsamples", "4",
+          "--seqlen", "16"])
+    out = tmp_path / "experts"
+    proc = _run(["bench/experts.py", "--model", str(model), "--stats", str(stats), "--eval", str(text_file),
+                 "--experts", "2", "--scores", "reap", "frequency", "random", "--then", "wanda", "--seqlen", "16",
+                 "--max-windows", "2", "--out", str(out)])
+    data = json.loads((out / "experts.json").read_text())
+    assert data["full"]["experts"] == 4 and _finite(data["full"]["ppl"])
+    assert [(r["score"], r["then"]) for r in data["rows"]] == [("reap", None), ("frequency", None),
+                                                               ("random", None), ("reap", "wanda")]
+    for r in data["rows"]:
+        assert _finite(r["ppl"]) and r["ppl"] > 1 and 0 < r["bytes"] < data["full"]["bytes"], r
+    assert proc.stdout.startswith("| experts kept (of 4) |") and (out / "experts.md").is_file()
+    assert not list(tmp_path.glob("**/pruned"))

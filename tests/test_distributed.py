@@ -90,21 +90,24 @@ def stade(*args, ranks: int = 1, script: Path | None = None, env: dict | None = 
     return proc
 
 
-@pytest.fixture(scope="module")
-def sharded(tiny_factory, tmp_path_factory) -> Path:
-    """A 4-block tiny Llama saved in several safetensors shards (so two ranks have shards to share)."""
+def in_shards(src: Path, out: Path) -> Path:
+    """The model at ``src`` saved again in several safetensors shards (so two ranks have shards to share)."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
-    src = tiny_factory("llama", num_hidden_layers=4)
-    out = tmp_path_factory.mktemp("sharded") / "model"
     AutoModelForCausalLM.from_pretrained(src).save_pretrained(out, max_shard_size="60KB")
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, out / f.name)
     assert len(list(out.glob("*.safetensors"))) >= 3
     return out
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_factory, tmp_path_factory) -> Path:
+    """A 4-block tiny Llama in several shards."""
+    return in_shards(tiny_factory("llama", num_hidden_layers=4), tmp_path_factory.mktemp("sharded") / "model")
 
 
 CAL = ["--dataset", "builtin", "--nsamples", 6, "--seqlen", 32, "--gram"]
@@ -284,3 +287,34 @@ def test_sweep_and_demo_are_refused_under_a_launcher(tiny_llama, tmp_path, monke
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and "runs in one process, not as 2 ranks" in r.stderr, r.stderr
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------- mixtures of experts
+@pytest.fixture(scope="module")
+def moe_sharded(tiny_factory, tmp_path_factory):
+    """A tiny Qwen2-MoE (a shared expert beside four routed ones) in several shards."""
+    return in_shards(tiny_factory("qwen2_moe"), tmp_path_factory.mktemp("moe-sharded") / "model")
+
+
+def test_moe_on_two_ranks_is_one_process(moe_sharded, tmp_path):
+    """Every expert's moments, Gram matrices and routing statistics summed over two ranks equal one process's;
+    pruning its experts (and removing experts) on two ranks writes the same bytes."""
+    one, two = tmp_path / "s1", tmp_path / "s2"
+    stade("calibrate", moe_sharded, "-o", one, *CAL)
+    stade("calibrate", moe_sharded, "-o", two, *CAL, ranks=2)
+    a, b = _stats(one), _stats(two)
+    assert a.keys() == b.keys() and any(k.startswith("moments.safetensors:__experts__.") for k in a)
+    assert any(".mlp.experts.3.down_proj" in k for k in a)
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-12, atol=1e-12), k
+    for i, extra in enumerate((["--metric", "wanda", "--expert-min-tokens", 0],
+                               ["--metric", "sparsegpt", "--pattern", "2:4"],
+                               ["--experts", 2, "--expert-score", "reap", "--metric", "wanda", "--sparsity", 0.5])):
+        p1, p2 = tmp_path / f"one{i}", tmp_path / f"two{i}"
+        stade("prune", moe_sharded, "--stats", one, "-o", p1, *extra)
+        stade("prune", moe_sharded, "--stats", one, "-o", p2, *extra, ranks=2)
+        x, y = _files(p1), _files(p2)
+        assert x.keys() == y.keys()
+        for name in x:
+            if name not in ("stade_report.json", ".stade-output.json"):
+                assert x[name] == y[name], (extra, name)

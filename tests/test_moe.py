@@ -210,10 +210,10 @@ def test_every_expert_is_pruned_and_routers_stay(name, moe_stats, tmp_path):
                 assert torch.equal(before[key], after[key]), key            # routers untouched
         assert before.keys() == after.keys()
         share = json.loads((out / "stade_report.json").read_text())["coverage"]["share"]
-        assert f"targets: {share:.1%} of the decoder blocks' weights" in r.stderr
+        assert f"targets: {share:.2%} of the decoder blocks' weights" in r.stderr
         assert 0.9 < share < 1.0
         shown = run("inspect", out, "--summary").stdout
-        assert f"targets: {share:.1%} of the decoder blocks' weights" in shown and "the report agrees" in shown
+        assert f"targets: {share:.2%} of the decoder blocks' weights" in shown and "the report agrees" in shown
 
 
 @pytest.mark.parametrize("name", FUSED)
@@ -263,6 +263,18 @@ def test_every_method_and_option_prunes_the_experts(metric, extra, moe_stats, tm
             assert abs(layer["sparsity"] - blocks[str(layer["block"])]) <= 1 / layer["shape"][1] + 1e-9, name
     else:
         _check_sparsity(out, 0.5, (4, 8) if "4:8" in extra else None)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_sequential_prunes_fused_experts_in_the_loaded_model(name, moe_stats, tmp_path):
+    """--sequential writes each pruned slice back into the loaded model's 3-D parameter (transposed for GPT-OSS)
+    before the next block runs, and the checkpoint holds the same decisions."""
+    model, stats = moe_stats(name)
+    out = tmp_path / "out"
+    run("prune", model, "--stats", stats, "--metric", "sparsegpt", "--sequential", "--sparsity", 0.5,
+        "--expert-min-tokens", 0, "-o", out)
+    _check_sparsity(out, 0.5)
+    assert json.loads((out / "stade_report.json").read_text())["mode"] == "sequential"
 
 
 def test_only_and_skip_choose_experts(moe_stats, tmp_path):
@@ -316,7 +328,7 @@ def test_the_coverage_line_for_a_dense_model(tiny_llama, tmp_path):
     r = run("prune", tiny_llama, "--metric", "magnitude", "-o", tmp_path / "out")
     share = json.loads((tmp_path / "out" / "stade_report.json").read_text())["coverage"]["share"]
     assert 0.98 < share < 1.0                                       # norms are the rest
-    assert f"targets: {share:.1%} of the decoder blocks' weights" in r.stderr
+    assert f"targets: {share:.2%} of the decoder blocks' weights" in r.stderr
 
 
 def test_an_unknown_weight_tensor_in_a_block_is_refused_before_any_work(tiny_llama, tmp_path):

@@ -79,7 +79,7 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     console.print(line)
     cov = s.get("coverage")
     if cov:
-        console.print(f"targets: {cov['share']:.1%} of the decoder blocks' weights ({cov['target_params']:,} of "
+        console.print(f"targets: {cov['share']:.2%} of the decoder blocks' weights ({cov['target_params']:,} of "
                       f"{cov['block_params']:,})")
     for text in experts_lines(s.get("experts")):
         console.print(text, highlight=False)
@@ -154,6 +154,13 @@ def render_stats(s: dict, layers: bool = True) -> None:
             if s.get("gram_bytes") else
             "Gram matrices: no (sparsegpt needs them: stade calibrate --gram); every other method can use these")
     console.print(f"{len(s['layers'])} layer inputs in {len(s['blocks'])} blocks · {gram}", highlight=False)
+    e = s.get("experts")
+    if e:
+        console.print(f"mixture of experts: {'/'.join(map(str, e['per_block']))} experts in each of {e['blocks']} "
+                      f"blocks; tokens routed to an expert: {e['tokens_min']:,} to {e['tokens_max']:,} (median "
+                      f"{e['tokens_median']:,}); "
+                      + ("router weights recorded (--expert-score reap, frequency or random)" if e["reap"] else
+                         "no router weights (transformers 4.x): --expert-score frequency or random"), highlight=False)
     if s["blocks"]:
         scale = max(b["mean_over_std"] for b in s["blocks"]) or 1.0
         blocks = Table(title="per block (mean over the block's layers; |μ|/σ large: STADE and Wanda rank "

@@ -82,18 +82,18 @@ def summary_lines(report: dict, output) -> list[str]:
     """What prune says when it is done: what it removed, what it pruned, the targets' share of the blocks."""
     lines = []
     cov = report.get("coverage") or {}
-    share = f"targets: {cov['share']:.1%} of the decoder blocks' weights" if cov else ""
     experts = report.get("experts") or {}
     removal = experts.get("removal")
+    size = report.get("weight_bytes") or {}
     if removal:
-        kept = next(iter(removal["kept"].values()))
-        lines.append(f"removed {len(next(iter(removal['removed'].values())))} of "
-                     f"{len(kept) + len(next(iter(removal['removed'].values())))} experts in each of "
-                     f"{len(removal['kept'])} MoE blocks (ranked by {removal['score']}); the config says "
-                     f"{len(kept)} experts")
+        kept = len(next(iter(removal["kept"].values())))
+        gone = len(next(iter(removal["removed"].values())))
+        lines.append(f"removed {gone} of {kept + gone} experts in each of {len(removal['kept'])} MoE blocks (ranked "
+                     f"by {removal['score']}); the config says {kept} experts"
+                     + (f"; weights {size['before'] / 2**20:,.1f} → {size['after'] / 2**20:,.1f} MiB" if size else ""))
     if report["method"] is None:
-        lines.append(f"no weights zeroed in the kept experts and the other layers (give --sparsity to prune them "
-                     f"too); {share}")
+        lines.append("no weight was zeroed in the kept experts and the other layers (add --sparsity S or an N:M "
+                     "--pattern to prune them in the same run)")
         return lines
     corrected = report["bias_correction"]["layers"]
     how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
@@ -102,9 +102,9 @@ def summary_lines(report: dict, output) -> list[str]:
                  f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
                  + (f"; {corrected} bias-corrected" if corrected else "")
                  + (f"; {len(fallback)} expert(s) on fallback statistics" if fallback else "")
-                 + (f"; {share}" if share else ""))
+                 + (f"; targets: {cov['share']:.2%} of the decoder blocks' weights" if cov else ""))
     lines.append(f"{output} is a dense checkpoint with zeros: it loads wherever the model loads and is "
-                 + ("smaller by the removed experts" if removal else "the same size on disk")
+                 + ("smaller only by the removed experts" if removal else "the same size on disk")
                  + "; speed-ups need sparse kernels (" + ("2:4 runs on recent NVIDIA GPUs" if
                  report["pattern"] == "2:4" else "e.g. a 2:4 pattern on recent NVIDIA GPUs") + ").")
     return lines
