@@ -34,14 +34,14 @@ POOLED, MAGNITUDE = "pooled", "magnitude"
 
 # ------------------------------------------------------------------------------------------------ fallbacks
 def starved(arch: Architecture, experts: Mapping[int, ExpertStats], min_tokens: int) -> dict[tuple[int, int], int]:
-    """(block, expert) → tokens routed to it, for every expert below ``min_tokens``."""
+    """(block, expert) → tokens routed to it, for every expert below ``min_tokens`` (and any that saw none)."""
     out = {}
     for b, moe in arch.experts.items():
         if b not in experts:
             continue
         for e in range(moe.num_experts):
             n = int(experts[b].count[e])
-            if n < min_tokens and any(name in arch.targets for name in moe.members(e)):
+            if n < max(min_tokens, 1) and any(name in arch.targets for name in moe.members(e)):
                 out[(b, e)] = n
     return out
 
@@ -63,20 +63,24 @@ def unit_moments(width: int) -> Moments:
 
 def pooled_moments(moe: MoE, moments: Mapping[str, Moments]) -> Moments:
     """The block's pooled expert input: the sum of every expert's input moments."""
-    leaders = [x[0] for x in moe.inputs if x and x[0] in moments]
+    leaders = _leaders(moe, moments)
     total = Moments.zeros(moments[leaders[0]].sum.numel())
     for name in leaders:
         total = total.merge(moments[name])
     return total
 
 
-def pooled_gram(moe: MoE, gram_of) -> torch.Tensor:
+def _leaders(moe: MoE, moments: Mapping[str, Moments]) -> list[str]:
+    """One measured target per expert input (the first of its gate/up that --only/--skip kept)."""
+    return [n for n in (next((m for m in x if m in moments), None) for x in moe.inputs) if n is not None]
+
+
+def pooled_gram(moe: MoE, gram_of, moments: Mapping[str, Moments]) -> torch.Tensor:
     """Σ over the experts of their input Gram matrices (``gram_of(name)`` reads one)."""
     total = None
-    for x in moe.inputs:
-        if x:
-            h = gram_of(x[0]).double()
-            total = h.clone() if total is None else total.add_(h)
+    for name in _leaders(moe, moments):
+        h = gram_of(name).double()
+        total = h.clone() if total is None else total.add_(h)
     return total
 
 
@@ -176,9 +180,14 @@ def config_entries(config: dict, moes: list[MoE], k: int) -> dict[str, int]:
             if isinstance(part.get(key), int) and part[key] > k:
                 out[prefix + key] = k
         groups = part.get("n_group")
-        if isinstance(groups, int) and groups > 1 and k % groups:
-            raise UsageError(f"this model routes within {groups} groups of experts: --experts must be a multiple of "
-                             f"{groups} (got {k})")
+        if isinstance(groups, int) and groups > 1:          # DeepSeek: a group's score is its top two experts'
+            chosen = part.get("topk_group") or groups
+            top_k = min(part.get("num_experts_per_tok") or 1, k)
+            if k % groups or k // groups < 2 or chosen * (k // groups) < top_k:
+                raise UsageError(f"this model routes within {groups} groups of experts (a group scored by its best "
+                                 f"two, {chosen} groups chosen per token): --experts must be a multiple of {groups}, "
+                                 f"at least {2 * groups}, with {chosen} groups holding the {top_k} experts a token "
+                                 f"uses (got {k})")
     if not any(key.rsplit(".", 1)[-1] in EXPERT_COUNT_KEYS for key in out):
         raise UsageError(f"the config says nowhere that there are {n} experts ({', '.join(EXPERT_COUNT_KEYS)}); "
                          "stade cannot write a config with fewer")
@@ -266,6 +275,6 @@ class TargetStats:
             if t.block not in self._pooled:
                 moe = self.arch.experts[t.block]
                 self._pooled[t.block] = (pooled_moments(moe, self.moments),
-                                         pooled_gram(moe, self.gram_of) if self.gram_of else None)
+                                         pooled_gram(moe, self.gram_of, self.moments) if self.gram_of else None)
         moments, gram = self._pooled[t.block]
         return LayerStats(moments, gram, f"pooled input of block {t.block}")

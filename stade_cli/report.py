@@ -93,7 +93,8 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
         summary["nm_ok"] = all(l["nm_ok"] for l in layers.values())
     if report is not None:
         theirs = report.get("layers", {})
-        summary["report_agrees"] = all(theirs.get(n, {}).get("zeros") == l["zeros"] for n, l in layers.items())
+        summary["report_agrees"] = set(theirs) <= set(layers) and all(      # what it pruned, as the tensors say
+            theirs[n].get("zeros") == layers[n]["zeros"] for n in theirs)
     return summary
 
 

@@ -37,7 +37,8 @@ TINY = {
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8)),
 }
-# mixtures of experts: experts stored per expert on disk (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE) and
+# mixtures of experts: experts stored per expert on disk (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE,
+# DeepSeek-V3 with shared experts and a router correction bias) and
 # fused 3-D on disk (Granite-MoE [E, out, in]; GPT-OSS [E, in, out], interleaved gate/up, expert biases)
 MOE = {
     "mixtral": ("MixtralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +49,11 @@ MOE = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                          num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                             first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=16,
+                                             kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
     "granitemoe": ("GraniteMoeConfig", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                             num_experts_per_tok=2)),

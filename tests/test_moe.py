@@ -25,7 +25,7 @@ from stade_cli.cli.app import app
 
 runner = CliRunner()
 FIVE = int(transformers.__version__.split(".")[0]) >= 5
-PER_EXPERT = ["mixtral", "qwen2_moe", "qwen3_moe"]
+PER_EXPERT = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 FUSED = ["granitemoe", "gpt_oss"]
 CAL = ["--dataset", "builtin", "--nsamples", 8, "--seqlen", 32]
 
@@ -85,7 +85,7 @@ def test_every_expert_matrix_is_a_target_and_routers_are_not(name, tiny_factory)
         assert moe.router and all(k in a.dense for k in moe.router)
         assert not any(k in {t.weight_key for t in a.targets.values()} for k in moe.router)
     expert_params = sum(t.in_features * t.out_features for t in a.targets.values() if t.expert is not None)
-    on_disk = sum(math.prod(s) for k, s in shapes.items() if re.search(r"experts\.|_linear", k) and len(s) >= 2
+    on_disk = sum(math.prod(s) for k, s in shapes.items() if re.search(r"(?<!shared_)experts\.|_linear", k) and len(s) >= 2
                   and "bias" not in k and not k.endswith("router.weight"))
     assert expert_params == on_disk                               # every expert weight, once
     if name == "qwen2_moe":                                       # the shared expert is an ordinary target
@@ -169,6 +169,16 @@ def test_expert_moments_are_those_of_the_tokens_its_router_picked(tiny_factory, 
         assert int(st.experts[b].count.sum()) == 2 * x.shape[0]              # every token went to two experts
 
 
+def test_offloaded_experts_give_the_same_stats(moe_stats, tmp_path):
+    """With accelerate's placement (a CPU budget sending blocks to disk) the experts are captured the same way."""
+    model, stats = moe_stats("mixtral")
+    out = tmp_path / "placed"
+    r = run("calibrate", model, "-o", out, *CAL, "--gram", "--max-memory", "cpu=100KB", "--offload-dir", tmp_path / "off")
+    assert "on disk" in r.stderr
+    a, b = load_file(str(stats / "moments.safetensors")), load_file(str(out / "moments.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_family_whose_experts_compute_otherwise_is_refused(tiny_factory, tmp_path, monkeypatch):
     """The per-expert capture checks itself against the module's own forward once per module."""
     if not FIVE:
@@ -183,9 +193,13 @@ def test_a_family_whose_experts_compute_otherwise_is_refused(tiny_factory, tmp_p
 
 # ------------------------------------------------------------------------------------------------ pruning
 def _check_sparsity(path: Path, sparsity: float, nm: tuple[int, int] | None = None) -> dict:
+    return _check_sparsity_of(path, sparsity, lambda name: True, nm)
+
+
+def _check_sparsity_of(path: Path, sparsity: float, which, nm: tuple[int, int] | None = None) -> dict:
     a = arch_of(path)
     disk = tensors(path)
-    for t in a.targets.values():
+    for t in (t for t in a.targets.values() if which(t.name)):
         w = t.matrix(disk[t.weight_key])
         zeros = int((w == 0).sum())
         assert abs(zeros / w.numel() - sparsity) <= 1 / w.shape[1] + 1e-9, (t.name, zeros / w.numel())
@@ -321,6 +335,13 @@ def test_experts_that_saw_few_tokens_use_stated_fallbacks(moe_stats, tmp_path):
         for n in moe.middles[e]:
             w = before[f"{n}.weight"]
             assert torch.equal(after[f"{n}.weight"], apply_mask(w, pattern.mask(w.float().abs())))
+    for how in ([], ["--sequential", *CAL]):       # Gram methods: the pooled Gram and the identity, both producers
+        every = tmp_path / f"gram{len(how)}"
+        run("prune", model, "--stats", stats, "--metric", "sparsegpt", "--update", "admm", "--sparsity", 0.5,
+            "--expert-min-tokens", 10**9, "--skip", r"\.w1$", "-o", every, *how)
+        assert json.loads((every / "stade_report.json").read_text())["experts"]["fallback"]["targets"] == {
+            "pooled": 8, "magnitude": 8}
+        _check_sparsity_of(every, 0.5, lambda n: not n.endswith(".w1"))
 
 
 # ------------------------------------------------------------------------------------------------ never less
@@ -363,7 +384,7 @@ def _data_bytes(path: Path) -> int:
 
 
 @pytest.mark.versions
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_expert_removal_by_hand(name, moe_stats, tmp_path):
     """--experts 2: the two best experts of each block stay (REAP: mean router weight × ‖output‖ over the expert's
     tokens; frequency under transformers 4.x), renumbered 0..1, with their router rows; the config says 2 experts;
@@ -401,7 +422,7 @@ def test_expert_removal_by_hand(name, moe_stats, tmp_path):
             removed_bytes += sum(before[k][e].numel() * 4 for k in moe.router)
             removed_bytes += sum(before[k][e].numel() * 4 for k in moe.fused if k.endswith("bias"))
     config = json.loads((out / "config.json").read_text())
-    key = "num_local_experts" if name != "qwen2_moe" else "num_experts"
+    key = {"qwen2_moe": "num_experts", "deepseek_v3": "n_routed_experts"}.get(name, "num_local_experts")
     assert config[key] == 2 and config["num_experts_per_tok"] <= 2
     assert _data_bytes(model) - _data_bytes(out) == removed_bytes
     loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -440,6 +461,28 @@ def test_frequency_keeps_the_busiest_experts_and_random_follows_the_seed(moe_sta
     assert kept("random", 0, "a") == kept("random", 0, "b")
     seeds = [kept("random", seed, f"r{seed}") for seed in range(6)]
     assert len({json.dumps(k, sort_keys=True) for k in seeds}) > 1     # the seed matters
+
+
+def test_the_config_says_k_experts_and_grouped_routing_still_works():
+    """config.json entries for K experts, found by the family's own keys (nested text configs too); DeepSeek's
+    grouped routing scores a group by its best two experts, so K must leave each group two."""
+    from stade_cli.arch import MoE
+    from stade_cli.errors import UsageError
+    from stade_cli.experts import config_entries
+
+    moe = [MoE(0, 8, 2, (), ())]
+    assert config_entries({"num_local_experts": 8, "num_experts_per_tok": 2}, moe, 4) == {"num_local_experts": 4}
+    assert config_entries({"num_experts": 8, "num_experts_per_tok": 8}, moe, 4) == {"num_experts": 4,
+                                                                                   "num_experts_per_tok": 4}
+    assert config_entries({"text_config": {"num_local_experts": 8, "num_experts_per_tok": 2}}, moe, 2) == {
+        "text_config.num_local_experts": 2}
+    grouped = {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1}
+    assert config_entries(grouped, moe, 4) == {"n_routed_experts": 4}
+    for k in (2, 3, 5):
+        with pytest.raises(UsageError, match="groups of experts"):
+            config_entries(grouped, moe, k)
+    with pytest.raises(UsageError, match="says nowhere that there are 8 experts"):
+        config_entries({"num_experts_per_tok": 2}, moe, 4)
 
 
 def test_expert_removal_refusals(tiny_llama, moe_stats, tmp_path):

@@ -66,7 +66,9 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     o = s["overall"]
     console.print(f"[bold]{s['path']}[/]")
     method = s.get("method") and (s["method"] + (f" + {s['update']}" if s.get("update") else ""))
-    what = [f"method {method or '– (no stade report)'}", f"pattern {s.get('pattern') or 'dense'}"]
+    removed = ((s.get("experts") or {}).get("removal")) is not None
+    none = "– (experts removed, nothing else pruned)" if removed else "– (no stade report)"
+    what = [f"method {method or none}", f"pattern {s.get('pattern') or 'dense'}"]
     if s.get("target_sparsity") is not None:
         what.append(f"target {s['target_sparsity']:.2%}")
     what.append(f"{len(s['layers'])} target layers")
