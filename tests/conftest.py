@@ -141,3 +141,4 @@ def text_file(tmp_path_factory) -> Path:
 
 SMOLLM2 = Path(os.environ.get("STADE_ASSETS", Path.home() / ".cache" / "stade-assets")) / "smollm2-135m"
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+ROOT = Path(__file__).resolve().parents[1]       # the repository
