@@ -14,7 +14,6 @@ memory-mapped files on disk (``HiddenCache``); the log says which.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from torch import nn
 
 from .arch import Architecture
 from .loading import Placement, check_batch_size
-from .runtime import Reporter
+from .runtime import Reporter, available_bytes
 
 
 
@@ -105,24 +104,6 @@ def move(obj, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------- hidden states
-def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 1 << 62
-
-
 class HiddenCache:
     """Hidden states [windows, seqlen, hidden] for a block's inputs and outputs, on the device or on disk.
 

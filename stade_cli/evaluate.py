@@ -93,6 +93,7 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     reporter = reporter or Reporter()
     check_batch_size(batch_size)
     rt = Runtime.of(model, device, dtype)
+    placement = rt.settle(placement, reporter)
     dev = rt.device
     windows = eval_windows(rt.tokenizer(), load_corpus(dataset, "evaluation"), seqlen, context_length(rt.config),
                            max_windows)

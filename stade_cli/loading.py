@@ -6,6 +6,7 @@ config, choose the device and dtype, tokenize the text into windows, load the mo
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from .arch import context_length
 from .checkpoint import ModelSource, checkpoint_dtype, load_config, local_path, resolve_model
 from .data import calibration_windows, load_corpus, local_paths
 from .errors import ModelError, UsageError
-from .runtime import resolve_device, resolve_dtype, silence_transformers
+from .runtime import Reporter, available_bytes, gib, resolve_device, resolve_dtype, silence_transformers
 
 SPILL_MODES = ("auto", "device", "disk")
+STREAM = "stream"     # --device-map stream: the blocks read from the checkpoint's shards one at a time
 
 
 def dtype_kwarg(dtype) -> dict:
@@ -41,7 +43,9 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
         import tempfile
 
         kwargs["device_map"] = placement.device_map
-        if placement.max_memory:
+        if placement.device_map == STREAM:
+            kwargs["device_map"] = streaming_map(load_config(source.path), device)
+        elif placement.max_memory:
             kwargs["max_memory"] = placement.max_memory
         elif device.type == "cpu":
             kwargs["device_map"] = {"": "cpu"}
@@ -70,6 +74,22 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
     if kwargs.get("device_map") is not None:
         return model.eval()
     return model.to(device).eval()
+
+
+def streaming_map(config, device: torch.device) -> dict:
+    """``--device-map stream``: every decoder block on "disk" (accelerate reads its tensors from the checkpoint's own
+    shards when it runs, one block at a time), every other module on ``device``."""
+    from .arch import decoder_blocks, meta_model
+
+    model = meta_model(config)
+    blocks = [name for name, _ in decoder_blocks(model)]
+    inside = tuple(b + "." for b in blocks)
+    where = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
+                                                                                      else device.type)
+    owners = [name for name, m in model.named_modules()
+              if name and not name.startswith(inside) and name not in blocks
+              and (next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None)]
+    return {**{name: where for name in owners}, **{b: "disk" for b in blocks}}
 
 
 def release_model(model) -> None:
@@ -128,6 +148,15 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes of a model's weights in a run's dtype."""
+
+    total: int
+    block: int        # the largest decoder block
+    rest: int         # everything outside the blocks (embeddings, head, final norm)
+
+
 class Placement:
     """Where the model lives while it runs: an accelerate device map (or none: all on the device) and
     where the cached hidden states go (``spill``: auto, device or disk)."""
@@ -136,8 +165,12 @@ class Placement:
                  offload_dir: str | Path | None = None, spill: str = "auto"):
         if spill not in SPILL_MODES:
             raise UsageError(f"--spill must be one of {', '.join(SPILL_MODES)} (got {spill})")
-        if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential (got {device_map})")
+        if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential", STREAM):
+            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0, sequential or stream "
+                             f"(got {device_map})")
+        if max_memory and device_map == STREAM:
+            raise UsageError("--max-memory sets a budget for --device-map auto; stream needs none",
+                             "drop one of them")
         if (max_memory or offload_dir) and device_map is None:
             device_map = "auto"                     # a memory budget or an offload dir only make sense with one
         self.device_map = device_map
@@ -148,6 +181,10 @@ class Placement:
     @property
     def dispatched(self) -> bool:
         return self.device_map is not None
+
+    def streaming(self) -> "Placement":
+        """The same, with the blocks streamed from the checkpoint (``--device-map stream``)."""
+        return Placement(STREAM, None, self.offload_dir, self.spill)
 
     def describe(self) -> dict:
         return {"device_map": self.device_map,
@@ -186,6 +223,49 @@ class Runtime:
     def model(self, placement: "Placement | None" = None):
         """``with rt.model(placement) as net:`` the model loaded for the block; its offload folder goes after."""
         return loaded_model(self.source, self.device, self.dtype, placement)
+
+    def footprint(self) -> "Footprint":
+        """What the model's weights take in this run's dtype: in all, the largest block, the rest."""
+        from .arch import decoder_blocks, meta_model
+        from .checkpoint import tensor_shapes
+
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        shapes = tensor_shapes(self.source.path)
+        blocks = [name for name, _ in decoder_blocks(meta_model(self.config))]
+        per_block = {b: 0 for b in blocks}
+        rest = 0
+        for key, shape in shapes.items():
+            n = math.prod(shape) * itemsize
+            owner = next((b for b in blocks if key.startswith(b + ".")), None)
+            if owner is None:
+                rest += n
+            else:
+                per_block[owner] += n
+        return Footprint(sum(per_block.values()) + rest, max(per_block.values(), default=0), rest)
+
+    def settle(self, placement: "Placement | None", reporter: Reporter | None = None) -> "Placement":
+        """The placement to load with: the one given; else, when the weights would take more than half of the
+        device's free memory, the blocks streamed from the checkpoint one at a time (``--device-map stream``). A
+        model whose one block and other weights do not fit even so is refused before any work, with what to pass."""
+        reporter = reporter or Reporter()
+        placement = placement or Placement()
+        if placement.dispatched and placement.device_map != STREAM:
+            return placement
+        need = self.footprint()
+        free = available_bytes(self.device)
+        where = "GPU" if self.device.type == "cuda" else "memory"
+        if not placement.dispatched:
+            if need.total <= free // 2:
+                return placement
+            reporter.log(f"the weights take {gib(need.total)} in {self.dtype_name} and {gib(free)} of {where} are free: "
+                         f"the blocks are read from the checkpoint one at a time ({gib(need.block)} each; "
+                         "--device-map stream; --device-map auto --max-memory ... to choose otherwise)")
+            placement = placement.streaming()
+        if need.block + need.rest > free:
+            raise ModelError(f"one block and the embeddings take {gib(need.block + need.rest)} in {self.dtype_name}, "
+                             f"more than the {gib(free)} of {where} that are free",
+                             "pass --dtype bfloat16, or --device-map auto --max-memory to spread it over devices")
+        return placement
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,33 @@ def resolve_dtype(spec: str | None, checkpoint_dtype: "torch.dtype | None", devi
     return getattr(torch, DTYPES[spec])
 
 
+def available_bytes(device: "torch.device") -> int:
+    """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
+    import os
+
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def gib(n: float) -> str:
+    """A size in GiB, as the estimates print it."""
+    return f"{n / 2**30:,.1f} GiB"
+
+
 class Reporter:
     """Logs and progress for long runs. The base class is silent; the CLI passes one that draws on stderr."""
 

@@ -22,7 +22,7 @@ from .calibration.runner import MomentCapture, sum_over_ranks
 from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
 from .errors import ModelError
 from .experts import TargetStats, fallbacks, summary
-from .loading import Placement, Runtime
+from .loading import Runtime
 from .runtime import Reporter
 from .tensors import pack_mask
 
@@ -33,8 +33,8 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     st, block_sparsity, _ = dense_inputs(plan, reporter)   # stats only for OWL (or as given)
     spec = plan.calibration
     spec.check()
-    placement = plan.request.placement or Placement()
     rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
+    placement = rt.settle(plan.request.placement, reporter)
     windows = spec.windows(rt)
     world = plan.world         # under a launcher: each rank runs its share of the windows; sums are shared
     start, stop = world.windows(len(windows))

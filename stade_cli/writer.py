@@ -104,8 +104,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     total = sum(sizes[i] for i in mine)
     with _one_thread_per_worker(dev, workers), _staging(dest, world) as tmp:
         with world.together():                   # this rank's shards
-            with ThreadPoolExecutor(workers, thread_name_prefix="stade-prune") as pool, \
-                    _disk_full_is_an_error(dest.path, total):
+            with _pool(workers) as pool, _disk_full_is_an_error(dest.path, total):
                 stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
                 with reporter.task("pruning", total=total) as advance:
                     for i in mine:
@@ -249,6 +248,21 @@ class _Stream:
                       if rw.out_key(f"{n}.bias") not in self.added and f"{n}.bias" not in self.added)
         if lost:
             raise ModelError(f"no weight found for the new bias {lost[0]}")
+
+
+@contextmanager
+def _pool(workers: int):
+    """The worker pool of one pass. On success it is shut down as usual; on any failure or interrupt the queued
+    layers are cancelled and nobody waits for the ones being solved (a layer of sparsegpt at 70B width takes
+    minutes): the staging directory is removed at once, and the CLI ends the process without joining the
+    workers (``cli.app.main``)."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="stade-prune")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 @contextmanager

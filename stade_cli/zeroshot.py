@@ -211,6 +211,7 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
 
     lm_eval, _, HFLM = _import_lm_eval()
     rt = Runtime.of(model, device, dtype)
+    placement = rt.settle(placement, reporter)
     source, config, dev, dt = rt.source, rt.config, rt.device, rt.dtype
 
     reporter.log("indexing lm-eval tasks")

@@ -223,6 +223,7 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     rt = Runtime.of(model, device, dtype)
     spec = CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size)
     spec.check()
+    placement = rt.settle(placement, reporter)        # the blocks streamed when the model would not fit
     windows = spec.windows(rt)                        # the same windows on every rank: sampled from the seed
     start, stop = world.windows(len(windows))
     ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""

@@ -146,14 +146,24 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _term)
     if hasattr(signal, "SIGHUP"):  # the terminal closed
         signal.signal(signal.SIGHUP, _term)
+    interrupted = False
     try:
         code = app(args=argv, prog_name="stade", standalone_mode=False)
     except typer.Abort:
-        code = report(KeyboardInterrupt(), False)
-    except (UsageError, KeyboardInterrupt, Interrupted) as exc:
+        code, interrupted = report(KeyboardInterrupt(), False), True
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code, interrupted = report(exc, False), True
+    except UsageError as exc:
         code = report(exc, False)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)    # done: a launcher's SIGTERM now simply ends the exit
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if interrupted or code in (130, 128 + signal.SIGTERM, 128 + getattr(signal, "SIGHUP", 1)):
+        # Everything was unwound (outputs cleaned up, locks released); a worker thread may still be inside a
+        # layer's solve, which Python's exit would wait for: end now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
