@@ -25,7 +25,7 @@ from torch import nn
 
 from .arch import Architecture
 from .loading import Placement, check_batch_size
-from .runtime import Reporter, available_bytes
+from .runtime import Reporter, available_bytes, human_bytes
 
 
 
@@ -247,8 +247,8 @@ class BlockRunner:
         on_disk = spill == "disk" or (spill == "auto" and need > free // 2)
         where = (f"memory-mapped on disk ({spill_dir or tempfile.gettempdir()})" if on_disk
                  else f"kept on {dev}")
-        self.reporter.log(f"cached block inputs: {_size(need)} ({shape[0]} × {shape[1]} × {shape[2]}, in and out) "
-                          f"{where}" + ("" if spill != "auto" else f"; {_size(free)} free"))
+        self.reporter.log(f"cached block inputs: {human_bytes(need)} ({shape[0]} × {shape[1]} × {shape[2]}, in and out) "
+                          f"{where}" + ("" if spill != "auto" else f"; {human_bytes(free)} free"))
         return HiddenCache(shape, dtype, dev if not on_disk else torch.device("cpu"), on_disk, spill_dir)
 
     # -- phase 2: the blocks
@@ -310,14 +310,6 @@ def _kw_device(kwargs: dict, default: torch.device) -> torch.device:
         if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
             return v[0].device
     return default
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} GiB"
 
 
 def device_map_summary(model: nn.Module) -> str | None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from .errors import Interrupted, StadeError, UsageError
@@ -156,6 +158,29 @@ def claimed(dest, world: World, inputs) -> Iterator[None]:
                 dest.check_inputs(inputs)
                 stack.enter_context(dest)
         yield
+
+
+@contextmanager
+def staged(dest, world: World):
+    """``dest.staging()`` (an ``outputs.Output``) on rank 0, its path told to every rank; it is published (rank 0) only when every rank's
+    part succeeded, and all ranks learn whether publishing did."""
+    if not world.several:
+        with dest.staging() as tmp:
+            yield tmp
+        return
+    stack = ExitStack()
+    tmp = None
+    with world.together():
+        if world.main:
+            tmp = stack.enter_context(dest.staging())
+    try:
+        yield Path(world.broadcast(str(tmp) if tmp is not None else None))
+    except BaseException:
+        if not stack.__exit__(*sys.exc_info()):
+            raise
+        return
+    with world.together():
+        stack.close()                            # rank 0: record, flush, rename
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from .arch import context_length
 from .checkpoint import ModelSource, checkpoint_dtype, load_config, local_path, resolve_model
 from .data import calibration_windows, load_corpus, local_paths
 from .errors import ModelError, UsageError
-from .runtime import Reporter, available_bytes, gib, resolve_device, resolve_dtype, silence_transformers
+from .runtime import Reporter, available_bytes, human_bytes, resolve_device, resolve_dtype, silence_transformers
 
 SPILL_MODES = ("auto", "device", "disk")
 STREAM = "stream"     # --device-map stream: the blocks read from the checkpoint's shards one at a time
@@ -257,13 +257,13 @@ class Runtime:
         if not placement.dispatched:
             if need.total <= free // 2:
                 return placement
-            reporter.log(f"the weights take {gib(need.total)} in {self.dtype_name} and {gib(free)} of {where} are free: "
-                         f"the blocks are read from the checkpoint one at a time ({gib(need.block)} each; "
+            reporter.log(f"the weights take {human_bytes(need.total)} in {self.dtype_name} and {human_bytes(free)} of {where} are free: "
+                         f"the blocks are read from the checkpoint one at a time ({human_bytes(need.block)} each; "
                          "--device-map stream; --device-map auto --max-memory ... to choose otherwise)")
             placement = placement.streaming()
         if need.block + need.rest > free:
-            raise ModelError(f"one block and the embeddings take {gib(need.block + need.rest)} in {self.dtype_name}, "
-                             f"more than the {gib(free)} of {where} that are free",
+            raise ModelError(f"one block and the embeddings take {human_bytes(need.block + need.rest)} in {self.dtype_name}, "
+                             f"more than the {human_bytes(free)} of {where} that are free",
                              "pass --dtype bfloat16, or --device-map auto --max-memory to spread it over devices")
         return placement
 

@@ -25,6 +25,19 @@ from .sequential import sequential as sequential_decisions
 from .writer import write
 
 
+def _needs(plan) -> str:
+    """The estimate prune prints before the work (``estimate.py``)."""
+    from .estimate import prune_memory
+    from .runtime import human_bytes
+
+    sizes = [(plan.source.path / f).stat().st_size for f in plan.files]
+    gram = plan.needs_gram and not plan.request.sequential
+    memory = prune_memory(max(sizes), plan.arch, gram, workers=1 if plan.device.type != "cpu" else 2)
+    where = "" if plan.device.type == "cpu" else f" (and the layers in flight on {plan.device})"
+    return (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
+            + (" (Gram matrices read one block at a time)" if gram else ""))
+
+
 def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | None = 0.5,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
           bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
@@ -69,6 +82,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         source = world.first(resolve)
         with world.together():
             plan = make_plan(request, checked, source, weight_files(source.path), started, world)
+        reporter.log(_needs(plan))
         if world.several and not sequential:
             idle = max(world.size - len(plan.files), 0)
             reporter.log(f"{world.size} ranks share the {len(plan.files)} weight shard(s), balanced by bytes"

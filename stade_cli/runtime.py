@@ -82,9 +82,13 @@ def available_bytes(device: "torch.device") -> int:
         return 1 << 62
 
 
-def gib(n: float) -> str:
-    """A size in GiB, as the estimates print it."""
-    return f"{n / 2**30:,.1f} GiB"
+def human_bytes(n: float) -> str:
+    """A size as people read it: 640.0 KiB, 1.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
 
 
 class Reporter:

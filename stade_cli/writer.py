@@ -11,10 +11,9 @@ import datetime as _dt
 import errno
 import json
 import math
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .arch import Target, bias_switches
 from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT_NAME, ShardReader, ShardWriter,
                          TensorEntry, copy_side_files, output_name, read_header, tensor_bytes)
 from .decide import Decisions
-from .distributed import World
+from .distributed import staged
 from .errors import ModelError, OutputError
 from .experts import Rewrite
 from .metrics import flat_options
@@ -102,7 +101,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     sizes = [(src / f).stat().st_size for f in plan.files]
     mine = world.pick(sizes)
     total = sum(sizes[i] for i in mine)
-    with _one_thread_per_worker(dev, workers), _staging(dest, world) as tmp:
+    with _one_thread_per_worker(dev, workers), staged(dest, world) as tmp:
         with world.together():                   # this rank's shards
             with _pool(workers) as pool, _disk_full_is_an_error(dest.path, total):
                 stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
@@ -130,29 +129,6 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                 report = json.dumps(_report(plan, decisions, layout, stream.layers, written), indent=2) + "\n"
                 (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
     return json.loads(report) if report is not None else None
-
-
-@contextmanager
-def _staging(dest: Output, world: World):
-    """``dest.staging()`` on rank 0, its path told to every rank; it is published (rank 0) only when every rank's
-    part succeeded, and all ranks learn whether publishing did."""
-    if not world.several:
-        with dest.staging() as tmp:
-            yield tmp
-        return
-    stack = ExitStack()
-    tmp = None
-    with world.together():
-        if world.main:
-            tmp = stack.enter_context(dest.staging())
-    try:
-        yield Path(world.broadcast(str(tmp) if tmp is not None else None))
-    except BaseException:
-        if not stack.__exit__(*sys.exc_info()):
-            raise
-        return
-    with world.together():
-        stack.close()                            # rank 0: record, flush, rename
 
 
 class _Stream:

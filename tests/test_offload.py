@@ -83,6 +83,47 @@ def test_eval_offloaded_equals_in_memory(deep_llama, tmp_path):
     assert off["placement"]["device_map"] == "auto" and "placement" not in mem
 
 
+@pytest.mark.versions
+def test_streamed_blocks_equal_in_memory(deep_llama, tmp_path):
+    """--device-map stream: every block read from the checkpoint's own shards when it runs (nothing copied to the
+    offload folder); calibrate, sequential prune and eval give the in-memory results exactly."""
+    off = tmp_path / "od"
+    run("calibrate", deep_llama, "-o", tmp_path / "mem", *DATA)
+    r = run("calibrate", deep_llama, "-o", tmp_path / "st", *DATA, "--device-map", "stream", "--offload-dir", off)
+    assert "0 modules on cpu" not in r.stderr and "4 modules on disk" in r.stderr
+    a, b = load_file(tmp_path / "mem" / "moments.safetensors"), load_file(tmp_path / "st" / "moments.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "st" / "manifest.json").read_text())["placement"]["device_map"] == "stream"
+    run("prune", deep_llama, "--metric", "wanda", "--sequential", *DATA, "-o", tmp_path / "p-mem")
+    run("prune", deep_llama, "--metric", "wanda", "--sequential", *DATA, "-o", tmp_path / "p-st", "--device-map",
+        "stream")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("p-mem", "p-st"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    args = ["eval", deep_llama, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 4, "--json"]
+    assert json.loads(run(*args, "--device-map", "stream").stdout)["nll"] == pytest.approx(
+        json.loads(run(*args).stdout)["nll"], rel=1e-6)
+    model = load_model(resolve_model(str(deep_llama)), torch.device("cpu"), torch.float32,
+                       Placement("stream", offload_dir=off))
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    assert not any(f.is_file() for f in off.rglob("*"))              # the shards are read where they are
+
+
+def test_a_model_that_does_not_fit_is_streamed_or_refused(deep_llama, tmp_path, monkeypatch):
+    """Weights above half the free memory: the blocks are streamed, and the log says so and what to pass instead;
+    one block and the embeddings above the free memory: refused before any work, with what to pass."""
+    import stade_cli.loading as loading
+
+    weights = sum(f.stat().st_size for f in deep_llama.glob("*.safetensors"))
+    monkeypatch.setattr(loading, "available_bytes", lambda device: weights)         # the model needs it all
+    r = run("calibrate", deep_llama, "-o", tmp_path / "s", *DATA)
+    assert "the blocks are read from the checkpoint one at a time" in r.stderr and "--device-map stream" in r.stderr
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["placement"]["device_map"] == "stream"
+    monkeypatch.setattr(loading, "available_bytes", lambda device: 1000)
+    r = run("eval", deep_llama, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 2, code=1)
+    assert "one block and the embeddings take" in r.stderr and "--dtype bfloat16" in r.stderr
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "mistral", "gemma"])
 def test_blockwise_perplexity_equals_plain_forward(tiny_factory, arch):
     """The head replay (final hidden states through the model's own norm and LM head) is exact per architecture."""

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import torch
 
-from ..arch import Architecture, bias_flag_table, coverage, describe
+from safetensors.torch import save_file
+
+from ..arch import Architecture, bias_flag_table, coverage, describe, meta_model
 from ..checkpoint import ModelSource, resolve_model, tensor_shapes
-from ..distributed import World, claimed, current
-from ..loading import CalibrationSpec, Runtime, run_inputs
-from ..outputs import Output
-from ..runtime import Reporter
+from ..distributed import World, claimed, current, staged
+from ..errors import StatsError
+from ..estimate import GRAM_FLOAT64_MAX_WIDTH, calibration_needs
+from ..loading import STREAM, CalibrationSpec, Runtime, run_inputs
+from ..outputs import Output, check_space
+from ..runtime import Reporter, available_bytes, human_bytes
 from .experts import ExpertCapture, ExpertStats
 from .moments import Moments
-from .store import Stats, write_stats
-
-
-GRAM_FLOAT64_MAX_WIDTH = 8192   # a float64 Gram of width 8192 is 512 MiB; wider ones stay float32
+from .store import FORMAT, GRAM_DIR, Stats, gram_file, write_stats
 
 
 def is_norm(module: torch.nn.Module) -> bool:
@@ -161,11 +162,12 @@ class Collected:
 
 def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: torch.device,
                     batch_size: int = 1, reporter: Reporter | None = None, gram: bool = False,
-                    placement=None) -> Collected:
+                    placement=None, after_block=None) -> Collected:
     """Run ``windows`` [n, seqlen] through the decoder block by block with moment hooks on every target.
 
     Each block sees all windows before the next one runs (``blockwise.BlockRunner``), so only one block
-    has to be on the device; the LM head never runs.
+    has to be on the device; the LM head never runs. ``after_block(index, capture)`` sees each block's capture
+    before it is collected (``compute_stats`` writes its Gram matrices to disk there and drops them).
     """
     from ..blockwise import BlockRunner
 
@@ -179,6 +181,8 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
                 runner.run(block, dev, keep=index < last, after_batch=capture.end_batch)
             finally:
                 capture.remove()
+            if after_block is not None:
+                after_block(index, capture)
             collected.add(capture)
     return collected
 
@@ -212,8 +216,11 @@ def sum_over_ranks(collected: "Collected | MomentCapture", world: World) -> None
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
                   seed: int = 0, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
                   reporter: Reporter | None = None, only: str | None = None, skip: str | None = None,
-                  gram: bool = False, placement=None, world: World | None = None) -> Stats:
-    """Calibrate in memory: the Stats that ``calibrate`` would write.
+                  gram: bool = False, placement=None, world: World | None = None,
+                  gram_dir: Path | None = None) -> Stats:
+    """Calibrate: the Stats that ``calibrate`` writes. Moments in memory; Gram matrices in memory, or with
+    ``gram_dir`` written there block by block as each block is done (``gram/block_NNNN.safetensors``, by rank 0),
+    so that only one block's are ever held.
 
     Under a launcher (``world``, default: this process's) each rank runs its contiguous share of the windows
     and the sums are added up, so every rank returns the stats of all windows.
@@ -226,11 +233,38 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     placement = rt.settle(placement, reporter)        # the blocks streamed when the model would not fit
     windows = spec.windows(rt)                        # the same windows on every rank: sampled from the seed
     start, stop = world.windows(len(windows))
+    disk = tensor_shapes(rt.source.path)              # targets are named as the checkpoint stores them
+    needs = _needs(rt, describe(meta_model(rt.config), only=only, skip=skip, disk=disk), placement, stop - start,
+                   int(windows.shape[1]), gram)
+    reporter.log(needs.line(str(rt.device)))
+    if gram and gram_dir is not None:
+        check_space(gram_dir, needs.moments + needs.gram)
+    elif gram and needs.gram > available_bytes(torch.device("cpu")) // 2:
+        raise StatsError(f"calibrating here keeps every Gram matrix in memory ({human_bytes(needs.gram)}; "
+                         f"{human_bytes(available_bytes(torch.device('cpu')))} free)",
+                         "write them to disk with `stade calibrate --gram` first and prune with --stats, or prune "
+                         "--sequential, which needs none")
     ranks = f"; {world.size} ranks, windows {start}-{stop - 1} here" if world.several else ""
     reporter.log(f"calibrating {rt.source.ref} on {dataset}: {nsamples} × {windows.shape[1]} tokens, "
                  f"{rt.device}, {rt.dtype_name}{ranks}")
     t0 = time.perf_counter()
-    disk = tensor_shapes(rt.source.path)              # targets are named as the checkpoint stores them
+    written: dict[str, int] = {}                      # Gram leader → its block, once written to gram_dir
+    written_bytes = [0]
+
+    def to_disk(index: int, capture: MomentCapture) -> None:
+        """A block's Gram matrices summed over the ranks and written by rank 0, then dropped from memory."""
+        grams = {}
+        for leader in sorted(capture.grams):
+            h = capture.grams[leader]
+            grams[leader] = (world.sum_(h.to("cpu", torch.float64, copy=True)).to(h.dtype) if world.several
+                             else h.cpu()).contiguous()
+            written[leader] = index
+            written_bytes[0] += h.numel() * h.element_size()
+        capture.grams.clear()
+        if grams and world.main:
+            (Path(gram_dir) / GRAM_DIR).mkdir(exist_ok=True)
+            save_file(grams, str(Path(gram_dir) / GRAM_DIR / gram_file(index)), metadata={"format": FORMAT})
+
     with world.together():
         with rt.model(placement) as net:
             arch = describe(net, only=only, skip=skip, disk=disk)
@@ -239,7 +273,8 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
                 reporter.log(f"note: {unknown[0]} ({len(disk[unknown[0]])}-D) is neither a layer stade prunes nor "
                              "one known to stay dense; prune will refuse it unless --skip accepts it")
             capture = collect_moments(net, arch, windows[start:stop], rt.device, batch_size, reporter, gram=gram,
-                                      placement=placement)
+                                      placement=placement,
+                                      after_block=to_disk if gram and gram_dir is not None else None)
             whole = describe(net, disk=disk)            # unfiltered: prune applies its own --only/--skip
     sum_over_ranks(capture, world)
     seconds = time.perf_counter() - t0
@@ -259,13 +294,31 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
     moments = capture.moments
     grams = capture.grams
     if gram:
-        manifest["gram"] = {"groups": capture.shared_inputs(),
-                            "blocks": {leader: arch.targets[leader].block for leader in grams}}
+        blocks = {leader: arch.targets[leader].block for leader in grams} if gram_dir is None else written
+        manifest["gram"] = {"groups": capture.shared_inputs(), "blocks": blocks}
+        if gram_dir is not None:
+            manifest["gram"]["bytes"] = written_bytes[0]
     if capture.experts:
         manifest["experts"] = {"blocks": sorted(capture.experts),
                                "reap": all(e.reap is not None for e in capture.experts.values()),
                                "router_weights": all(e.gate is not None for e in capture.experts.values())}
-    return Stats(manifest, moments, grams=grams, experts=capture.experts)
+    return Stats(manifest, moments, grams=grams, experts=capture.experts,
+                 path=Path(gram_dir) if gram and gram_dir is not None else None)
+
+
+def _needs(rt: Runtime, arch: Architecture, placement, windows: int, seqlen: int, gram: bool):
+    """What this calibration will need (``estimate.py``), from the model's description and the run's options."""
+    from ..blockwise import HiddenCache
+
+    fp = rt.footprint()
+    hidden_size = int(getattr(rt.config, "hidden_size", 0) or getattr(getattr(rt.config, "text_config", None),
+                                                                       "hidden_size", 0) or 0)
+    spill = getattr(placement, "spill", "auto")
+    hidden = HiddenCache.nbytes((windows, seqlen, hidden_size), rt.dtype)
+    on_disk = spill == "disk" or (spill == "auto" and hidden > available_bytes(rt.device) // 2)
+    itemsize = torch.empty((), dtype=rt.dtype).element_size()
+    return calibration_needs(arch, fp.total, fp.block, fp.rest, placement.device_map == STREAM, windows, seqlen,
+                             hidden_size, itemsize, on_disk, gram)
 
 
 def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
@@ -287,10 +340,10 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
             return source
 
         source = world.first(resolve)
-        stats = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter, gram=gram,
-                              placement=placement, world=world)
-        with world.together():
-            if world.main:
-                with dest.staging() as tmp:
+        with staged(dest, world) as tmp:              # Gram matrices go straight into it, block by block
+            stats = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
+                                  gram=gram, placement=placement, world=world, gram_dir=tmp)
+            with world.together():
+                if world.main:
                     write_stats(tmp, stats)
     return out

@@ -106,7 +106,7 @@ def write_stats(tmp: Path, stats: Stats) -> None:
     manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
                     files=[MOMENTS_FILE])
     save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
-    if stats.grams:  # one file per block, so that prune can stream them
+    if stats.grams:  # one file per block, so that prune can stream them (compute_stats may have written them)
         (tmp / GRAM_DIR).mkdir()
         by_block: dict[int, dict[str, torch.Tensor]] = {}
         for leader, h in stats.grams.items():

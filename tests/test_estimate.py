@@ -1,0 +1,95 @@
+"""What a run will need, said before it starts; a --gram cache that the disk cannot hold is refused first."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+
+import pytest
+from typer.testing import CliRunner
+
+from stade_cli.arch import describe, meta_model
+from stade_cli.checkpoint import load_config, tensor_shapes
+from stade_cli.cli.app import app
+from stade_cli.estimate import gram_bytes, gram_width_bytes, input_groups, moments_bytes
+
+runner = CliRunner()
+DATA = ["--dataset", "builtin", "--nsamples", 4, "--seqlen", 32]
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def test_gram_width_bytes_by_hand():
+    assert gram_width_bytes(4096) == 4096 * 4096 * 8          # float64 up to 8192
+    assert gram_width_bytes(11008) == 11008 * 11008 * 4       # float32 beyond: Llama-2-7B's down_proj
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen2_moe", "mixtral"])
+def test_the_estimate_is_what_calibrate_writes(name, tiny_factory, tmp_path):
+    """Input groups as calibration finds them (q/k/v, gate/up, each expert's gate/up): the Gram bytes written,
+    exactly, and the line before the work says them."""
+    model = tiny_factory(name)
+    arch = describe(meta_model(load_config(model)), disk=tensor_shapes(model))
+    r = run("calibrate", model, "-o", tmp_path / "s", *DATA, "--gram")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert gram_bytes(arch) == manifest["gram"]["bytes"]
+    assert len(input_groups(arch)) == len(manifest["gram"]["groups"])
+    line = r.stderr.splitlines()[0]
+    assert line.startswith("needs about ") and "of it Gram matrices" in line
+    assert moments_bytes(arch) <= (tmp_path / "s" / "moments.safetensors").stat().st_size
+
+
+def test_a_gram_cache_the_disk_cannot_hold_is_refused_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    import stade_cli.outputs as outputs
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    r = run("calibrate", tiny_llama, "-o", tmp_path / "s", *DATA, "--gram", code=1)
+    assert "not enough disk space" in r.stderr and "calibrating" not in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_prune_says_what_it_needs_and_refuses_gram_matrices_that_memory_cannot_hold(tiny_llama, tmp_path,
+                                                                                    monkeypatch):
+    r = run("prune", tiny_llama, "--metric", "magnitude", "-o", tmp_path / "a")
+    assert "needs about" in r.stderr and "of disk for the output" in r.stderr
+    import stade_cli.calibration.runner as calibration
+
+    monkeypatch.setattr(calibration, "available_bytes", lambda device: 1000)
+    r = run("prune", tiny_llama, "--metric", "sparsegpt", *DATA, "-o", tmp_path / "b", code=1)
+    assert "keeps every Gram matrix in memory" in r.stderr and "stade calibrate --gram" in r.stderr
+
+
+def test_calibrate_holds_one_block_of_gram_matrices(tiny_factory, tmp_path, monkeypatch):
+    """--gram writes each block's Gram matrices as soon as the block is done and drops them: at most one block's
+    are in memory (the capture of block l + 1 starts with the files of blocks ≤ l written and none held)."""
+    import stade_cli.calibration.runner as calibration
+
+    model = tiny_factory("llama", num_hidden_layers=4)
+    seen = []
+    real = calibration.MomentCapture.__init__
+
+    def init(self, *a, **k):
+        seen.append(sorted(p.name for p in (tmp_path / "gram-probe").glob("*")))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(calibration.MomentCapture, "__init__", init)
+    real_staged = calibration.staged
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def staged(dest, world):
+        with real_staged(dest, world) as tmp:
+            (tmp_path / "gram-probe").symlink_to(tmp / "gram", target_is_directory=True)
+            yield tmp
+
+    monkeypatch.setattr(calibration, "staged", staged)
+    run("calibrate", model, "-o", tmp_path / "s", *DATA, "--gram")
+    assert seen == [[], ["block_0000.safetensors"], ["block_0000.safetensors", "block_0001.safetensors"],
+                    ["block_0000.safetensors", "block_0001.safetensors", "block_0002.safetensors"]]
+    shutil.rmtree(tmp_path / "s")
