@@ -34,7 +34,6 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ TARGETS = {"calibrate": 1.10, "prune": 1.5, "memory": 1.0, "eval": 1.05, "solver
            "update": 1.0}     # --update admm (and gradual) no slower than sparsegpt from the same stats
 
 
+import _measure  # noqa: E402
 from stade_cli.errors import OutputError  # noqa: E402
 from stade_cli.outputs import check_file, json_with_keys, replace_file  # noqa: E402
 
@@ -103,46 +103,12 @@ def cpu_ratio(t: dict, measured: str, baseline: str) -> float:
     return med(t[f"cpu:{measured}"]) / base if base > 0 else float("nan")
 
 
-# A fresh, small process that runs the command and reports exactly its child's peak RSS. Measuring the
-# child directly from this (large) process would be wrong: on Linux, a child's ru_maxrss starts from the
-# parent's high-water RSS, which fork/vfork + exec carries over (a 1 GB parent makes `python -c pass`
-# report 1 GB). The wrapper's own RSS (~10 MB) is far below anything measured here.
-_WRAPPER = r"""
-import os, sys
-out, cmd = sys.argv[1], sys.argv[2:]
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(cmd[0], cmd)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-with open(out, "w") as f:
-    f.write(str(usage.ru_maxrss))
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; its wall time, exit code and peak RSS in bytes (ru_maxrss of the child, via a wrapper)."""
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, rss.name, *cmd],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        seconds = time.perf_counter() - t0
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-2000:]
-        text = Path(rss.name).read_text().strip()
-    return {"seconds": seconds, "rc": proc.returncode, "maxrss": int(text) * 1024 if text else 0, "stderr": tail}
+    """Run ``cmd``; its wall time, exit code and peak RSS in bytes (``_measure.run_child``)."""
+    return _measure.run_child(cmd, env)
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+child_env = _measure.child_env
 
 
 def figure(kind: str, name: str, ratio: float, **extra) -> dict:

@@ -115,3 +115,26 @@ def test_experts_smoke(tiny_factory, text_file, tmp_path):
         assert _finite(r["ppl"]) and r["ppl"] > 1 and 0 < r["bytes"] < data["full"]["bytes"], r
     assert proc.stdout.startswith("| experts kept (of 4) |") and (out / "experts.md").is_file()
     assert not list(tmp_path.glob("**/pruned"))
+
+
+def test_scale_smoke(tokenizer_dir, text_file, tmp_path):
+    """bench/scale.py: a random checkpoint of the exact shape asked for (here the script's tiny one, in three
+    shards, its tokenizer cut to the vocabulary), then a few steps measured with their baselines."""
+    out, work = tmp_path / "scale", tmp_path / "work"
+    proc = _run(["bench/scale.py", "run", "--shape", "tiny", "--work", str(work), "--calib", str(text_file),
+                 "--tokenizer", str(tokenizer_dir), "--nsamples", "2", "--seqlen", "16", "--max-windows", "1",
+                 "--steps", "roundtrip,forward,calibrate,prune:wanda,eval", "--out", str(out)], timeout=300)
+    data = json.loads((out / "scale.json").read_text())
+    assert data["checkpoint"]["shards"] == 3
+    config = json.loads((work / "tiny" / "config.json").read_text())
+    assert config["hidden_size"] == 64 and config["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(work / "tiny" / "model-00001-of-00003.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").shape == (1000, 64)
+    steps = {s["step"]: s for s in data["steps"]}
+    assert list(steps) == ["roundtrip", "forward", "calibrate", "prune:wanda", "eval"]
+    for s in steps.values():
+        assert s["rc"] == 0 and _finite(s["seconds"]) and s["maxrss"] > 0 and _finite(s["cpu"]), s
+    assert steps["calibrate"]["baseline"] == "forward" and steps["prune:wanda"]["baseline"] == "roundtrip"
+    assert "| calibrate |" in proc.stdout and not (work / "pruned").exists()

@@ -1,0 +1,58 @@
+"""Run a command as a child and measure it: wall seconds, CPU seconds (user + system) and peak RSS.
+
+A fresh, small process runs the command and reports exactly its child's figures. Measuring the child directly
+from a (large) benchmark process would be wrong: on Linux, a child's ru_maxrss starts from the parent's
+high-water RSS, which fork/vfork + exec carries over (a 1 GB parent makes `python -c pass` report 1 GB). The
+wrapper's own RSS (~10 MB) is far below anything measured here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_WRAPPER = r"""
+import json, os, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    json.dump({"maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd``; its wall time, CPU time, exit code, peak RSS in bytes and the tail of its stderr."""
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".usage") as usage:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, usage.name, *cmd],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                              timeout=timeout)
+        seconds = time.perf_counter() - t0
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-3000:]
+        text = Path(usage.name).read_text().strip()
+    got = json.loads(text) if text else {"maxrss_kb": 0, "cpu": 0.0}
+    return {"seconds": seconds, "cpu": got["cpu"], "rc": proc.returncode, "maxrss": int(got["maxrss_kb"]) * 1024,
+            "stderr": tail}
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env

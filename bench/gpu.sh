@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU path, run on a GPU, in one call of about 8 minutes:
+#   1. stade from this working tree (no install: PYTHONPATH), and whatever the machine lacks from carried wheels;
+#   2. `pytest -m cuda`: CUDA against the CPU on tiny models (tests/test_cuda.py) and the other cuda tests;
+#   3. bench/scale.py on the Llama-2-7B shape with --device cuda: calibrate 128 × 2048 with and without --gram,
+#      prune from the stats (magnitude, wanda, stade, sparsegpt, wanda + admm plain and gradual), eval, and the
+#      prefill tokens/s of a 2:4 checkpoint's linears dense against torch.sparse.to_sparse_semi_structured.
+# Results (scale.json, scale.md, pytest.txt, versions.txt) go to $OUT (default bench/results/gpu), named with the
+# GPU and the software versions inside.
+#
+#   bench/gpu.sh prepare     here, before the call: puts SmolLM2's tokenizer and the Austen calibration text in
+#                            .gpu/ (ignored by git; carry it: run(carry=[".gpu"]))
+#   bench/gpu.sh             there (or here with DEVICE=cpu SHAPE=tiny NSAMPLES=2 SEQLEN=64 to try the script)
+#
+# STEPS (default: every step of bench/scale.py), SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (16),
+# DEVICE (cuda), WORK (/tmp/stade-scale) change the run; PYTEST=0 skips step 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here=$PWD
+if [[ ${1:-} == prepare ]]; then
+    assets=${STADE_ASSETS:-$HOME/.cache/stade-assets}/smollm2-135m
+    austen=${AUSTEN:-$here/../shared/data/austen}
+    mkdir -p .gpu/tokenizer
+    cp "$assets"/tokenizer.json "$assets"/tokenizer_config.json .gpu/tokenizer/
+    cat "$austen"/emma.txt "$austen"/mansfieldpark.txt "$austen"/sensesensibility.txt > .gpu/calib.txt
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    du -sh .gpu
+    exit 0
+fi
+OUT=${OUT:-$here/bench/results/gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$here
+else
+    export PYTHONPATH=$here
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+DEVICE=${DEVICE:-cuda}
+python3 - <<'PY' | tee "$OUT/versions.txt"
+import platform, torch, transformers, accelerate, safetensors, stade_cli
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"gpu: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); transformers {transformers.__version__}; "
+      f"accelerate {accelerate.__version__}; safetensors {safetensors.__version__}; stade {stade_cli.__version__}; "
+      f"python {platform.python_version()}")
+PY
+if [[ ${PYTEST:-1} != 0 ]]; then
+    python3 -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tail -40 | tee "$OUT/pytest.txt" || true
+fi
+calib=${CALIB:-$here/.gpu/calib.txt}
+tokenizer=${TOKENIZER:-$here/.gpu/tokenizer}
+python3 bench/scale.py run --shape "${SHAPE:-llama2-7b}" --work "${WORK:-/tmp/stade-scale}" --calib "$calib" \
+    --tokenizer "$tokenizer" --device "$DEVICE" --nsamples "${NSAMPLES:-128}" --seqlen "${SEQLEN:-2048}" \
+    --max-windows "${WINDOWS:-16}" ${STEPS:+--steps "$STEPS"} --out "$OUT"
