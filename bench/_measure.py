@@ -1,4 +1,6 @@
-"""Run a command as a child and measure it: wall seconds, CPU seconds (user + system) and peak RSS.
+"""Run a command as a child and measure it: wall seconds, CPU seconds (user + system), peak RSS, and the peak of
+its anonymous memory (RssAnon, sampled every 0.1 s: RSS without the pages of files it maps, such as checkpoint
+shards, which the kernel can drop at any time).
 
 A fresh, small process runs the command and reports exactly its child's figures. Measuring the child directly
 from a (large) benchmark process would be wrong: on Linux, a child's ru_maxrss starts from the parent's
@@ -18,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _WRAPPER = r"""
-import json, os, sys
+import json, os, sys, time
 out, cmd = sys.argv[1], sys.argv[2:]
 pid = os.fork()
 if pid == 0:
@@ -26,9 +28,21 @@ if pid == 0:
         os.execvp(cmd[0], cmd)
     finally:
         os._exit(127)
-_, status, usage = os.wait4(pid, 0)
+anon = 0                    # the peak of RssAnon: memory of the process's own, without the files it maps
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = max(anon, int(line.split()[1]))
+    except OSError:
+        pass
+    time.sleep(0.1)
 with open(out, "w") as f:
-    json.dump({"maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, f)
+    json.dump({"maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime, "anon_kb": anon}, f)
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -47,7 +61,7 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
         text = Path(usage.name).read_text().strip()
     got = json.loads(text) if text else {"maxrss_kb": 0, "cpu": 0.0}
     return {"seconds": seconds, "cpu": got["cpu"], "rc": proc.returncode, "maxrss": int(got["maxrss_kb"]) * 1024,
-            "stderr": tail}
+            "anon": int(got.get("anon_kb", 0)) * 1024, "stderr": tail}
 
 
 def child_env() -> dict:

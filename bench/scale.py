@@ -65,6 +65,19 @@ SHAPES = {
                                              num_attention_heads=32, num_key_value_heads=8,
                                              max_position_embeddings=32768, rope_theta=1e6, num_local_experts=8,
                                              num_experts_per_tok=2, sliding_window=None)),
+    "llama2-13b": dict(stands_for="meta-llama/Llama-2-13b-hf", family="llama", shard_gb=10.0, dtype="bfloat16",
+                       config=dict(LLAMA, vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                                   num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                   max_position_embeddings=4096, rope_theta=10000.0)),
+    "llama2-70b": dict(stands_for="meta-llama/Llama-2-70b-hf", family="llama", shard_gb=10.0, dtype="bfloat16",
+                       config=dict(LLAMA, vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                                   num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                   max_position_embeddings=4096, rope_theta=10000.0)),
+    "mixtral-8x7b": dict(stands_for="mistralai/Mixtral-8x7B-v0.1", family="mixtral", shard_gb=5.0, dtype="bfloat16",
+                         config=dict(hidden_act="silu", rms_norm_eps=1e-5, vocab_size=32000, hidden_size=4096,
+                                     intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                     num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6,
+                                     num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
     "tiny": dict(stands_for="a tiny Llama (the script's own test)", family="llama", shard_gb=0.0002, dtype="bfloat16",
                  config=dict(LLAMA, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
@@ -319,23 +332,24 @@ def markdown(result: dict) -> str:
              f"{result['environment'].get('gpu') or result['settings']['device']}; "
              f"{result['settings']['nsamples']} × {result['settings']['seqlen']} tokens",
              "",
-             "| step | wall s | CPU s | peak RSS | peak GPU | against | ratio | on disk |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| step | wall s | CPU s | peak RSS | of it anonymous | peak GPU | against | ratio | on disk |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by = {s["step"]: s for s in result["steps"]}
     for s in result["steps"]:
         if s.get("rc"):
-            lines.append(f"| {s['step']} | failed (exit {s['rc']}) | | | | | | |")
+            lines.append(f"| {s['step']} | failed (exit {s['rc']}) | | | | | | | |")
             continue
         if s.get("skipped"):
-            lines.append(f"| {s['step']} | skipped: {s['skipped']} | | | | | | |")
+            lines.append(f"| {s['step']} | skipped: {s['skipped']} | | | | | | | |")
             continue
         base = by.get(s.get("baseline") or "")
         ratio = f"{s['seconds'] / base['seconds']:.2f}" if base and base.get("seconds") else ""
         gpu = f"{s['cuda_peak'] / 2**30:.1f} GiB" if s.get("cuda_peak") else ""
         disk = f"{s['stats_bytes'] / GB:.2f} GB" if s.get("stats_bytes") else ""
         note = f" ({s['speedup']:.2f}× dense)" if s.get("speedup") else ""
+        anon = f"{s['anon'] / 2**30:.2f} GiB" if s.get("anon") else ""
         lines.append(f"| {s['step']}{note} | {s['seconds']:.1f} | {s['cpu']:.1f} | {s['maxrss'] / 2**30:.2f} GiB | "
-                     f"{gpu} | {s.get('baseline') or ''} | {ratio} | {disk} |")
+                     f"{anon} | {gpu} | {s.get('baseline') or ''} | {ratio} | {disk} |")
     return "\n".join(lines) + "\n"
 
 
@@ -428,8 +442,46 @@ def run(argv: list[str]) -> int:
     return 1 if any(s.get("rc") for s in result["steps"]) else 0
 
 
+def needs(names: list[str], nsamples: int = 128, seqlen: int = 2048) -> str:
+    """"What it takes", from the shapes alone (``stade_cli.estimate``, the figures calibrate and prune print)."""
+    from stade_cli.arch import describe
+    from stade_cli.estimate import gram_bytes, gram_bytes_per_block, moments_bytes, prune_memory
+
+    rows = ["| model | weights (bf16) | a block in float32 (CPU) / bf16 (GPU) | cached block inputs, 128 × 2048 "
+            "(float32 / bf16) | stats | stats with --gram | Gram of one block | prune from stats, memory |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        shape = SHAPES[name]
+        arch = describe(_meta(shape))
+        sizes = [math.prod(d) for _, d in tensors(shape)]
+        block = max(sum(math.prod(d) for k, d in tensors(shape) if k.startswith(f"model.layers.{i}."))
+                    for i in range(shape["config"]["num_hidden_layers"]))
+        hidden = 2 * nsamples * seqlen * shape["config"]["hidden_size"]
+        shard = min(sum(sizes) * 2, shape["shard_gb"] * GB)
+        rows.append(f"| {shape['stands_for']} | {sum(sizes) * 2 / GB:.1f} GB | {block * 4 / GB:.2f} / "
+                    f"{block * 2 / GB:.2f} GB | {hidden * 4 / GB:.1f} / {hidden * 2 / GB:.1f} GB | "
+                    f"{moments_bytes(arch) / GB:.3f} GB | {(moments_bytes(arch) + gram_bytes(arch)) / GB:.1f} GB | "
+                    f"{max(gram_bytes_per_block(arch).values()) / GB:.2f} GB | "
+                    f"{prune_memory(int(shard)) / GB:.1f} GB (sparsegpt, admm: "
+                    f"{prune_memory(int(shard), arch, True, 2) / GB:.1f} GB) |")
+    return "\n".join(rows) + "\n"
+
+
+def _meta(shape: dict):
+    import transformers
+
+    from stade_cli.arch import meta_model
+
+    arch_name, model_type = ARCHITECTURES[shape["family"]]
+    config = transformers.AutoConfig.for_model(model_type, **shape["config"])
+    return meta_model(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "needs":
+        sys.stdout.write(needs(argv[1:] or ["llama2-7b", "llama2-13b", "llama2-70b", "mixtral-8x7b"]))
+        return 0
     if not argv or argv[0] not in ("build", "run", "step"):
         print(__doc__, file=sys.stderr)
         return 2

@@ -261,13 +261,18 @@ class BlockRunner:
 
     @torch.inference_mode()
     def run(self, block: nn.Module, device: torch.device, keep: bool = True,
-            after_batch: Callable[[], None] | None = None) -> None:
-        """All cached hidden states through ``block``; with ``keep`` its outputs become the next inputs."""
+            after_batch: Callable[[], None] | None = None,
+            on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """All cached hidden states through ``block``; with ``keep`` its outputs become the next inputs.
+        ``on_output(inputs, outputs)`` sees each batch's hidden states before and after the block."""
         same = self.kwargs and device == _kw_device(self.kwargs[0], device)
         for (s, e), kwargs in zip(self.slices, self.kwargs):
-            out = block(self.cache.get(s, e).to(device), **(kwargs if same else move(kwargs, device)))
+            x = self.cache.get(s, e).to(device)
+            out = block(x, **(kwargs if same else move(kwargs, device)))
             if isinstance(out, (tuple, list)):
                 self.as_tuple = True
+            if on_output is not None:
+                on_output(x, _hidden(out))
             if keep:
                 self.cache.put(s, e, _hidden(out))
             if after_batch is not None:

@@ -14,7 +14,8 @@ from typing import Callable, Mapping
 import torch
 
 from .arch import Target
-from .experts import Rewrite, TargetStats, fallbacks, plan_removal, summary
+from .experts import TargetStats, fallbacks, plan_removal, summary
+from .rewrite import Rewrite
 from .metrics import LayerContext, LayerStats, Metric
 from .owl import owl_block_sparsity
 from .runtime import Reporter
@@ -48,7 +49,7 @@ class Decisions:
     block_sparsity: Mapping[int, float] | None
     stats_manifest: dict | None
     layer: Callable[[Target, torch.Tensor], LayerDecision] | None     # None: no target is pruned (--experts alone)
-    removal: Rewrite | None = None         # --experts: which experts stay, and how the checkpoint changes
+    rewrite: Rewrite | None = None         # --experts, --structure: how the checkpoint's tensors and config change
     fallback: dict | None = None           # experts on fallback statistics (experts.summary), for the report
 
 
@@ -163,9 +164,8 @@ def dense_inputs(plan, reporter: Reporter):
                                plan.request.expert_score, plan.calibration.seed)
         kept = {n: t for n, t in arch.targets.items() if removal.keeps(t)}
         arch = dataclasses.replace(arch, targets=kept)
-        blocks = len(removal.kept)
-        reporter.log(f"experts: keeping {plan.request.experts} of {arch.experts[min(removal.kept)].num_experts} in "
-                     f"each of {blocks} MoE block(s), ranked by {plan.request.expert_score}")
+        reporter.log(f"experts: keeping {plan.request.experts} of {next(iter(arch.experts.values())).num_experts} in "
+                     f"each of {len(arch.experts)} MoE block(s), ranked by {plan.request.expert_score}")
     block_sparsity = None
     if plan.request.layer_sparsity == "owl":
         block_sparsity = owl_block_sparsity(plan.source.path, plan.files, arch, st,
@@ -183,8 +183,43 @@ def _fallback(plan, arch, st) -> dict[str, str]:
     return fallbacks(arch, st.experts, plan.request.expert_min_tokens)
 
 
+def structured(plan, reporter: Reporter) -> Decisions:
+    """--structure: no weight is zeroed; the rewrite removes MLP channels or whole blocks (``structured/``)."""
+    from .checkpoint import ShardReader
+    from .structured.plan import plan_blocks, plan_channels
+
+    st, _, _ = dense_inputs(plan, reporter)
+    fraction = plan.request.sparsity
+    if plan.request.structure == "blocks":
+        rewrite = plan_blocks(plan.arch, plan.config_json, st.block_distance(), fraction, plan.shapes)
+        removed = rewrite.facts["removed"]
+        reporter.log(f"removing {len(removed)} of {len(plan.arch.blocks)} blocks, those that change their input "
+                     f"least: {', '.join(map(str, removed))}")
+    else:
+        where = {}
+        for f in plan.files:
+            with ShardReader(plan.source.path / f) as r:
+                where.update(dict.fromkeys(r.keys(), f))
+
+        def read(key: str) -> torch.Tensor:
+            with ShardReader(plan.source.path / where[key]) as r:
+                return r.get_tensor(key)
+
+        fold = plan.method.name == "stade" and plan.request.bias_correction is not False
+        rewrite = plan_channels(plan.arch, plan.config_json, read, st, plan.method.name, fraction,
+                                plan.update is not None, fold, plan.bias_table, plan.shapes)
+        f = rewrite.facts
+        reporter.log(f"removing {f['removed_per_block']} of {f['width']} channels (a multiple of 8) in each of "
+                     f"{len(plan.arch.blocks)} MLPs, ranked by {f['metric']}"
+                     + ("; their mean folded into the down projection's bias" if fold else "")
+                     + ("; the kept channels refitted from the Gram matrix" if plan.update is not None else ""))
+    return Decisions(frozenset(), {}, None, st.manifest if st is not None else None, None, rewrite)
+
+
 def one_shot(plan, reporter: Reporter) -> Decisions:
     """Decisions from the dense model's moments (cached, or calibrated now), made per tensor as it streams."""
+    if plan.request.structure is not None:
+        return structured(plan, reporter)
     st, block_sparsity, removal = dense_inputs(plan, reporter)
     arch = plan.arch
     if removal is not None:

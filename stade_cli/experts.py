@@ -18,7 +18,6 @@ an expert is. Two things live here:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -27,6 +26,7 @@ from .arch import EXPERT_COUNT_KEYS, EXPERT_TOP_K_KEYS, Architecture, MoE, Targe
 from .calibration.experts import ExpertStats
 from .calibration.moments import Moments
 from .errors import StatsError, UsageError
+from .rewrite import Rewrite
 
 SCORES = ("reap", "frequency", "random")
 POOLED, MAGNITUDE = "pooled", "magnitude"
@@ -117,52 +117,6 @@ def keep_top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-@dataclass(frozen=True)
-class Rewrite:
-    """How the output's tensors differ from the input's beyond their values: keys not written, keys renamed,
-    tensors cut to some rows of dim 0, and the config entries that change (dotted for nested: text_config.x)."""
-
-    drop: frozenset = frozenset()
-    rename: Mapping[str, str] = field(default_factory=dict)
-    rows: Mapping[str, tuple] = field(default_factory=dict)
-    config: Mapping[str, int] = field(default_factory=dict)
-    kept: Mapping[int, tuple] = field(default_factory=dict)       # block → the experts kept (input numbering)
-    removed: Mapping[int, tuple] = field(default_factory=dict)
-    score: str = ""
-
-    def out_key(self, key: str) -> str | None:
-        return None if key in self.drop else self.rename.get(key, key)
-
-    def shape(self, key: str, shape: tuple) -> tuple:
-        return (len(self.rows[key]), *shape[1:]) if key in self.rows else tuple(shape)
-
-    def keeps(self, t: Target) -> bool:
-        """Whether target ``t`` is in the output (its expert was not removed)."""
-        if t.expert is None or t.block not in self.kept:
-            return True
-        return t.expert in self.kept[t.block]
-
-    def target_name(self, t: Target) -> str:
-        """The name ``t`` has in the output (experts renumbered)."""
-        if t.index is not None and t.weight_key in self.rows:
-            return f"{t.weight_key}[{self.rows[t.weight_key].index(t.index)}]"
-        new = self.rename.get(t.weight_key)
-        return new[: -len(".weight")] if new is not None and new.endswith(".weight") else t.name
-
-    def apply_config(self, config: dict) -> dict:
-        for dotted, value in self.config.items():
-            where = config
-            *path, last = dotted.split(".")
-            for p in path:
-                where = where[p]
-            where[last] = value
-        return config
-
-    def report(self) -> dict:
-        return {"score": self.score, "kept": {str(b): list(v) for b, v in self.kept.items()},
-                "removed": {str(b): list(v) for b, v in self.removed.items()}, "config": dict(self.config)}
-
-
 def config_entries(config: dict, moes: list[MoE], k: int) -> dict[str, int]:
     """The config.json entries that say K experts and at most K per token (dotted keys for nested configs)."""
     n = {m.num_experts for m in moes}
@@ -240,8 +194,10 @@ def plan_removal(arch: Architecture, keys: Mapping[str, tuple], config: dict, ex
                     drop.add(key)
                 elif new_index[e] != e:
                     rename[key] = f"{moe.prefix}{new_index[e]}.{m[2]}"
-    return Rewrite(frozenset(drop), rename, rows, config_entries(config, list(arch.experts.values()), k),
-                   kept_by, removed_by, how)
+    entries = config_entries(config, list(arch.experts.values()), k)
+    return Rewrite("experts", frozenset(drop), rename, rows, config=entries,
+                   facts={"score": how, "kept": {str(b): list(v) for b, v in kept_by.items()},
+                          "removed": {str(b): list(v) for b, v in removed_by.items()}, "config": dict(entries)})
 
 
 # ------------------------------------------------------------------------------------------------ statistics

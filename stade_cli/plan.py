@@ -29,7 +29,7 @@ class PruneRequest:
     """What the user asked for (the library's and the CLI's arguments, unchecked)."""
 
     model: str
-    metric: str = "wanda"
+    metric: str | None = "wanda"
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     group: str = "row"
@@ -47,14 +47,22 @@ class PruneRequest:
     skip: str | None = None
     placement: Placement | None = None
     update: str = "none"                     # a weight update after the mask (``admm``), or none
+    structure: str | None = None             # channels or blocks: a smaller dense model instead of zeros
     experts: int | None = None               # keep this many experts in every MoE block (remove the others)
     expert_score: str = "reap"               # how --experts ranks them: reap, frequency or random
     expert_min_tokens: int = 128             # experts that saw fewer calibration tokens use fallback statistics
 
     @property
     def unstructured(self) -> bool:
-        """Whether weights are zeroed at all: always, except --experts alone (no --sparsity, no N:M pattern)."""
-        return not (self.experts is not None and self.sparsity is None and ":" not in self.pattern)
+        """Whether weights are zeroed: always, except --experts alone (no --sparsity, no N:M pattern) and
+        --structure (which removes them)."""
+        return self.structure is None and not (self.experts is not None and self.sparsity is None
+                                               and ":" not in self.pattern)
+
+    @property
+    def metric_name(self) -> str:
+        """The method: as given; by default stade for MLP channels, wanda otherwise."""
+        return self.metric or ("stade" if self.structure == "channels" else "wanda")
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,11 @@ class Checked:
 
 
 def check_request(req: PruneRequest) -> Checked:
-    method = get_metric(req.metric)
-    pattern = parse_pattern(req.pattern, req.sparsity if req.unstructured else 0.0, req.group)
+    method = get_metric(req.metric_name)
+    if req.structure is not None:
+        _check_structure(req)
+    pattern = parse_pattern(req.pattern if req.structure is None else "unstructured",
+                            req.sparsity if req.unstructured or req.structure else 0.0, req.group)
     if req.experts is not None:
         from .experts import SCORES
 
@@ -105,6 +116,31 @@ def check_request(req: PruneRequest) -> Checked:
     return Checked(method, pattern, options, resolve_device(req.device), update)
 
 
+def _check_structure(req: PruneRequest) -> None:
+    """What --structure allows, in one line each."""
+    from .structured.scores import CHANNEL_SCORES
+
+    if req.structure not in ("channels", "blocks"):
+        raise UsageError(f"--structure must be channels or blocks (got {req.structure})")
+    given = {"--pattern": ":" in req.pattern, "--sequential": req.sequential, "--experts": req.experts is not None,
+             "--layer-sparsity owl": req.layer_sparsity != "uniform", "--group layer": req.group != "row",
+             "--only/--skip": bool(req.only or req.skip)}
+    for flag, on in given.items():
+        if on:
+            raise UsageError(f"--structure {req.structure} removes whole {req.structure}; {flag} does not combine "
+                             "with it")
+    if req.sparsity is None or not 0 < req.sparsity < 1:
+        raise UsageError(f"--structure {req.structure} needs --sparsity, the fraction to remove, in (0, 1)")
+    if req.structure == "channels" and req.metric_name not in CHANNEL_SCORES:
+        raise UsageError(f"{req.metric_name} has no channel score",
+                         f"--structure channels ranks channels by {', '.join(CHANNEL_SCORES)}")
+    if req.structure == "blocks" and (req.metric is not None or req.update != "none"):
+        raise UsageError("--structure blocks ranks blocks by how little they change their input; "
+                         f"{'--metric' if req.metric is not None else '--update'} does not apply")
+    if req.update not in ("none", "admm"):
+        raise UsageError(f"--structure channels refits the kept channels with --update admm (got {req.update})")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything prune decided before reading a weight. The decide and write stages only read it."""
@@ -128,7 +164,8 @@ class Plan:
     world: World = World()               # the ranks sharing this prune (one process unless launched)
     coverage: Coverage | None = None     # the targets' share of the decoder blocks' weights
     shapes: Mapping[str, tuple] = field(default_factory=dict)   # every checkpoint tensor's shape by key
-    config_json: Mapping[str, Any] = field(default_factory=dict)  # config.json as written (for --experts)
+    config_json: Mapping[str, Any] = field(default_factory=dict)  # config.json as written (--experts, --structure)
+    notes: tuple[str, ...] = ()          # what prune chose by itself, said before the work
 
     def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
         if block_sparsity is None:
@@ -182,6 +219,13 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
     for t in arch.targets.values():
         pattern.check_width(t.in_features, t.name)
     config_json: dict = {}
+    notes: list[str] = []
+    if req.structure is not None:
+        import json
+
+        config_json = json.loads((source.path / "config.json").read_text())
+        needs_moments = req.structure == "blocks" or method.name != "magnitude" or checked.update is not None
+        method, notes = _structure_plan(req, method, arch, config, source, notes)
     if req.experts is not None:
         import json
 
@@ -198,18 +242,27 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              f"{'these stats do' if given is not None else 'this transformers version does'} not "
                              "record (experts as separate linears: transformers 4.x)",
                              "use --expert-score frequency, or calibrate with transformers 5")
-    bias_table = _bias_table(req, method, options, arch, config, checked.update)
+    if req.structure is None:
+        bias_table = _bias_table(req, method, options, arch, config, checked.update)
+    else:                   # the flags that can give the down projections the folded mean (structured/plan.py)
+        bias_table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(
+            config if config is not None else load_config(source.path))
 
-    needs_gram = any(m.needs_gram for m in running) and req.unstructured
-    needs_moments = needs_moments and (req.unstructured or req.experts is not None)
+    needs_gram = (any(m.needs_gram for m in running) and req.unstructured) or (
+        req.structure == "channels" and checked.update is not None)
+    needs_moments = needs_moments and (req.unstructured or req.experts is not None or req.structure is not None)
     st = given if given is not None and (needs_moments or req.sequential) else None
     calibration = req.calibration
     if st is not None:
         st.check_model(source.fingerprint, arch.targets.values())
         if needs_gram and not req.sequential and not st.has_gram:
-            raise StatsError(f"{next(m.name for m in running if m.needs_gram)} needs Gram matrices, "
-                             f"which the stats in {req.stats} do not hold",
-                             "make them with `stade calibrate --gram`, or prune --sequential")
+            what = "the refit of the kept channels" if req.structure else next(m.name for m in running if m.needs_gram)
+            raise StatsError(f"{what} needs Gram matrices, which the stats in {req.stats} do not hold",
+                             "make them with `stade calibrate --gram`" + ("" if req.structure else
+                                                                          ", or prune --sequential"))
+        if req.structure == "blocks" and st.block_distance() is None:
+            raise StatsError(f"the stats in {req.stats} do not record how much each block changes its input",
+                             "re-run `stade calibrate` with this version")
         if req.sequential:  # the pruned-model pass uses the same calibration windows as the cache
             m = st.manifest
             calibration = dataclasses.replace(calibration, dataset=m["dataset"], nsamples=m["nsamples"],
@@ -222,7 +275,36 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
-                calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json)
+                calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json,
+                tuple(notes))
+
+
+def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, config, source: ModelSource,
+                    notes: list[str]):
+    """--structure channels: the MLPs are found (or refused) now; STADE folds the removed channels' mean into the
+    down projection's bias, which the model must be able to hold: by default wanda is used where it cannot."""
+    from .structured.plan import channel_width, find_mlps, removed_blocks, removed_count
+
+    if req.structure == "blocks":
+        removed_blocks(len(arch.blocks), req.sparsity)
+        return method, notes
+    mlps = find_mlps(arch)
+    removed_count(channel_width(mlps), req.sparsity)
+    if method.name == "stade" and req.bias_correction is not False:
+        table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(
+            config if config is not None else load_config(source.path))
+        needed = {m.consumer.name for m in mlps.values() if not m.consumer.has_bias}
+        try:
+            bias_switches(table, arch.model_type, needed)
+        except ModelError:
+            if req.metric is not None:
+                raise ModelError(f"stade folds the removed channels' mean into the down projection's bias, and this "
+                                 f"{arch.model_type} model cannot hold one there",
+                                 "use --metric wanda, or --no-bias-correction") from None
+            notes.append(f"this {arch.model_type} model cannot hold a bias on its down projections, which stade's "
+                         "channel score needs: ranking channels by wanda instead")
+            return get_metric("wanda"), notes
+    return method, notes
 
 
 def _check_keys(arch: Architecture, shapes: Mapping[str, tuple]) -> None:

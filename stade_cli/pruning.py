@@ -38,7 +38,7 @@ def _needs(plan) -> str:
             + (" (Gram matrices read one block at a time)" if gram else ""))
 
 
-def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | None = 0.5,
+def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: float | None = 0.5,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
           bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
           owl_lambda: float = 0.08, sequential: bool = False, options: Mapping[str, Any] | None = None,
@@ -46,7 +46,7 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
           placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
-          expert_min_tokens: int = 128) -> dict:
+          expert_min_tokens: int = 128, structure: str | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help``
@@ -60,13 +60,19 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
     an expert that saw fewer than ``expert_min_tokens`` tokens uses fallback statistics (``experts.py``).
     ``experts=K`` keeps the K best experts of every MoE block (``expert_score``: reap, frequency or random) and
     removes the others; with ``sparsity=None`` (and no N:M pattern) nothing else is pruned.
+
+    ``structure``: ``channels`` removes the fraction ``sparsity`` of every MLP's channels (scored by ``metric``:
+    magnitude, wanda, or stade, the default with ``metric=None``, which folds their mean into the down projection's
+    bias; ``update="admm"`` refits the kept ones from the Gram matrix); ``blocks`` removes that fraction of the
+    decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
                            bias_correction, layer_sparsity, owl_m, owl_lambda, sequential, dict(options or {}),
                            CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
-                           placement, update, experts, expert_score, expert_min_tokens)
+                           placement, update, structure=structure, experts=experts, expert_score=expert_score,
+                           expert_min_tokens=expert_min_tokens)
     checked = check_request(request)
     world = current()
     out = Path(out).expanduser()
@@ -82,6 +88,8 @@ def prune(model: str, out: str | Path, metric: str = "wanda", sparsity: float | 
         source = world.first(resolve)
         with world.together():
             plan = make_plan(request, checked, source, weight_files(source.path), started, world)
+        for note in plan.notes:
+            reporter.log(note)
         reporter.log(_needs(plan))
         if world.several and not sequential:
             idle = max(world.size - len(plan.files), 0)

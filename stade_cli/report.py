@@ -88,6 +88,7 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
                "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
                "coverage": _pruned_coverage(arch, shapes, report),
                "experts": _experts_summary(arch, report),
+               "structure": (report or {}).get("structure"), "params": (report or {}).get("params"),
                "blocks": [blocks[k] for k in sorted(blocks)], "layers": layers}
     if nm is not None:
         summary["nm_ok"] = all(l["nm_ok"] for l in layers.values())

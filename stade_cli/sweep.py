@@ -143,7 +143,8 @@ def run_cell(model: str, scratch: Path, name: str, kwargs: dict, cell: dict, sta
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        report = prune(model, scratch, metric=name, sparsity=cell["sparsity"], pattern=cell["pattern"], stats=stats,
+        metric = None if kwargs.get("structure") == "blocks" else name     # blocks are ranked by their own score
+        report = prune(model, scratch, metric=metric, sparsity=cell["sparsity"], pattern=cell["pattern"], stats=stats,
                        device=device, force=True, reporter=reporter, **prune_kwargs(kwargs, seed))
         t1, c1 = time.perf_counter(), time.process_time()
         res = evaluate(str(scratch), device=device, reporter=reporter, **evaluation)
@@ -151,6 +152,7 @@ def run_cell(model: str, scratch: Path, name: str, kwargs: dict, cell: dict, sta
     finally:
         remove_output(scratch, "checkpoint")   # disk: one pruned checkpoint at a time
     return {"ppl": res["ppl"], "nll": res["nll"], "achieved_sparsity": report["overall"]["sparsity"],
+            "params_removed": (report.get("params") or {}).get("removed"),
             "prune_seconds": round(t1 - t0, 2), "prune_cpu_seconds": round(c1 - c0, 2), "eval_seconds": round(t2 - t1, 2), "seconds": round(t2 - t0, 2)}
 
 
@@ -160,21 +162,23 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
     from .plan import PruneRequest, check_request
 
     allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
-               "expert_min_tokens"}
+               "expert_min_tokens", "structure"}
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
         unknown = sorted(set(extra) - allowed)
         if unknown:
             raise UsageError(f"{label}: unknown option {unknown[0]!r}",
                              "method options (see stade prune --help) or bias_correction, layer_sparsity, owl_m, "
-                             "owl_lambda, group, only, skip, update, expert_min_tokens")
+                             "owl_lambda, group, only, skip, update, expert_min_tokens, structure")
         for cell in cells:
             check_request(PruneRequest(
-                "", name, cell["sparsity"], cell["pattern"], extra.get("group", "row"), None,
+                "", None if extra.get("structure") == "blocks" else name, cell["sparsity"], cell["pattern"],
+                extra.get("group", "row"), None,
                 extra.get("bias_correction"), extra.get("layer_sparsity", "uniform"), extra.get("owl_m", 5.0),
                 extra.get("owl_lambda", 0.08), False, dict(extra.get("options") or {}),
                 CalibrationSpec("c4", 1, None, seed, 1), "cpu", "auto", extra.get("only"), extra.get("skip"), None,
-                extra.get("update", "none"), expert_min_tokens=extra.get("expert_min_tokens", 128)))
+                extra.get("update", "none"), expert_min_tokens=extra.get("expert_min_tokens", 128),
+                structure=extra.get("structure")))
 
 
 def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[float] = (0.5,),

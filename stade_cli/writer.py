@@ -27,7 +27,7 @@ from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT
 from .decide import Decisions
 from .distributed import staged
 from .errors import ModelError, OutputError
-from .experts import Rewrite
+from .rewrite import Rewrite
 from .metrics import flat_options
 from .outputs import Output
 from .plan import Plan
@@ -43,7 +43,7 @@ class Layout:
     corrected: frozenset
     bias_flags: dict
     new_biases: frozenset
-    rewrite: Rewrite = Rewrite()      # --experts: tensors dropped, renamed, cut to the kept experts' rows
+    rewrite: Rewrite = Rewrite()      # --experts, --structure: tensors dropped, renamed, cut, computed, added
 
 
 def _out_entry(e: TensorEntry, rw: Rewrite) -> tuple[str, str, tuple, int]:
@@ -64,10 +64,17 @@ def _output_plan(entries: list[TensorEntry], layout: Layout,
              and single[e.name].name in layout.corrected and f"{single[e.name].name}.bias" in names}
     out = []
     by_name = {e.name: e for e in entries}
+    following: dict[str, list[str]] = {}
+    for key, added in rw.add.items():
+        following.setdefault(added.after, []).append(key)
     for e in entries:
         if e.name in moved or e.name in rw.drop:
             continue
         out.append(_out_entry(e, rw))
+        itemsize = e.nbytes // max(math.prod(e.shape), 1)
+        for key in following.get(e.name, ()):
+            shape = tuple(rw.add[key].shape)
+            out.append((key, e.dtype, shape, math.prod(shape) * itemsize))
         owner = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
         bias_key = f"{owner}.bias"
         if owner is None:
@@ -96,7 +103,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     src, dev, world = plan.source.path, plan.device, plan.world
     needed = {n for n in decisions.corrected if not plan.arch.targets[n].has_bias}
     bias_flags, new_biases = bias_switches(plan.bias_table, plan.arch.model_type, needed)
-    layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases), decisions.removal or Rewrite())
+    layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases), decisions.rewrite or Rewrite())
     workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
     sizes = [(src / f).stat().st_size for f in plan.files]
     mine = world.pick(sizes)
@@ -176,6 +183,7 @@ class _Stream:
         """Every tensor of the output shard, in order: pruned targets, their biases, copies of the rest."""
         rw = self.layout.rewrite
         entry_by_out = {rw.out_key(e.name): e for e in f.entries if e.name not in rw.drop}
+        added = {key: entry_by_out[rw.out_key(a.after)] for key, a in rw.add.items() if rw.out_key(a.after) in entry_by_out}
         queued = iter([e for e in f.entries if e.name in self.by_key])
         futures: dict[str, Future] = {}            # by input key
         biases: dict[str, torch.Tensor] = {}       # bias tensors to write next, by output name
@@ -190,8 +198,8 @@ class _Stream:
             if key in futures:
                 tensor, delta, infos = futures.pop(key).result()
                 self.layers.update(infos)
-                if key in rw.rows:
-                    tensor = tensor[list(rw.rows[key])].contiguous()
+                if rw.changes(key):
+                    tensor = rw.value(key, tensor)
                 writer.write(name, tensor_bytes(tensor))
                 target = self.by_key[key][0]
                 bias = _new_bias(target, delta, tensor.dtype, self.layout, f) if len(self.by_key[key]) == 1 else None
@@ -199,11 +207,14 @@ class _Stream:
                     biases[rw.out_key(target.bias_key)] = bias
             elif name in biases:
                 writer.write(name, tensor_bytes(biases.pop(name)))
+            elif name in added:                    # a new tensor of the rewrite, in its predecessor's dtype
+                value = rw.add[name].value().to(_torch_dtype(added[name].dtype)).contiguous()
+                writer.write(name, tensor_bytes(value))
             elif entry is None:                    # a zero bias for a sibling that is not pruned
                 weight = entry_by_out[f"{name[: -len('.bias')]}.weight"]
                 writer.write(name, tensor_bytes(torch.zeros(weight.shape[0], dtype=_torch_dtype(weight.dtype))))
-            elif key in rw.rows:                   # a router's or fused experts' tensor: the kept experts' rows
-                writer.write(name, tensor_bytes(f.get_tensor(key)[list(rw.rows[key])].contiguous()))
+            elif rw.changes(key):                  # kept rows or columns (experts, channels), or a computed value
+                writer.write(name, tensor_bytes(rw.value(key, f.get_tensor(key))))
             else:
                 f.copy(entry, writer, name)
             if entry is None:
@@ -316,6 +327,17 @@ def _coverage(plan: Plan, layout: Layout, layers: dict) -> dict:
     return {"target_params": targets, "block_params": blocks, "share": targets / max(blocks, 1)}
 
 
+def _params(plan: Plan, layout: Layout) -> dict:
+    """The checkpoint's parameter count (every tensor) before and after: smaller after removing experts, channels or
+    blocks; a new bias adds its few."""
+    rw = layout.rewrite
+    before = sum(math.prod(s) for s in plan.shapes.values())
+    after = sum(math.prod(rw.shape(k, s)) for k, s in plan.shapes.items() if k not in rw.drop)
+    after += sum(math.prod(a.shape) for a in rw.add.values())
+    after += sum(plan.arch.targets[n].out_features for n in layout.new_biases if n in plan.arch.targets)
+    return {"before": before, "after": after, "removed": 1 - after / max(before, 1)}
+
+
 def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, written: dict | None = None) -> dict:
     zeros = sum(l["zeros"] for l in layers.values())
     params = sum(l["shape"][0] * l["shape"][1] for l in layers.values())
@@ -327,7 +349,7 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
     experts = None
     if plan.arch.experts:
         experts = {"blocks": len(plan.arch.experts), "fallback": decisions.fallback,
-                   "removal": rw.report() if decisions.removal is not None else None}
+                   "removal": dict(rw.facts) if rw.kind == "experts" else None}
     return {
         "tool": "stade", "version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -345,7 +367,9 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
         "model": plan.source.identity(), "stats": decisions.stats_manifest,
         "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
         "coverage": _coverage(plan, layout, layers),
+        "params": _params(plan, layout),
         "experts": experts,
+        "structure": dict(rw.facts) if rw.kind in ("channels", "blocks") else None,
         "weight_bytes": written,
         "seconds": round(time.perf_counter() - plan.started, 2),
         "layers": layers,

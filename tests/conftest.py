@@ -36,6 +36,9 @@ TINY = {
                                       num_attention_heads=4, num_key_value_heads=2)),
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8)),
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"] * 2)),
 }
 # mixtures of experts: experts stored per expert on disk (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE,
 # DeepSeek-V3 with shared experts and a router correction bias) and

@@ -22,6 +22,7 @@ from ..estimate import GRAM_FLOAT64_MAX_WIDTH, calibration_needs
 from ..loading import STREAM, CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output, check_space
 from ..runtime import Reporter, available_bytes, human_bytes
+from ..structured.scores import block_distance
 from .experts import ExpertCapture, ExpertStats
 from .moments import Moments
 from .store import FORMAT, GRAM_DIR, Stats, gram_file, write_stats
@@ -48,6 +49,7 @@ class MomentCapture:
         self.leader: dict[str, str] = {}
         self.reads_norm: dict[str, bool] = {}
         self.experts: dict[int, ExpertStats] = {}      # by block: routing statistics of its experts
+        self.distance = torch.zeros(2, dtype=torch.float64)   # Σ (1 − cos(block input, output)) over tokens, tokens
         self._last_x: torch.Tensor | None = None
         self._last: Moments | None = None
         self._last_name = ""
@@ -64,6 +66,12 @@ class MomentCapture:
             block = modules[block_name]
             self._handles += [m.register_forward_hook(self._norm_hook) for m in block.modules() if is_norm(m)]
             self._handles.append(block.register_forward_hook(self._block_done))
+
+    def block_output(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """How much the block changes its input, token by token: 1 − cos(x, y) (ShortGPT's block importance)."""
+        total, tokens = block_distance(x, y)
+        self.distance[0] += total
+        self.distance[1] += tokens
 
     def _routed(self, groups: tuple[tuple[str, ...], ...]):
         """Recorder of what expert e's targets in ``groups[e]`` read: x [tokens routed to it, in]."""
@@ -148,9 +156,12 @@ class Collected:
         self.leader: dict[str, str] = {}
         self.reads_norm: dict[str, bool] = {}
         self.experts: dict[int, ExpertStats] = {}
+        self.distances: dict[int, torch.Tensor] = {}     # by block: [Σ (1 − cos), tokens]
 
-    def add(self, capture: MomentCapture) -> None:
+    def add(self, capture: MomentCapture, index: int | None = None) -> None:
         capture.finish()
+        if index is not None:
+            self.distances[index] = capture.distance
         self.moments.update({n: m.to("cpu") for n, m in capture.moments.items()})
         self.grams.update({n: h.cpu() for n, h in capture.grams.items()})
         self.leader.update(capture.leader)
@@ -178,12 +189,12 @@ def collect_moments(model, arch: Architecture, windows: torch.Tensor, device: to
         for index, block, dev in runner.blocks("calibrating"):
             capture = MomentCapture(model, arch.block(index), dev, gram=gram)
             try:
-                runner.run(block, dev, keep=index < last, after_batch=capture.end_batch)
+                runner.run(block, dev, keep=index < last, after_batch=capture.end_batch, on_output=capture.block_output)
             finally:
                 capture.remove()
             if after_block is not None:
                 after_block(index, capture)
-            collected.add(capture)
+            collected.add(capture, index)
     return collected
 
 
@@ -211,6 +222,9 @@ def sum_over_ranks(collected: "Collected | MomentCapture", world: World) -> None
     for b in sorted(collected.experts):
         for t in collected.experts[b].tensors():
             t.copy_(world.sum_(t.to("cpu", torch.float64, copy=True)))
+    for b in sorted(getattr(collected, "distances", {})):
+        d = collected.distances[b]
+        d.copy_(world.sum_(d.to("cpu", torch.float64, copy=True)))
 
 
 def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int = 128, seqlen: int | None = None,
@@ -302,7 +316,9 @@ def compute_stats(model: str | ModelSource, dataset: str = "c4", nsamples: int =
         manifest["experts"] = {"blocks": sorted(capture.experts),
                                "reap": all(e.reap is not None for e in capture.experts.values()),
                                "router_weights": all(e.gate is not None for e in capture.experts.values())}
-    return Stats(manifest, moments, grams=grams, experts=capture.experts,
+    if capture.distances:
+        manifest["blocks"] = {"distance": "mean over tokens of 1 − cos(block input, block output)"}
+    return Stats(manifest, moments, grams=grams, experts=capture.experts, distances=capture.distances,
                  path=Path(gram_dir) if gram and gram_dir is not None else None)
 
 

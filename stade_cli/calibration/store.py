@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MOMENTS_FILE = "moments.safetensors"
 GRAM_DIR = "gram"
+BLOCKS_PREFIX = "__blocks__.distance."   # by block, in the moments file: [Σ (1 − cos(in, out)), tokens]
 
 
 def gram_file(block: int) -> str:
@@ -37,6 +38,13 @@ class Stats:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # in memory, by leader (fresh calibration)
     path: Path | None = None                                      # on disk: Gram files read on demand
     experts: dict[int, ExpertStats] = field(default_factory=dict)  # by block: routing statistics of its experts
+    distances: dict[int, torch.Tensor] = field(default_factory=dict)  # by block: [Σ (1 − cos(in, out)), tokens]
+
+    def block_distance(self) -> dict[int, float] | None:
+        """By block: the mean over tokens of 1 − cos(its input, its output); None if not recorded."""
+        if not self.distances:
+            return None
+        return {b: float(d[0] / max(float(d[1]), 1.0)) for b, d in sorted(self.distances.items())}
 
     @property
     def has_gram(self) -> bool:
@@ -103,6 +111,8 @@ def write_stats(tmp: Path, stats: Stats) -> None:
         tensors[f"{name}.sumsq"] = m.sumsq.detach().cpu().contiguous()
     for block, e in stats.experts.items():
         tensors.update(e.to_tensors(block))
+    for block, d in stats.distances.items():
+        tensors[f"{BLOCKS_PREFIX}{block}"] = d.detach().cpu().to(torch.float64).contiguous()
     manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
                     files=[MOMENTS_FILE])
     save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
@@ -165,11 +175,12 @@ def load_stats(path: Path) -> Stats:
             raise StatsError(f"{path / MOMENTS_FILE} lacks the routing statistics of block {block}'s experts",
                              "re-run `stade calibrate`")
         experts[int(block)] = e
+    distances = {int(k[len(BLOCKS_PREFIX):]): v.double() for k, v in tensors.items() if k.startswith(BLOCKS_PREFIX)}
     if "gram" in manifest:
         missing = [b for b in set(manifest["gram"]["blocks"].values()) if not (path / GRAM_DIR / gram_file(b)).is_file()]
         if missing:
             raise StatsError(f"{path / GRAM_DIR} lacks {gram_file(min(missing))}", "re-run `stade calibrate --gram`")
-    return Stats(manifest, moments, path=path, experts=experts)
+    return Stats(manifest, moments, path=path, experts=experts, distances=distances)
 
 
 def stats_summary(stats: Stats) -> list[dict]:

@@ -67,7 +67,9 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     console.print(f"[bold]{s['path']}[/]")
     method = s.get("method") and (s["method"] + (f" + {s['update']}" if s.get("update") else ""))
     removed = ((s.get("experts") or {}).get("removal")) is not None
-    none = "– (experts removed, nothing else pruned)" if removed else "– (no stade report)"
+    st = s.get("structure")
+    none = ("– (experts removed, nothing else pruned)" if removed else
+            f"{st.get('metric', '')} ({st['kind']} removed)".strip() if st else "– (no stade report)")
     what = [f"method {method or none}", f"pattern {s.get('pattern') or 'dense'}"]
     if s.get("target_sparsity") is not None:
         what.append(f"target {s['target_sparsity']:.2%}")
@@ -80,10 +82,12 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
         line += f"; every row follows {s['pattern']}" if s["nm_ok"] else f"; [red]some rows break {s['pattern']}[/]"
     console.print(line)
     cov = s.get("coverage")
-    if cov:
+    if cov and not st:
         console.print(f"targets: {cov['share']:.2%} of the decoder blocks' weights ({cov['target_params']:,} of "
                       f"{cov['block_params']:,})")
     for text in experts_lines(s.get("experts")):
+        console.print(text, highlight=False)
+    for text in structure_lines(s.get("structure"), s.get("params")):
         console.print(text, highlight=False)
     if s.get("nm_ok") is not None and s.get("target_sparsity") is not None:
         extra = o["zeros"] - round(o["params"] * s["target_sparsity"])
@@ -118,6 +122,25 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     if off or off_blocks:
         console.print(f"[bold yellow]{len(off)} layer(s) and {len(off_blocks)} block(s) differ from the target "
                       "sparsity[/] (highlighted)")
+
+
+def structure_lines(st: dict | None, params: dict | None) -> list[str]:
+    """What --structure removed: channels per MLP, or which blocks."""
+    if not st:
+        return []
+    from .prune import count
+
+    if st["kind"] == "channels":
+        how = st["metric"] + (", mean folded into the down projection's bias" if st["folded"] else "") + (
+            ", kept channels refitted" if st["refit"] else "")
+        line = (f"structure: every MLP keeps {st['kept_per_block']} of its {st['width']} channels "
+                f"({st['removed_per_block']} removed; {how})")
+    else:
+        line = (f"structure: {len(st['kept'])} of {st['blocks']} blocks kept (removed: "
+                f"{', '.join(map(str, st['removed']))})")
+    if params:
+        line += f"; parameters {count(params['before'])} → {count(params['after'])} (−{params['removed']:.1%})"
+    return [line]
 
 
 def experts_lines(e: dict | None) -> list[str]:

@@ -22,7 +22,7 @@ def prune(
     ctx: typer.Context,
     model: ModelArg,
     output: Output,
-    metric: Annotated[str, typer.Option(help="The method (the list comes from the registry).")] = "wanda",
+    metric: Annotated[Optional[str], typer.Option(help="The method (the list comes from the registry).")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to zero, in [0, 1) \\[default: 0.5; implied by an N:M pattern].", show_default=False)] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4): keep N of every M consecutive inputs.")] = "unstructured",
     group: Annotated[str, typer.Option(help="Comparison group for unstructured sparsity: row (per output row) or layer.")] = "row",
@@ -32,6 +32,7 @@ def prune(
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span 2 × lambda around a mean of --sparsity.")] = 0.08,
     update: Annotated[str, typer.Option(help="none, or admm: refit the kept weights to the Gram matrix (needs --gram stats, or --sequential).")] = "none",
     sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
+    structure: Annotated[Optional[str], typer.Option(help="channels or blocks: remove --sparsity of every MLP's channels, or of the blocks: a smaller model.", show_default=False)] = None,
     experts: Annotated[Optional[int], typer.Option(help="Keep K experts per MoE block, remove the rest; alone, prunes nothing else.", show_default=False)] = None,
     expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
     expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
@@ -58,14 +59,17 @@ def prune(
     st = state(ctx, json_out, quiet)
     from ..pruning import prune as prune_model  # lazy: keeps `stade --help` fast
 
-    if sparsity is None and ":" not in pattern and experts is None:
+    if sparsity is None and ":" not in pattern and experts is None and structure is None:
         sparsity = 0.5
+    if metric is None and structure is None:
+        metric = "wanda"
     report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
                          stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
                          owl_lambda=owl_lambda, sequential=sequential, options=method_options,
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
                          experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
+                         structure=structure,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
@@ -76,6 +80,11 @@ def prune(
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})
     else:
         emit_line(str(output))
+
+
+def count(n: int) -> str:
+    """A parameter count as people read it: 134.5M, 6.74B, 40,352."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def summary_lines(report: dict, output) -> list[str]:
@@ -91,6 +100,22 @@ def summary_lines(report: dict, output) -> list[str]:
         lines.append(f"removed {gone} of {kept + gone} experts in each of {len(removal['kept'])} MoE blocks (ranked "
                      f"by {removal['score']}); the config says {kept} experts"
                      + (f"; weights {size['before'] / 2**20:,.1f} → {size['after'] / 2**20:,.1f} MiB" if size else ""))
+    structure = report.get("structure")
+    params = report.get("params") or {}
+    if structure:
+        if structure["kind"] == "channels":
+            how = structure["metric"] + (", mean folded into the bias" if structure["folded"] else "") + (
+                ", refitted" if structure["refit"] else "")
+            what = (f"removed {structure['removed_per_block']} of {structure['width']} channels of every MLP ({how}): "
+                    f"intermediate size {structure['kept_per_block']}")
+        else:
+            what = (f"removed {len(structure['removed'])} of {structure['blocks']} blocks (those that change their "
+                    f"input least: {', '.join(map(str, structure['removed']))})")
+        lines.append(f"{what}; parameters {count(params['before'])} → {count(params['after'])} "
+                     f"(−{params['removed']:.1%})")
+        lines.append(f"{output} is a smaller dense checkpoint: it loads wherever the model loads, and its config says "
+                     "so; no retraining was done (a short fine-tune recovers more)")
+        return lines
     if report["method"] is None:
         lines.append("no weight was zeroed in the kept experts and the other layers (add --sparsity S or an N:M "
                      "--pattern to prune them in the same run)")
@@ -115,7 +140,7 @@ def summary_lines(report: dict, output) -> list[str]:
 _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only", "skip",
-                 "update", "sequential"),
+                 "update", "sequential", "structure"),
     "Mixtures of experts": ("experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
@@ -144,7 +169,8 @@ def command():
             continue
         if p.name == "metric":
             names = " | ".join(metrics())
-            p = p.replace(annotation=Annotated[str, typer.Option(help=f"{names}.")])
+            p = p.replace(annotation=Annotated[Optional[str], typer.Option(
+                help=f"{names} \\[default: wanda; stade with --structure channels].", show_default=False)])
         if p.name in _PANELS:
             p = p.replace(annotation=_in_panel(p.annotation, _PANELS[p.name]))
         params.append(p)

@@ -1,0 +1,220 @@
+"""Which MLP channels or decoder blocks go, and the ``Rewrite`` that writes the smaller model.
+
+Channels: in every block the MLP's channels are the rows of its producers (gate/up, fc1) and the columns of its
+consumer (down, fc2). The same number goes in every block (a multiple of 8), the lowest-scored by the metric
+(``scores.py``); STADE folds the removed channels' mean output into the consumer's bias (a bias the config switches
+on where the model has none, as bias correction does); the update refits the kept columns from the Gram matrix.
+Blocks: the ones that change their input least (mean 1 − cos over the calibration tokens) go; the rest are
+renumbered and the config's layer count and per-layer lists follow.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..arch import Architecture, Target, bias_switches
+from ..errors import ModelError, StatsError, UsageError
+from ..rewrite import Added, Rewrite
+from . import scores
+
+PRODUCERS = ("gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h")
+CONSUMERS = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
+WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+INDEX_LISTS = ("mlp_only_layers",)      # config lists of block indices (renumbered), not one entry per block
+MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class MLP:
+    """One block's MLP: the targets whose rows are its channels, and the one whose columns are."""
+
+    block: int
+    producers: tuple[Target, ...]
+    consumer: Target
+
+    @property
+    def width(self) -> int:
+        return self.consumer.in_features
+
+
+def find_mlps(arch: Architecture) -> dict[int, MLP]:
+    """Every block's MLP, or a refusal naming the block where none is found (or several)."""
+    out: dict[int, MLP] = {}
+    for b in range(len(arch.blocks)):
+        if b in arch.experts:
+            raise UsageError("--structure channels removes a dense MLP's channels; this model's MLPs are experts",
+                             "remove whole experts with --experts K")
+        parents: dict[str, dict[str, Target]] = {}
+        for t in arch.targets.values():
+            if t.block == b and t.expert is None and t.index is None:
+                parent, _, leaf = t.name.rpartition(".")
+                parents.setdefault(parent, {})[leaf] = t
+        found = []
+        for parent, leaves in parents.items():
+            consumer = next((leaves[n] for n in CONSUMERS if n in leaves), None)
+            producers = tuple(leaves[n] for n in PRODUCERS if n in leaves)
+            if consumer is not None and producers and all(p.out_features == consumer.in_features for p in producers):
+                found.append(MLP(b, producers, consumer))
+        if len(found) != 1:
+            raise ModelError(f"cannot tell the MLP of block {b} ({arch.blocks[b]}): "
+                             f"{'none' if not found else len(found)} found among its layers",
+                             "--structure channels knows gate/up/down and fc1/fc2 MLPs")
+        out[b] = found[0]
+    return out
+
+
+def removed_count(width: int, fraction: float) -> int:
+    """The channels each MLP loses: the fraction of its width, to a multiple of 8; refused when none or all."""
+    n = int(round(width * fraction / MULTIPLE)) * MULTIPLE
+    if n <= 0:
+        raise UsageError(f"--sparsity {fraction} of {width} channels rounds to no channel (a multiple of {MULTIPLE})",
+                         "give a larger --sparsity")
+    if n >= width:
+        raise UsageError(f"--sparsity {fraction} would remove every one of the {width} channels",
+                         "give a smaller --sparsity")
+    return n
+
+
+def removed_blocks(total: int, fraction: float) -> int:
+    """The blocks --structure blocks removes; refused when none or all."""
+    n = int(round(total * fraction))
+    if n <= 0:
+        raise UsageError(f"--sparsity {fraction} of {total} blocks rounds to no block", "give a larger --sparsity")
+    if n >= total:
+        raise UsageError(f"--sparsity {fraction} would remove every one of the {total} blocks",
+                         "give a smaller --sparsity")
+    return n
+
+
+def channel_width(mlps: Mapping[int, MLP]) -> int:
+    widths = {m.width for m in mlps.values()}
+    if len(widths) != 1:
+        raise UsageError(f"the blocks' MLPs have different widths ({sorted(widths)}); --structure channels needs one")
+    return widths.pop()
+
+
+def _config_key(config: Mapping[str, Any], keys: tuple[str, ...], value: int) -> str:
+    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
+        if isinstance(part, dict):
+            for key in keys:
+                if part.get(key) == value:
+                    return prefix + key
+    raise UsageError(f"the config says nowhere that the value is {value} ({', '.join(keys)}); stade cannot write a "
+                     "config for the smaller model")
+
+
+def plan_channels(arch: Architecture, config: Mapping[str, Any], read: Callable[[str], torch.Tensor],
+                  stats, how: str, fraction: float, refit: bool, fold: bool, bias_table: Mapping[str, list],
+                  keys: Mapping[str, tuple], damp: float = 0.01) -> Rewrite:
+    """The rewrite that removes ``fraction`` of every MLP's channels, scored by ``how``.
+
+    ``read(key)``: a checkpoint tensor; ``stats``: the calibration stats (moments, and Gram for ``refit``); ``fold``:
+    the removed channels' mean into the consumer's bias (switched on by ``bias_table``'s flags when needed);
+    ``keys``: every checkpoint tensor's shape."""
+    mlps = find_mlps(arch)
+    width = channel_width(mlps)
+    n = removed_count(width, fraction)
+    kept_width = width - n
+    flags, gained = {}, set()
+    if fold:
+        needed = {m.consumer.name for m in mlps.values() if f"{m.consumer.name}.bias" not in keys}
+        flags, gained = bias_switches(bias_table, arch.model_type, needed)
+    rows: dict[str, tuple] = {}
+    cols: dict[str, tuple] = {}
+    compute: dict[str, Callable] = {}
+    shapes: dict[str, tuple] = {}
+    add: dict[str, Added] = {}
+    per_block = {}
+    for b, mlp in mlps.items():
+        c = mlp.consumer
+        down = read(c.weight_key)
+        moments = stats.moments.get(c.name) if stats is not None else None
+        removed = scores.lowest(scores.channel_scores(how, down.float(), moments), n)
+        kept = scores.kept_after(width, removed)
+        per_block[b] = [int(i) for i in removed]
+        idx = tuple(int(i) for i in kept)
+        for p in mlp.producers:
+            rows[p.weight_key] = idx
+            if f"{p.name}.bias" in keys:
+                rows[f"{p.name}.bias"] = idx
+            elif p.name in gained:                          # a sibling of the switched-on bias: zeros
+                add[f"{p.name}.bias"] = Added(p.weight_key, (kept_width,),
+                                              functools.partial(torch.zeros, kept_width, dtype=torch.float64))
+        solved = _solver(c, down, kept, removed, moments, stats, refit, fold, damp)
+        if refit:
+            compute[c.weight_key] = lambda old, s=solved: s()[0]
+            shapes[c.weight_key] = (c.out_features, kept_width)
+        else:
+            cols[c.weight_key] = idx
+        if fold:
+            bias_key = f"{c.name}.bias"
+            if bias_key in keys:
+                compute[bias_key] = lambda old, s=solved: (old.double() + s()[1]).to(old.dtype)
+            else:
+                add[bias_key] = Added(c.weight_key, (c.out_features,), lambda s=solved: s()[1])
+        del down
+    entries = {_config_key(config, WIDTH_KEYS, width): kept_width, **flags}
+    facts = {"kind": "channels", "metric": how, "width": width, "removed_per_block": n, "kept_per_block": kept_width,
+             "refit": refit, "folded": fold, "bias_flags": flags, "removed": {str(b): r for b, r in per_block.items()}}
+    return Rewrite("channels", rows=rows, cols=cols, compute=compute, shapes=shapes, add=add, config=entries,
+                   facts=facts)
+
+
+def _solver(c: Target, down: torch.Tensor, kept, removed, moments, stats, refit: bool, fold: bool, damp: float):
+    """() → (the consumer's new weight in its dtype, its bias change float64 [H] or None), computed once, on demand
+    (a 70B model's refitted down projections are not all held at once)."""
+    dtype = down.dtype
+    keep_down = down if refit or fold else None
+
+    @functools.lru_cache(maxsize=1)
+    def solve():
+        w = keep_down.float()
+        if refit:
+            if stats is None or not stats.has_gram:
+                raise StatsError("the refit needs Gram matrices", "make them with `stade calibrate --gram`")
+            new, delta = scores.refit(w, kept, stats.gram(c.name), moments, centred=fold, damp=damp)
+            return new.to(dtype), delta
+        return None, scores.folded_bias(w, removed, moments.mean)
+
+    return solve
+
+
+def plan_blocks(arch: Architecture, config: Mapping[str, Any], distances: Mapping[int, float] | None,
+                fraction: float, keys: Mapping[str, tuple]) -> Rewrite:
+    """The rewrite that removes ``fraction`` of the decoder blocks, those that change their input least."""
+    if distances is None:
+        raise StatsError("these stats do not record how much each block changes its input",
+                         "re-run `stade calibrate` with this version")
+    total = len(arch.blocks)
+    n = removed_blocks(total, fraction)
+    order = sorted(range(total), key=lambda b: (distances.get(b, float("inf")), b))
+    removed = sorted(order[:n])
+    kept = [b for b in range(total) if b not in removed]
+    new_index = {b: i for i, b in enumerate(kept)}
+    drop, rename = set(), {}
+    for key in keys:
+        b = next((i for i, name in enumerate(arch.blocks) if key.startswith(name + ".")), None)
+        if b is None:
+            continue
+        if b in removed:
+            drop.add(key)
+        elif new_index[b] != b:
+            head, _, _ = arch.blocks[b].rpartition(".")
+            rename[key] = f"{head}.{new_index[b]}{key[len(arch.blocks[b]):]}"
+    entries: dict[str, Any] = {_config_key(config, LAYER_KEYS, total): total - n}
+    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(part, dict):
+            continue
+        for key, value in part.items():
+            if isinstance(value, list) and len(value) == total and key not in INDEX_LISTS:
+                entries[prefix + key] = [v for i, v in enumerate(value) if i in new_index]
+            elif key in INDEX_LISTS and isinstance(value, list):
+                entries[prefix + key] = [new_index[i] for i in value if i in new_index]
+    facts = {"kind": "blocks", "blocks": total, "removed": removed, "kept": kept,
+             "distance": {str(b): distances.get(b) for b in range(total)}}
+    return Rewrite("blocks", frozenset(drop), rename, config=entries, facts=facts)
+
