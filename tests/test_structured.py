@@ -81,7 +81,9 @@ def test_refit_is_least_squares_on_the_activations(centred):
 def test_block_distance_by_hand():
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     y = torch.tensor([[1.0, 1.0], [0.0, -1.0]])                               # cos √½ and −1
-    total, tokens = scores.block_distance(x, y)
+    from stade_cli.calibration.moments import block_distance
+
+    total, tokens = block_distance(x, y)
     assert tokens == 2 and total == pytest.approx((1 - 2 ** -0.5) + 2)
 
 

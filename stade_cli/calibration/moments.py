@@ -63,3 +63,10 @@ class Moments:
     def norm(self) -> torch.Tensor:
         """‖X_j‖₂ = sqrt(sumsq_j)"""
         return self.sumsq.sqrt()
+
+
+def block_distance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(Σ over tokens of 1 − cos(x_t, y_t), tokens): how much a block changes its input (ShortGPT)."""
+    cos = torch.nn.functional.cosine_similarity(x.double().reshape(-1, x.shape[-1]),
+                                                y.double().reshape(-1, y.shape[-1]), dim=-1)
+    return float((1 - cos).sum()), cos.numel()

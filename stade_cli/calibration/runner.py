@@ -22,9 +22,8 @@ from ..estimate import GRAM_FLOAT64_MAX_WIDTH, calibration_needs
 from ..loading import STREAM, CalibrationSpec, Runtime, run_inputs
 from ..outputs import Output, check_space
 from ..runtime import Reporter, available_bytes, human_bytes
-from ..structured.scores import block_distance
 from .experts import ExpertCapture, ExpertStats
-from .moments import Moments
+from .moments import Moments, block_distance
 from .store import FORMAT, GRAM_DIR, Stats, gram_file, write_stats
 
 

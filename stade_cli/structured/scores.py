@@ -5,7 +5,9 @@ column W_:,j and rows j of gate and up. On the calibration tokens the error it a
     E‖W_:,j h_j‖² = ‖W_:,j‖² · E[h_j²]                          with nothing to compensate,
     E‖W_:,j (h_j − μ_j)‖² = ‖W_:,j‖² · Var(h_j)                   when W_:,j μ_j goes into the bias,
 which are the squares of the channel scores below (Wanda-sp; STADE's variance score, as FLAP's fluctuation).
-Removing a set R at once adds the cross terms too; the refit minimises the whole error over the kept columns K:
+(How much a whole block changes its input, for --structure blocks, is measured during calibration:
+``calibration.moments.block_distance``.) Removing a set R at once adds the cross terms too; the refit minimises
+the whole error over the kept columns K:
     W'_K = W Σ_{:,K} (Σ_{K,K} + δ I)⁻¹,   Σ = E[h hᵀ] (or the covariance C, with the bias taking W μ − W'_K μ_K).
 """
 from __future__ import annotations
@@ -75,10 +77,3 @@ def refit(down: torch.Tensor, kept: torch.Tensor, gram: torch.Tensor, moments: M
     new = torch.linalg.solve(block, rhs.T).T                          # W Σ_{:,K} (Σ_KK + δI)⁻¹ (Σ_KK symmetric)
     delta = (w @ mean - new @ mean[kept]) if centred else None
     return new, delta
-
-
-def block_distance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """(Σ over tokens of 1 − cos(x_t, y_t), tokens): how much a block changes its input (ShortGPT)."""
-    cos = torch.nn.functional.cosine_similarity(x.double().reshape(-1, x.shape[-1]),
-                                                y.double().reshape(-1, y.shape[-1]), dim=-1)
-    return float((1 - cos).sum()), cos.numel()
