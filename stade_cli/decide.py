@@ -205,7 +205,8 @@ def structured(plan, reporter: Reporter) -> Decisions:
             with ShardReader(plan.source.path / where[key]) as r:
                 return r.get_tensor(key)
 
-        fold = plan.method.name == "stade" and plan.request.bias_correction is not False
+        bc = plan.request.bias_correction     # stade folds the mean by default; any metric with --bias-correction
+        fold = bc is True or (bc is None and plan.method.name == "stade")
         rewrite = plan_channels(plan.arch, plan.config_json, read, st, plan.method.name, fraction,
                                 plan.update is not None, fold, plan.bias_table, plan.shapes)
         f = rewrite.facts

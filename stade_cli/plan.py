@@ -290,16 +290,16 @@ def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, confi
         return method, notes
     mlps = find_mlps(arch)
     removed_count(channel_width(mlps), req.sparsity)
-    if method.name == "stade" and req.bias_correction is not False:
+    if req.bias_correction is True or (req.bias_correction is None and method.name == "stade"):
         table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(
             config if config is not None else load_config(source.path))
         needed = {m.consumer.name for m in mlps.values() if not m.consumer.has_bias}
         try:
             bias_switches(table, arch.model_type, needed)
         except ModelError:
-            if req.metric is not None:
-                raise ModelError(f"stade folds the removed channels' mean into the down projection's bias, and this "
-                                 f"{arch.model_type} model cannot hold one there",
+            if req.metric is not None or req.bias_correction is True:
+                raise ModelError(f"{method.name} folds the removed channels' mean into the down projection's bias, "
+                                 f"and this {arch.model_type} model cannot hold one there",
                                  "use --metric wanda, or --no-bias-correction") from None
             notes.append(f"this {arch.model_type} model cannot hold a bias on its down projections, which stade's "
                          "channel score needs: ranking channels by wanda instead")
