@@ -165,6 +165,14 @@ def test_channels_reload_and_generate_in_every_family(arch, gram_stats, tmp_path
     assert "channels (32 removed" in shown and "parameters" in shown
     assert json.loads(run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 2, "--json").stdout)[
         "ppl"] > 1
+    if arch == "opt":       # fc2's own bias comes before its weight in the shard: the refit's bias change still lands
+        refit = tmp_path / "refit"
+        run("prune", model, "--stats", stats, "--structure", "channels", "--sparsity", 0.5, "--update", "admm",
+            "-o", refit)
+        small, dense = load_file(str(refit / "model.safetensors")), load_file(str(model / "model.safetensors"))
+        assert small["model.decoder.layers.0.fc2.weight"].shape == (32, 32)
+        assert not torch.equal(small["model.decoder.layers.0.fc2.bias"], dense["model.decoder.layers.0.fc2.bias"])
+        assert not AutoModelForCausalLM.from_pretrained(refit, output_loading_info=True)[1]["missing_keys"]
 
 
 def test_blocks_with_per_layer_types(gram_stats, tmp_path):

@@ -144,18 +144,20 @@ def plan_channels(arch: Architecture, config: Mapping[str, Any], read: Callable[
             elif p.name in gained:                          # a sibling of the switched-on bias: zeros
                 add[f"{p.name}.bias"] = Added(p.weight_key, (kept_width,),
                                               functools.partial(torch.zeros, kept_width, dtype=torch.float64))
-        solved = _solver(c, down, kept, removed, moments, stats, refit, fold, damp)
+        consumer = _Consumer(c, read, kept, moments, stats, refit, damp,
+                             scores.folded_bias(down.float(), removed, moments.mean) if fold and not refit else None,
+                             fold)
         if refit:
-            compute[c.weight_key] = lambda old, s=solved: s()[0]
+            compute[c.weight_key] = consumer.weight
             shapes[c.weight_key] = (c.out_features, kept_width)
         else:
             cols[c.weight_key] = idx
         if fold:
             bias_key = f"{c.name}.bias"
             if bias_key in keys:
-                compute[bias_key] = lambda old, s=solved: (old.double() + s()[1]).to(old.dtype)
+                compute[bias_key] = lambda old, s=consumer: (old.double() + s.bias()).to(old.dtype)
             else:
-                add[bias_key] = Added(c.weight_key, (c.out_features,), lambda s=solved: s()[1])
+                add[bias_key] = Added(c.weight_key, (c.out_features,), consumer.bias)
         del down
     entries = {_config_key(config, WIDTH_KEYS, width): kept_width, **flags}
     facts = {"kind": "channels", "metric": how, "width": width, "removed_per_block": n, "kept_per_block": kept_width,
@@ -164,23 +166,27 @@ def plan_channels(arch: Architecture, config: Mapping[str, Any], read: Callable[
                    facts=facts)
 
 
-def _solver(c: Target, down: torch.Tensor, kept, removed, moments, stats, refit: bool, fold: bool, damp: float):
-    """() → (the consumer's new weight in its dtype, its bias change float64 [H] or None), computed once, on demand
-    (a 70B model's refitted down projections are not all held at once)."""
-    dtype = down.dtype
-    keep_down = down if refit or fold else None
+class _Consumer:
+    """A block's down projection in the output: its refitted weight, computed when the writer reaches it (a 70B
+    model's are never all held), and the bias change, kept as one [H] vector (computed with the refit, or now)."""
 
-    @functools.lru_cache(maxsize=1)
-    def solve():
-        w = keep_down.float()
-        if refit:
-            if stats is None or not stats.has_gram:
-                raise StatsError("the refit needs Gram matrices", "make them with `stade calibrate --gram`")
-            new, delta = scores.refit(w, kept, stats.gram(c.name), moments, centred=fold, damp=damp)
-            return new.to(dtype), delta
-        return None, scores.folded_bias(w, removed, moments.mean)
+    def __init__(self, c: Target, read, kept, moments, stats, refit: bool, damp: float, delta, fold: bool):
+        self.c, self.read, self.kept, self.moments, self.stats = c, read, kept, moments, stats
+        self.refit, self.damp, self.delta, self.fold = refit, damp, delta, fold
 
-    return solve
+    def weight(self, old: torch.Tensor) -> torch.Tensor:
+        if self.stats is None or not self.stats.has_gram:
+            raise StatsError("the refit needs Gram matrices", "make them with `stade calibrate --gram`")
+        new, delta = scores.refit(old.float(), self.kept, self.stats.gram(self.c.name), self.moments,
+                                  centred=self.fold, damp=self.damp)
+        if self.fold:
+            self.delta = delta
+        return new.to(old.dtype)
+
+    def bias(self) -> torch.Tensor:
+        if self.delta is None:          # the bias comes before its weight in the shard: refit from the checkpoint
+            self.weight(self.read(self.c.weight_key))
+        return self.delta
 
 
 def plan_blocks(arch: Architecture, config: Mapping[str, Any], distances: Mapping[int, float] | None,
