@@ -126,21 +126,9 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
 
 def structure_lines(st: dict | None, params: dict | None) -> list[str]:
     """What --structure removed: channels per MLP, or which blocks."""
-    if not st:
-        return []
-    from .prune import count
+    from .prune import structure_text
 
-    if st["kind"] == "channels":
-        how = st["metric"] + (", mean folded into the down projection's bias" if st["folded"] else "") + (
-            ", kept channels refitted" if st["refit"] else "")
-        line = (f"structure: every MLP keeps {st['kept_per_block']} of its {st['width']} channels "
-                f"({st['removed_per_block']} removed; {how})")
-    else:
-        line = (f"structure: {len(st['kept'])} of {st['blocks']} blocks kept (removed: "
-                f"{', '.join(map(str, st['removed']))})")
-    if params:
-        line += f"; parameters {count(params['before'])} → {count(params['after'])} (−{params['removed']:.1%})"
-    return [line]
+    return [f"structure: {structure_text(st, params)}"] if st else []
 
 
 def experts_lines(e: dict | None) -> list[str]:

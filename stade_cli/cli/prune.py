@@ -87,6 +87,21 @@ def count(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def structure_text(st: dict, params: dict | None) -> str:
+    """What --structure removed, in one sentence (prune's last lines, inspect)."""
+    if st["kind"] == "channels":
+        how = st["metric"] + (", mean folded into the down projection's bias" if st["folded"] else "") + (
+            ", kept channels refitted" if st["refit"] else "")
+        line = (f"every MLP keeps {st['kept_per_block']} of its {st['width']} channels ({st['removed_per_block']} "
+                f"removed; {how})")
+    else:
+        line = (f"{len(st['kept'])} of {st['blocks']} blocks kept (removed, those that change their input least: "
+                f"{', '.join(map(str, st['removed']))})")
+    if params:
+        line += f"; parameters {count(params['before'])} → {count(params['after'])} (−{params['removed']:.1%})"
+    return line
+
+
 def summary_lines(report: dict, output) -> list[str]:
     """What prune says when it is done: what it removed, what it pruned, the targets' share of the blocks."""
     lines = []
@@ -101,18 +116,8 @@ def summary_lines(report: dict, output) -> list[str]:
                      f"by {removal['score']}); the config says {kept} experts"
                      + (f"; weights {size['before'] / 2**20:,.1f} → {size['after'] / 2**20:,.1f} MiB" if size else ""))
     structure = report.get("structure")
-    params = report.get("params") or {}
     if structure:
-        if structure["kind"] == "channels":
-            how = structure["metric"] + (", mean folded into the bias" if structure["folded"] else "") + (
-                ", refitted" if structure["refit"] else "")
-            what = (f"removed {structure['removed_per_block']} of {structure['width']} channels of every MLP ({how}): "
-                    f"intermediate size {structure['kept_per_block']}")
-        else:
-            what = (f"removed {len(structure['removed'])} of {structure['blocks']} blocks (those that change their "
-                    f"input least: {', '.join(map(str, structure['removed']))})")
-        lines.append(f"{what}; parameters {count(params['before'])} → {count(params['after'])} "
-                     f"(−{params['removed']:.1%})")
+        lines.append(structure_text(structure, report.get("params")))
         lines.append(f"{output} is a smaller dense checkpoint: it loads wherever the model loads, and its config says "
                      "so; no retraining was done (a short fine-tune recovers more)")
         return lines
