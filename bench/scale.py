@@ -370,6 +370,21 @@ def environment() -> dict:
     return env
 
 
+PROTOCOL = ("shape", "calib", "device", "nsamples", "seqlen", "max_windows")
+
+
+def _earlier(out: Path, result: dict) -> dict | None:
+    """The results already in ``out`` when they measured the same protocol on the same kind of machine."""
+    try:
+        earlier = json.loads((out / "scale.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(earlier["settings"].get(k) == result["settings"].get(k) for k in PROTOCOL)
+    same = same and all(earlier["environment"].get(k) == result["environment"].get(k)
+                        for k in ("torch", "cpus", "machine", "gpu"))
+    return earlier if same else None
+
+
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scale.py run")
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
@@ -397,6 +412,10 @@ def run(argv: list[str]) -> int:
     built = round(time.perf_counter() - t0, 1)
     result = {"settings": {**vars(a), "started": _dt.datetime.now().isoformat(timespec="seconds")},
               "environment": environment(), "checkpoint": {**checkpoint, "build_seconds": built}, "steps": []}
+    earlier = _earlier(out, result)
+    if earlier is not None:       # the same protocol measured before: its other steps stay, these are replaced
+        result["steps"] = [s for s in earlier["steps"] if s["step"] not in steps]
+        result["checkpoint"]["build_seconds"] = earlier["checkpoint"].get("build_seconds", built)
     common = ["--model", str(model), "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
               "--device", a.device, "--max-windows", str(a.max_windows)]
     env = _measure.child_env()
