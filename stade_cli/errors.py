@@ -74,6 +74,21 @@ class DeviceError(StadeError):
     """The requested device is not available."""
 
 
+_RECEIVED: list[int] = []      # the signals that asked this process to stop, first first (set by the CLI's handlers)
+
+
+def note_signal(signum: int) -> None:
+    """Record that the process was asked to stop; see ``signal_received``."""
+    _RECEIVED.append(signum)
+
+
+def signal_received() -> int | None:
+    """The first stop signal this process received, if any. The exception a handler raises can surface inside
+    a library's C code, which may turn it into another error (torch: "could not determine the shape of
+    object type ..."): the record, not the exception, says the run was interrupted."""
+    return _RECEIVED[0] if _RECEIVED else None
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGHUP, raised where the process is so that it unwinds like Ctrl-C (exit 128 + signal).
 

@@ -15,7 +15,7 @@ import torch
 
 from .arch import context_length
 from .checkpoint import ModelSource, checkpoint_dtype, load_config, local_path, resolve_model
-from .data import calibration_windows, load_corpus, local_paths
+from .data import calibration_windows, check_seqlen, load_corpus, local_paths
 from .errors import ModelError, UsageError
 from .runtime import Reporter, available_bytes, human_bytes, resolve_device, resolve_dtype, silence_transformers
 
@@ -278,10 +278,13 @@ class CalibrationSpec:
     seed: int = 0
     batch_size: int = 1
 
-    def check(self) -> None:
+    def check(self, max_len: int | None = None) -> None:
+        """The options alone (and, given the model's context length, an explicit --seqlen): before any work."""
         if self.nsamples < 1:
             raise UsageError(f"--nsamples must be at least 1 (got {self.nsamples})")
         check_batch_size(self.batch_size)
+        if self.seqlen is not None and max_len is not None:
+            check_seqlen(self.seqlen, max_len, max_len, what="model's context")
 
     def windows(self, rt: Runtime) -> torch.Tensor:
         """The seeded calibration windows [nsamples, seqlen] (token ids)."""

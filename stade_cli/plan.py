@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .arch import Architecture, Coverage, Target, bias_flag_table, bias_switches, check_coverage, describe, meta_model
+from .arch import (Architecture, Coverage, Target, bias_flag_table, bias_switches, check_coverage, context_length,
+                   describe, meta_model)
 from .calibration.store import Stats, load_stats
 from .checkpoint import ModelSource, load_config, tensor_shapes
 from .distributed import World
@@ -274,6 +275,8 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              f"{req.stats} do not record it (for {unknown[0]})",
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
+    if st is None and (needs_moments or req.sequential):     # windows will be read: their options checked now
+        calibration.check(context_length(config if config is not None else load_config(source.path)))
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
                 calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json,
                 tuple(notes))

@@ -16,14 +16,17 @@ DEADLINE = 120      # seconds for the whole run after the signal; the layer it i
 
 
 @pytest.mark.parametrize("mode,sig,code", [("one-shot", signal.SIGTERM, 143), ("one-shot", signal.SIGINT, 130),
-                                           ("sequential", signal.SIGTERM, 143), ("one-shot", signal.SIGHUP, 129)])
+                                           ("sequential", signal.SIGTERM, 143), ("one-shot", signal.SIGHUP, 129),
+                                           ("one-shot-masked", signal.SIGINT, 130),
+                                           ("sequential-masked", signal.SIGTERM, 143)])
 def test_a_signal_ends_a_prune_in_the_middle_of_a_slow_layer(tiny_llama, tmp_path, mode, sig, code):
     ready, out = tmp_path / "ready", tmp_path / "out"
     args = [sys.executable, str(HERE / "_slow_solver.py"), "prune", str(tiny_llama), "--metric", "slowsolve",
             "--sparsity", "0.5", "-o", str(out), "--dataset", "builtin", "--nsamples", "2", "--seqlen", "16"]
-    if mode == "sequential":
+    if mode.startswith("sequential"):
         args.append("--sequential")
-    env = {**os.environ, "STADE_TEST_READY": str(ready), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "STADE_TEST_READY": str(ready), "HF_HUB_OFFLINE": "1",
+           "STADE_TEST_MASK": "1" if mode.endswith("masked") else "0"}   # the interrupt surfaces as another error
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not ready.exists():                     # the event: a layer's solve has started

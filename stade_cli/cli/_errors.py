@@ -10,7 +10,7 @@ from typing import Callable
 
 import typer
 
-from ..errors import Interrupted, MethodError, StadeError
+from ..errors import Interrupted, MethodError, StadeError, signal_received
 from .options import cli_flag
 from .output import error
 
@@ -50,7 +50,14 @@ TABLE: list[tuple[type, Callable[[BaseException], int], Callable[[BaseException]
 
 
 def report(exc: BaseException, debug: bool) -> int:
-    """Print the line for ``exc`` and return its exit code; with ``debug``, raise it again (traceback)."""
+    """Print the line for ``exc`` and return its exit code; with ``debug``, raise it again (traceback).
+
+    After a stop signal, whatever error the unwinding met is reported as the interrupt it is."""
+    got = signal_received()
+    if got is not None and not isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        import signal
+
+        exc = KeyboardInterrupt() if got == signal.SIGINT else Interrupted(got)
     for kind, code, line, always in TABLE:
         if isinstance(exc, kind):
             if debug and not always:

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
-from ..errors import Interrupted
+from ..errors import Interrupted, note_signal
 from ..runtime import StderrReporter
 from . import calibrate, demo, eval as eval_cmd, inspect, prune, sweep
 from ._errors import UsageError, report
@@ -139,25 +139,33 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point. SIGTERM and SIGHUP unwind like Ctrl-C; errors that happen before any
     command runs (``stade --bogus``) go through the same table."""
     import signal
+    import threading
 
     def _term(signum, frame):
+        note_signal(signum)
         raise Interrupted(signum)
 
+    def _int(signum, frame):
+        note_signal(signum)
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _term)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:    # a shell's background job keeps ignoring Ctrl-C
+        signal.signal(signal.SIGINT, _int)
     if hasattr(signal, "SIGHUP"):  # the terminal closed
         signal.signal(signal.SIGHUP, _term)
-    interrupted = False
     try:
         code = app(args=argv, prog_name="stade", standalone_mode=False)
     except typer.Abort:
-        code, interrupted = report(KeyboardInterrupt(), False), True
+        code = report(KeyboardInterrupt(), False)
     except (KeyboardInterrupt, Interrupted) as exc:
-        code, interrupted = report(exc, False), True
+        code = report(exc, False)
     except UsageError as exc:
         code = report(exc, False)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)    # done: a launcher's SIGTERM now simply ends the exit
     code = code if isinstance(code, int) else 0
-    if interrupted or code in (130, 128 + signal.SIGTERM, 128 + getattr(signal, "SIGHUP", 1)):
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if code != 0 and others:
         # Everything was unwound (outputs cleaned up, locks released); a worker thread may still be inside a
         # layer's solve, which Python's exit would wait for: end now.
         sys.stdout.flush()
