@@ -349,6 +349,9 @@ def markdown(result: dict) -> str:
             continue
         base = by.get(s.get("baseline") or "")
         ratio = f"{s['seconds'] / base['seconds']:.2f}" if base and base.get("seconds") else ""
+        windows, nsamples = s.get("windows"), result["settings"]["nsamples"]
+        if ratio and windows is not None and windows != nsamples:     # not the same work as the baseline's
+            ratio = f"({windows} windows against {nsamples})"
         gpu = f"{s['cuda_peak'] / 2**30:.1f} GiB" if s.get("cuda_peak") else ""
         disk = f"{s['stats_bytes'] / GB:.2f} GB" if s.get("stats_bytes") else ""
         note = f" ({s['speedup']:.2f}× dense)" if s.get("speedup") else ""
@@ -379,7 +382,11 @@ def _earlier(out: Path, result: dict) -> dict | None:
         earlier = json.loads((out / "scale.json").read_text())
     except (OSError, ValueError):
         return None
-    same = all(earlier["settings"].get(k) == result["settings"].get(k) for k in PROTOCOL)
+    def key(settings: dict, k: str):
+        value = settings.get(k)
+        return str(Path(value).expanduser().resolve()) if k == "calib" and value else value   # ../x and /abs/x
+
+    same = all(key(earlier["settings"], k) == key(result["settings"], k) for k in PROTOCOL)
     same = same and all(earlier["environment"].get(k) == result["environment"].get(k)
                         for k in ("torch", "cpus", "machine", "gpu"))
     return earlier if same else None
