@@ -84,9 +84,10 @@ def speed(model: str, repeats: int = 3, prompt: int = 512, new: int = 128) -> di
 
 def markdown(result: dict) -> str:
     fr = result["settings"]["fractions"]
-    lines = ["| entry | " + " | ".join(f"{p:.0%} of the blocks' weights" for p in fr) + " |",
-             "|---|" + "---|" * len(fr),
-             "| dense | " + " | ".join(f"{result['dense']['ppl']:.2f}" for _ in fr) + " |"]
+    lines = [] if result["dense"] is None else [       # None: --speed-only
+        "| entry | " + " | ".join(f"{p:.0%} of the blocks' weights" for p in fr) + " |",
+        "|---|" + "---|" * len(fr),
+        "| dense | " + " | ".join(f"{result['dense']['ppl']:.2f}" for _ in fr) + " |"]
     for row in result["rows"]:
         cells = []
         for p in fr:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--speed", action="store_true", help="also prefill and decode tokens/s")
+    p.add_argument("--speed-only", action="store_true", help="only the speed (on a quiet machine; its own --out)")
     p.add_argument("--speed-at", type=float, default=0.2)
     p.add_argument("--speed-models", nargs="*", default=[], help="more checkpoints to time (e.g. a 7B-width slice; "
                                                                  "channels by magnitude, blocks from --speed-stats)")
@@ -143,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     info = shares(a.model)
     result = {"settings": {**vars(a), "started": _dt.datetime.now().isoformat(timespec="seconds"), **info},
               "dense": None, "rows": [], "errors": 0}
-    log("evaluating the dense model")
-    result["dense"] = {"ppl": evaluate(a.model, reporter=reporter, **evaluation)["ppl"]}
-    RESULTS.write(out, result, {"structured.md": markdown(result)})
+    a.speed = a.speed or a.speed_only
+    if not a.speed_only:
+        log("evaluating the dense model")
+        result["dense"] = {"ppl": evaluate(a.model, reporter=reporter, **evaluation)["ppl"]}
+        RESULTS.write(out, result, {"structured.md": markdown(result)})
 
     def channel_fraction(p: float) -> float:
         """The channel fraction that removes p of the blocks' weights, on the multiple of 8 nearest to it."""
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               for e in a.channels]
              + [("blocks", dict(structure="blocks", metric=None), lambda p: p)]
              + [(f"unstructured: {e}", _entry(e, parse_entry, prune_kwargs), lambda p: p) for e in a.unstructured])
+    plans = [] if a.speed_only else plans
     with tempfile.TemporaryDirectory(prefix="stade-structured-") as work:
         scratch = Path(work) / "pruned"
         for label, kwargs, fraction in plans:

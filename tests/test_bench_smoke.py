@@ -138,3 +138,32 @@ def test_scale_smoke(tokenizer_dir, text_file, tmp_path):
         assert s["rc"] == 0 and _finite(s["seconds"]) and s["maxrss"] > 0 and _finite(s["cpu"]), s
     assert steps["calibrate"]["baseline"] == "forward" and steps["prune:wanda"]["baseline"] == "roundtrip"
     assert "| calibrate |" in proc.stdout and not (work / "pruned").exists()
+
+
+def test_structured_smoke(tiny_llama, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from stade_cli.cli.app import app
+
+    stats = tmp_path / "stats"
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama), "--dataset", str(text_file), "--nsamples", "2",
+                                      "--seqlen", "16", "--gram", "-o", str(stats)])
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "structured"
+    proc = _run(["bench/structured.py", "--model", str(tiny_llama), "--stats", str(stats), "--eval", str(text_file),
+                 "--fractions", "0.5", "--channels", "magnitude", "stade:update=admm", "--unstructured", "wanda",
+                 "--seqlen", "16", "--max-windows", "2", "--speed", "--speed-at", "0.5", "--out", str(out)])
+    data = json.loads((out / "structured.json").read_text())
+    assert data["errors"] == 0 and _finite(data["dense"]["ppl"])
+    labels = [r["label"] for r in data["rows"]]
+    assert labels == ["channels: magnitude", "channels: stade:update=admm", "blocks", "unstructured: wanda"]
+    for row in data["rows"]:
+        cell = row["cells"]["0.5"]
+        assert _finite(cell["ppl"]) and cell["ppl"] > 1, (row["label"], cell)
+        assert 0.35 < cell["params_removed_of_blocks"] < 0.65, (row["label"], cell)   # the same count, near 50%
+    speed = {s["label"]: s for s in data["speed"]}
+    assert set(speed) == {"dense", "channels (stade) at 50%", "blocks at 50%"}
+    assert speed["blocks at 50%"]["params"] < speed["dense"]["params"]
+    assert all(_finite(s["prefill_tokens_per_s"]) and _finite(s["decode_tokens_per_s"]) for s in speed.values())
+    assert "| dense |" in proc.stdout and "decode ×" in proc.stdout
+    assert not list(tmp_path.glob("**/model.safetensors"))   # the pruned checkpoints are removed
