@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 from _results import ResultFiles  # noqa: E402
 
-RESULTS = ResultFiles("bench/structured.py", "structured", ("settings", "dense", "rows"), ("structured.md",))
+RESULTS = ResultFiles("bench/structured.py", "structured", ("settings", "dense", "rows"),
+                      ("structured.md", "structured.png"))
 
 
 def log(msg: str) -> None:
@@ -104,6 +105,42 @@ def markdown(result: dict) -> str:
                          f"{s['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f} | "
                          f"{s['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Perplexity (log scale) against the share of the blocks' weights removed, one line per entry, dense dashed.
+    False (with a note) without matplotlib or quality rows."""
+    from stade_cli.errors import UsageError
+    from stade_cli.plots import need_matplotlib, save
+
+    if result["dense"] is None or not result["rows"]:
+        return False
+    try:
+        plt = need_matplotlib()
+    except UsageError as exc:
+        log(f"note: {exc}; skipping the plot")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 10 * result["dense"]["ppl"]           # an entry that breaks the model would flatten the others: named only
+    for row in result["rows"]:
+        points = sorted((c["params_removed_of_blocks"], c["ppl"]) for c in row["cells"].values()
+                        if c.get("ppl") is not None)
+        style = "--" if row["label"].startswith("unstructured") else "-"
+        if points and min(p for _, p in points) > top:
+            ax.plot([], [], style, label=f"{row['label']}: off the chart (ppl ≥ {min(p for _, p in points):,.0f})")
+        elif points:
+            ax.plot(*zip(*points), style, marker="o", label=row["label"])
+    ax.axhline(result["dense"]["ppl"], color="black", linestyle=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_ylim(top=top)
+    ax.set_xlabel("share of the decoder blocks' weights removed (unstructured: zeroed)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(f"{Path(result['settings']['model']).name}: structured against unstructured, no retraining")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, ours=lambda p: True)      # RESULTS.check vouched for the results folder
+    plt.close(fig)
+    return True
 
 
 CHANNELS = ["magnitude", "wanda", "stade", "stade:update=admm"]
@@ -217,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     RESULTS.write(out, result, {"structured.md": markdown(result)})
     result["settings"]["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     RESULTS.write(out, result, {"structured.md": markdown(result)})
+    if plot(result, out / "structured.png"):
+        log(f"wrote {out / 'structured.png'}")
     sys.stdout.write(markdown(result))
     return 1 if result["errors"] else 0
 
