@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # runnable as `python bench/scale.py` without ins
     sys.path.insert(0, str(ROOT))
 
 import _measure  # noqa: E402
+import _shards  # noqa: E402
 from _results import ResultFiles  # noqa: E402
 
 GB = 1e9
@@ -148,15 +149,7 @@ def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2) -> dic
     dtype = getattr(torch, shape["dtype"])
     itemsize = torch.empty((), dtype=dtype).element_size()
     code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[shape["dtype"]]
-    shards: list[list[tuple[str, tuple]]] = [[]]
-    size = 0
-    for key, dims in tensors(shape):
-        nbytes = math.prod(dims) * itemsize
-        if shards[-1] and size + nbytes > shape["shard_gb"] * GB:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, dims))
-        size += nbytes
+    shards = _shards.split(tensors(shape), itemsize, shape["shard_gb"] * GB)
     g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):

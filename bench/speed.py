@@ -50,6 +50,7 @@ TARGETS = {"calibrate": 1.10, "prune": 1.5, "memory": 1.0, "eval": 1.05, "solver
 
 
 import _measure  # noqa: E402
+import _shards  # noqa: E402
 from stade_cli.errors import OutputError  # noqa: E402
 from stade_cli.outputs import check_file, json_with_keys, replace_file  # noqa: E402
 
@@ -331,15 +332,7 @@ def build_synthetic(path: Path, total_gb: float, shard_gb: float, dtype_name: st
     config.to_json_file(str(path / "config.json"))
     meta = meta_model(config)
     shapes = [(k, tuple(v.shape)) for k, v in meta.state_dict().items()]
-    shards: list[list[tuple[str, tuple]]] = [[]]
-    size = 0
-    for key, shape in shapes:
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > shard_gb * GB:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, shape))
-        size += nbytes
+    shards = _shards.split(shapes, itemsize, shard_gb * GB)
     g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
