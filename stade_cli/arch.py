@@ -90,7 +90,10 @@ class Place:
     transposed: bool = False
 
     def view(self, modules: Mapping[str, nn.Module]) -> torch.Tensor:
-        t = getattr(modules[self.module], self.param)
+        return self.within(getattr(modules[self.module], self.param))
+
+    def within(self, t: torch.Tensor) -> torch.Tensor:
+        """The target's [out, in] view of ``t``, a tensor shaped like the parameter that holds it."""
         t = t[self.index] if self.index is not None else t
         t = t.T if self.transposed else t
         return t[self.rows[0]:self.rows[1]] if self.rows is not None else t

@@ -51,6 +51,7 @@ class Decisions:
     layer: Callable[[Target, torch.Tensor], LayerDecision] | None     # None: no target is pruned (--experts alone)
     rewrite: Rewrite | None = None         # --experts, --structure: how the checkpoint's tensors and config change
     fallback: dict | None = None           # experts on fallback statistics (experts.summary), for the report
+    refined: dict | None = None            # --refine: its settings and each block's output error before/after
 
 
 def select(weight: torch.Tensor, metric: Metric, pattern, moments, ctx: LayerContext) -> torch.Tensor:

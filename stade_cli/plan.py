@@ -22,6 +22,7 @@ from .errors import ModelError, StatsError, UsageError
 from .loading import CalibrationSpec, Placement
 from .masks import NM, Pattern, parse_pattern
 from .metrics import LayerContext, Metric, build_options, get_metric, get_update, methods
+from .refine import RefineOptions
 from .runtime import resolve_device
 
 
@@ -52,6 +53,8 @@ class PruneRequest:
     experts: int | None = None               # keep this many experts in every MoE block (remove the others)
     expert_score: str = "reap"               # how --experts ranks them: reap, frequency or random
     expert_min_tokens: int = 128             # experts that saw fewer calibration tokens use fallback statistics
+    refine: RefineOptions = field(default_factory=RefineOptions)   # --refine: block-wise refinement after the update
+    recipe: Mapping[str, Any] | None = None  # --recipe: its name and the flags it stands for (for the report)
 
     @property
     def unstructured(self) -> bool:
@@ -92,6 +95,13 @@ def check_request(req: PruneRequest) -> Checked:
             raise UsageError("--experts does not combine with --sequential",
                              "remove the experts first (stade prune M --experts K -o M-K), then prune M-K "
                              "--sequential")
+    req.refine.check()
+    if req.refine.on:
+        if req.experts is not None or req.structure is not None:
+            raise UsageError(f"--refine does not combine with --{'experts' if req.experts is not None else 'structure'}",
+                             "it refines the kept weights of zeroed (unstructured or N:M) layers")
+        if not req.unstructured:
+            raise UsageError("--refine needs weights to zero (--sparsity or an N:M --pattern)")
     if req.expert_min_tokens < 0:
         raise UsageError(f"--expert-min-tokens must be at least 0 (got {req.expert_min_tokens})")
     if req.layer_sparsity not in ("uniform", "owl"):
@@ -167,6 +177,7 @@ class Plan:
     shapes: Mapping[str, tuple] = field(default_factory=dict)   # every checkpoint tensor's shape by key
     config_json: Mapping[str, Any] = field(default_factory=dict)  # config.json as written (--experts, --structure)
     notes: tuple[str, ...] = ()          # what prune chose by itself, said before the work
+    refine_windows: CalibrationSpec | None = None   # --refine: the windows it trains on
 
     def pattern_for(self, target: Target, block_sparsity: Mapping[int, float] | None = None) -> Pattern:
         if block_sparsity is None:
@@ -275,11 +286,20 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              f"{req.stats} do not record it (for {unknown[0]})",
                              "re-run `stade calibrate` with this version")
     calibrate_first = st is None and needs_moments and not (req.sequential and req.layer_sparsity != "owl")
+    refine_windows = req.calibration
+    if req.refine.on and given is not None:    # the refinement reads the stats' own text, from the same seed
+        m = given.manifest
+        refine_windows = dataclasses.replace(refine_windows, dataset=m["dataset"], seed=m["seed"],
+                                             seqlen=refine_windows.seqlen or m["seqlen"])
+    if req.refine.on:
+        refine_windows = dataclasses.replace(refine_windows, nsamples=req.refine.samples,
+                                             seqlen=req.refine.seqlen or refine_windows.seqlen, batch_size=1)
+        refine_windows.check(context_length(config if config is not None else load_config(source.path)))
     if st is None and (needs_moments or req.sequential):     # windows will be read: their options checked now
         calibration.check(context_length(config if config is not None else load_config(source.path)))
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
                 calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json,
-                tuple(notes))
+                tuple(notes), refine_windows)
 
 
 def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, config, source: ModelSource,

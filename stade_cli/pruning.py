@@ -21,6 +21,7 @@ from .loading import CalibrationSpec, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
 from .runtime import Reporter
+from .refine import RefineOptions
 from .sequential import sequential as sequential_decisions
 from .writer import write
 
@@ -46,7 +47,9 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
           placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
-          expert_min_tokens: int = 128, structure: str | None = None) -> dict:
+          expert_min_tokens: int = 128, structure: str | None = None, refine: int = 0, refine_lr: float = 1e-3,
+          refine_batch: int = 4, refine_samples: int = 16, refine_seqlen: int | None = 256,
+          recipe: str | None = None, given: set[str] | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help``
@@ -61,20 +64,50 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
     ``experts=K`` keeps the K best experts of every MoE block (``expert_score``: reap, frequency or random) and
     removes the others; with ``sparsity=None`` (and no N:M pattern) nothing else is pruned.
 
+    ``refine=N``: after the masks and the update, N Adam steps per block (``refine_lr``, ``refine_batch`` windows
+    a step, from ``refine_samples`` windows of ``refine_seqlen`` tokens of the calibration text) fit the kept
+    weights of each decoder block to the dense model's block outputs, on the pruned model's inputs (``refine.py``).
+    ``recipe`` (``best``: ``recipes.py``) sets the arguments and options it stands for, except those in ``given``
+    (the names the caller set; default: the arguments that differ from their defaults, and every key of
+    ``options``); the report records the recipe, its flags and what the call overrode.
+
     ``structure``: ``channels`` removes the fraction ``sparsity`` of every MLP's channels (scored by ``metric``:
     magnitude, wanda, or stade, the default with ``metric=None``, which folds their mean into the down projection's
     bias; ``update="admm"`` refits the kept ones from the Gram matrix); ``blocks`` removes that fraction of the
     decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
+    args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
+    record = None
+    if recipe is not None:
+        from .recipes import apply_to_call
+
+        args, record = apply_to_call(prune, args, recipe, given)
+    return _prune(**args, recipe=record)
+
+
+def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction, layer_sparsity, owl_m, owl_lambda,
+           sequential, options, dataset, nsamples, seqlen, seed, device, dtype, batch_size, only, skip, force,
+           reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
+           refine_batch, refine_samples, refine_seqlen, recipe) -> dict:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
                            bias_correction, layer_sparsity, owl_m, owl_lambda, sequential, dict(options or {}),
                            CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
                            placement, update, structure=structure, experts=experts, expert_score=expert_score,
-                           expert_min_tokens=expert_min_tokens)
+                           expert_min_tokens=expert_min_tokens,
+                           refine=RefineOptions(refine, refine_lr, refine_batch, refine_samples, refine_seqlen),
+                           recipe=recipe)
     checked = check_request(request)
     world = current()
+    if world.several and request.refine.on:
+        from .errors import UsageError
+
+        raise UsageError("--refine runs in one process (it trains one block at a time on one device)",
+                         "run this prune without the launcher; --device-map spreads a model that does not fit")
+    if recipe is not None:
+        reporter.log(f"recipe {recipe['name']}: {recipe['flags']}"
+                     + (f" (yours instead: {' '.join(recipe['overridden'])})" if recipe["overridden"] else ""))
     out = Path(out).expanduser()
     dest = Output(out, "checkpoint", force, reporter.log)
     with claimed(dest, world, run_inputs(model, dataset, placement, stats)):   # checked and locked before any work
@@ -96,6 +129,10 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
             reporter.log(f"{world.size} ranks share the {len(plan.files)} weight shard(s), balanced by bytes"
                          + (f"; {idle} rank(s) have no shard to write" if idle else ""))
         decisions = (sequential_decisions if sequential else one_shot)(plan, reporter)
+        if request.refine.on:
+            from .refine import refine as refined
+
+            decisions = refined(plan, decisions, reporter)
         if sequential and world.several:
             # every rank made the same decisions (from the sums over all ranks' windows): rank 0 writes them
             if not world.main:

@@ -162,7 +162,8 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
     from .plan import PruneRequest, check_request
 
     allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
-               "expert_min_tokens", "structure"}
+               "expert_min_tokens", "structure", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples",
+               "refine_seqlen", "recipe"}
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
         unknown = sorted(set(extra) - allowed)

@@ -358,6 +358,8 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
         "pattern": plan.pattern.name if pruned else None, "group": getattr(plan.pattern, "group", None),
         "target_sparsity": plan.pattern.target_sparsity if pruned else None,
         "mode": "sequential" if req.sequential else "one-shot",
+        "refine": decisions.refined,
+        "recipe": dict(req.recipe) if req.recipe else None,
         "options": flat_options(plan.options),
         "bias_correction": {"layers": len(layout.corrected), "config_flags": layout.bias_flags,
                             "new_bias_tensors": len(layout.new_biases)},

@@ -16,6 +16,9 @@ import typer
 from .options import (cli_flag, BatchSize, Dataset, Device, DeviceMap, DType, Force, Json, MaxMemory, ModelArg, NSamples, OffloadDir,
                       Output, Quiet, SeqLen, Seed, Spill, placement)
 from .output import state, emit_json, emit_line
+from ..recipes import RECIPES
+
+_RECIPE_FLAGS = RECIPES["best"].flags()
 
 
 def prune(
@@ -36,6 +39,12 @@ def prune(
     experts: Annotated[Optional[int], typer.Option(help="Keep K experts per MoE block, remove the rest; alone, prunes nothing else.", show_default=False)] = None,
     expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
     expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
+    refine: Annotated[int, typer.Option(help="Block-wise refinement: this many Adam steps per decoder block fit the kept weights to the dense block outputs (0: off).")] = 0,
+    refine_lr: Annotated[float, typer.Option(help="Refinement: initial learning rate (cosine decay to 0).")] = 1e-3,
+    refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
+    refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
+    refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
+    recipe: Annotated[Optional[str], typer.Option(help="best: the best measured composition, i.e. " + _RECIPE_FLAGS + "; flags you give win.", show_default=False)] = None,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
     skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears whose name matches dense.", show_default=False)] = None,
@@ -61,7 +70,12 @@ def prune(
 
     if sparsity is None and ":" not in pattern and experts is None and structure is None:
         sparsity = 0.5
-    if metric is None and structure is None:
+    given = None
+    if recipe is not None:      # the flags typed on the command line win over the recipe's
+        given = {name for name in ctx.params       # typer may carry its own click: the source's name, not its class
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        method_options = {k: v for k, v in method_options.items() if k in given}
+    elif metric is None and structure is None:
         metric = "wanda"
     report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
                          stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
@@ -69,7 +83,8 @@ def prune(
                          dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
                          experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
-                         structure=structure,
+                         structure=structure, refine=refine, refine_lr=refine_lr, refine_batch=refine_batch,
+                         refine_samples=refine_samples, refine_seqlen=refine_seqlen, recipe=recipe, given=given,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
@@ -126,7 +141,10 @@ def summary_lines(report: dict, output) -> list[str]:
                      "--pattern to prune them in the same run)")
         return lines
     corrected = report["bias_correction"]["layers"]
-    how = report["method"] + (f" + {report['update']}" if report.get("update") else "")
+    how = report["method"] + (f" + {report['update']}" if report.get("update") else "") + (
+        f" + refine ({report['refine']['steps']} steps a block)" if report.get("refine") else "")
+    if report.get("recipe"):
+        how = f"recipe {report['recipe']['name']}: {how}"
     fallback = (experts.get("fallback") or {}).get("experts") or []
     lines.append(f"pruned {len(report['layers'])} layers with {how} ({report['pattern']}, "
                  f"{report['mode']}): {report['overall']['sparsity']:.2%} of their weights are zero"
@@ -144,8 +162,9 @@ def summary_lines(report: dict, output) -> list[str]:
 # registry), how calibration runs when prune calibrates itself, and where the model runs.
 _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
-    "Sparsity": ("metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only", "skip",
-                 "update", "sequential", "structure"),
+    "Sparsity": ("recipe", "metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only",
+                 "skip", "update", "sequential", "structure"),
+    "Block-wise refinement": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen"),
     "Mixtures of experts": ("experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Beyond layer-wise reconstruction: each entry × cell pruned once from cached stats, timed alone, and evaluated
+on several held-out texts separately (perplexity relative to the dense model on the same text).
+
+    python bench/beyond.py --model ~/.cache/stade-assets/smollm2-135m --stats STATS \
+        --eval pride=$A/prideprejudice.txt sherlock=/work/texts/sherlock.txt \
+        --entries 'wanda:update=admm,admm_gradual=true' 'wanda:recipe=best' \
+        --sparsities 0.5 0.6 0.7 0.8 --patterns unstructured 2:4 4:8 --out bench/results/smollm2/beyond-layerwise
+
+Entries are ``quality.py``'s (``name:key=value,...``: method options or ``prune()`` keywords such as
+``sequential``, ``layer_sparsity``, ``refine``, ``recipe``). Writes OUT/beyond.json and OUT/beyond.md (one table
+per text, ppl and × dense; one of prune seconds, wall and CPU). A failing cell is recorded and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from _results import ResultFiles  # noqa: E402
+
+RESULTS = ResultFiles("bench/beyond.py", "beyond", ("settings", "texts", "rows"), ("beyond.md",))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def table(result: dict) -> str:
+    cells = [c["label"] for c in result["cells"]]
+    out = []
+    for text, dense in result["texts"].items():
+        out += [f"**{text}** (dense {dense['ppl']:.2f}): perplexity (× dense)", "",
+                "| entry | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+        for row in result["rows"]:
+            vals = []
+            for c in cells:
+                r = row["cells"].get(c)
+                vals.append("error" if r is None or "error" in r else
+                            f"{r['ppl'][text]:.2f} ({r['ppl'][text] / dense['ppl']:.2f}×)")
+            out.append(f"| {row['entry']} | " + " | ".join(vals) + " |")
+        out.append("")
+    out += ["prune seconds, wall (CPU)", "", "| entry | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+    for row in result["rows"]:
+        vals = [("error" if (r := row["cells"].get(c)) is None or "error" in r else
+                 f"{r['prune_seconds']:.0f} ({r['prune_cpu_seconds']:.0f})") for c in cells]
+        out.append(f"| {row['entry']} | " + " | ".join(vals) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--stats", required=True, help="stats directory (from `stade calibrate --gram`)")
+    p.add_argument("--eval", nargs="+", required=True, help="NAME=FILE held-out texts, each evaluated alone")
+    p.add_argument("--entries", nargs="+", required=True)
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
+    p.add_argument("--patterns", nargs="+", default=["unstructured"])
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    from stade_cli.evaluate import evaluate
+    from stade_cli.outputs import remove_output
+    from stade_cli.pruning import prune
+    from stade_cli.runtime import StderrReporter
+    from stade_cli.sweep import cell_specs, check_entries, parse_entry, prune_kwargs
+
+    texts = dict(e.split("=", 1) for e in args.eval)
+    entries = [(e, *parse_entry(e)) for e in args.entries]
+    cells = cell_specs(args.sparsities, args.patterns)
+    check_entries(entries, cells, args.seed)
+    out = Path(args.out).expanduser()
+    RESULTS.check(out)
+    reporter = StderrReporter()
+    ev = dict(seqlen=args.seqlen, max_windows=args.max_windows, device=args.device, reporter=reporter)
+    result = {"settings": {k: getattr(args, k) for k in ("model", "stats", "eval", "entries", "sparsities", "patterns",
+                                                         "seqlen", "max_windows", "seed", "device")},
+              "started": _dt.datetime.now().isoformat(timespec="seconds"), "cells": cells, "texts": {}, "rows": []}
+    for name, path in texts.items():
+        r = evaluate(args.model, dataset=path, **ev)
+        result["texts"][name] = {"file": path, "ppl": r["ppl"], "windows": r["windows"]}
+        log(f"dense on {name}: {r['ppl']:.2f}")
+    work = Path(tempfile.mkdtemp(prefix="stade-beyond-"))
+    try:
+        for label, metric, kwargs in entries:
+            row = {"entry": label, "cells": {}}
+            result["rows"].append(row)
+            for cell in cells:
+                scratch = work / "pruned"
+                try:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    report = prune(args.model, scratch, metric=metric, sparsity=cell["sparsity"],
+                                   pattern=cell["pattern"], stats=args.stats, device=args.device, force=True,
+                                   reporter=reporter, **prune_kwargs(kwargs, args.seed))
+                    t1, c1 = time.perf_counter(), time.process_time()
+                    ppl = {n: evaluate(str(scratch), dataset=path, **ev)["ppl"] for n, path in texts.items()}
+                    row["cells"][cell["label"]] = {
+                        "ppl": ppl, "sparsity": report["overall"]["sparsity"], "prune_seconds": round(t1 - t0, 2),
+                        "prune_cpu_seconds": round(c1 - c0, 2), "recipe": report.get("recipe"),
+                        "refine": {k: v for k, v in (report.get("refine") or {}).items() if k != "blocks"} or None}
+                    log(f"{label} @ {cell['label']}: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items())
+                        + f" (prune {t1 - t0:.0f} s)")
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    traceback.print_exc()
+                    row["cells"][cell["label"]] = {"error": f"{type(exc).__name__}: {exc}"}
+                finally:
+                    if scratch.exists():
+                        remove_output(scratch, "checkpoint")
+                RESULTS.write(out, result, {"beyond.md": table(result)})
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.write(out, result, {"beyond.md": table(result)})
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

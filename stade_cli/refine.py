@@ -1,0 +1,267 @@
+"""``--refine N``: block-wise refinement of the kept weights, after the masks are fixed.
+
+Layer-wise least squares (SparseGPT, ``--update admm``) fits each linear alone to the dense layer's output
+on its own inputs; it cannot see how a block's attention and MLP errors combine, nor correct the error the
+earlier pruned blocks pass on. The refinement fits a whole decoder block at a time:
+
+    min over the kept weights of block l:  mean ‖ block_l(X_l) − Y_l ‖²
+
+where X_l are the calibration windows' hidden states entering block l in the *pruned* model so far (blocks
+0..l−1 already pruned and refined) and Y_l the *dense* model's hidden states leaving block l on the same
+windows. So each block also absorbs part of the error that reaches it. The weights are optimised by a few
+Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step and the weight
+re-zeroed after it, so the masks are invariants (zeros stay zero, tested). Only one block is trained at a
+time; the dense and pruned hidden states of the refinement windows are kept (on the device when they fit).
+
+``refine_block`` is the pure step (a block, its inputs and targets, the trainable weights with their masks);
+``refine`` the producer that walks the blocks of a loaded model with ``blockwise.BlockRunner``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """``--refine N`` and its options (the defaults measured on SmolLM2: bench/README.md)."""
+
+    steps: int = 0                    # Adam steps per block (0: no refinement)
+    lr: float = 1e-3                  # initial learning rate (cosine decay to 0)
+    batch: int = 4                    # windows per step
+    samples: int = 16                 # calibration windows (the stats' text and seed)
+    seqlen: int | None = 256          # tokens per window (None: the calibration's)
+
+    def check(self) -> None:
+        from .errors import UsageError
+
+        if self.steps < 0:
+            raise UsageError(f"--refine must be a number of steps per block, 0 or more (got {self.steps})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--refine-lr must be positive (got {self.lr})")
+        if self.batch < 1:
+            raise UsageError(f"--refine-batch must be at least 1 (got {self.batch})")
+        if self.samples < 1:
+            raise UsageError(f"--refine-samples must be at least 1 (got {self.samples})")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise UsageError(f"--refine-seqlen must be at least 2 (got {self.seqlen})")
+
+    @property
+    def on(self) -> bool:
+        return self.steps > 0
+
+
+def block_error(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: torch.Tensor,
+                targets: torch.Tensor, batch: int) -> float:
+    """Mean squared difference between ``forward(inputs[s:e], s, e)`` and ``targets[s:e]`` over all windows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(inputs), batch):
+            e = min(s + batch, len(inputs))
+            out = forward(inputs[s:e], s, e).float()
+            total += float((out - targets[s:e].to(out.device, out.dtype)).pow(2).sum())
+            count += out.numel()
+    return total / max(count, 1)
+
+
+def refine_block(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: torch.Tensor,
+                 targets: torch.Tensor, weights: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor],
+                 steps: int, lr: float, batch: int, generator: torch.Generator | None = None
+                 ) -> tuple[list[float], list[int]]:
+    """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the loss of every
+    step (before its update) and the windows of the first step.
+
+    ``forward(x, start, stop)`` runs the block on the windows ``start:stop`` (``x`` = ``inputs[start:stop]``
+    on the block's device) and returns its hidden states. ``frozen[i]`` is True where ``weights[i]`` must not
+    change (its pruned entries, and any entry that is not a target's): those get no gradient and keep their
+    exact value after every step, so a pruned weight stays zero. Mini-batches of ``batch`` windows are drawn
+    in a random order (``generator``), one epoch after another; the learning rate decays to 0 on a cosine.
+    """
+    for w, m in zip(weights, frozen):
+        if w.shape != m.shape:
+            raise ValueError(f"mask {tuple(m.shape)} does not match weight {tuple(w.shape)}")
+    start_values = [w.detach().clone() for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    optimiser = torch.optim.Adam(weights, lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    n = len(inputs)
+    order: list[int] = []
+    losses: list[float] = []
+    first: list[int] = []
+    try:
+        for _ in range(steps):
+            if len(order) < min(batch, n):
+                order = torch.randperm(n, generator=generator).tolist()
+            chosen, order = sorted(order[:batch]), order[batch:]
+            first = first or chosen
+            idx = torch.tensor(chosen)
+            with torch.enable_grad():
+                out = _forward_rows(forward, inputs, idx)
+                loss = (out.float() - targets[idx].to(out.device, torch.float32)).pow(2).mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+            for w, m in zip(weights, frozen):
+                if w.grad is not None:
+                    w.grad.masked_fill_(m, 0)
+            optimiser.step()
+            decay.step()
+            with torch.no_grad():
+                for w, m, v in zip(weights, frozen, start_values):
+                    w.copy_(torch.where(m, v, w))
+            losses.append(float(loss.detach()))
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+    return losses, first
+
+
+def _forward_rows(forward, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The block on the windows ``idx`` (sorted): contiguous runs are passed as slices (the block's
+    keyword arguments, e.g. attention masks, are per window slice)."""
+    runs, start = [], int(idx[0])
+    prev = start
+    for i in idx[1:].tolist() + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append((start, prev + 1))
+        if i is not None:
+            start = prev = i
+    return torch.cat([forward(inputs[s:e], s, e) for s, e in runs])
+
+
+# ------------------------------------------------------------------------------------------- the producer
+def _detached(obj):
+    """A block call's keyword arguments as ordinary tensors (captured under inference mode, they could not
+    take part in a backward pass)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _through(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    """``block`` on every window of ``x``, ``batch`` windows at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([_output(block(x[s:s + batch], **kwargs)) for s in range(0, len(x), batch)])
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean())
+
+
+def refine(plan, layerwise, reporter) -> "Decisions":
+    """The layer-wise ``Decisions`` with every target's kept weights refined block by block (module docstring).
+
+    Block l's targets are decided by ``layerwise.layer`` from the dense weights (or looked up, after
+    ``--sequential``), written into the loaded model, refined, and recorded as new weights; the refined block
+    then gives block l+1's inputs. The report gets each block's output error before and after.
+    """
+    import dataclasses
+
+    from .arch import describe
+    from .blockwise import BlockRunner
+    from .decide import Decisions, LayerDecision
+    from .errors import ModelError
+    from .loading import Runtime
+
+    opts: RefineOptions = plan.request.refine
+    spec = plan.refine_windows
+    rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
+    placement = rt.settle(plan.request.placement, reporter)
+    windows = spec.windows(rt)
+    arch = plan.arch
+    reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}) on "
+                 f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs")
+    decisions: dict[str, LayerDecision] = {}
+    errors: list[dict] = []
+    generator = torch.Generator().manual_seed(spec.seed)
+    with rt.model(placement) as model, BlockRunner(model, arch, windows, rt.device, 1, placement,
+                                                   reporter) as runner:
+        modules = dict(model.named_modules())
+        loaded = describe(model, disk=plan.shapes)
+        missing = [n for n in arch.targets if n not in loaded.places]
+        if missing:
+            raise ModelError(f"cannot find where {missing[0]} lives in the loaded model, so --refine cannot "
+                             "train it", "prune without --refine, or --skip it")
+        kwargs = _detached(runner.kwargs[0])
+        dense_x = runner.cache.get(0, len(windows)).clone()
+        for index, block, dev in runner.blocks("refining blocks"):
+            dtype = next(block.parameters()).dtype
+            block.float()
+            kw = _detached(_moved(kwargs, dev))
+            dense_x = dense_x.to(dev, torch.float32)
+            x = dense_x if index == 0 else pruned_x.to(dev, torch.float32)
+            target_y = _through(block, dense_x, kw, opts.batch)          # the dense block on the dense inputs
+            params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
+            sub = [t for t in arch.targets.values() if t.block == index]
+            for t in sub:
+                place = loaded.places[t.name]
+                weight = place.view(modules)
+                decision = layerwise.layer(t, weight.detach().to(dtype).cpu().clone())
+                new = decision.weight_for(weight.detach().to(dtype).cpu())
+                with torch.no_grad():
+                    weight.copy_(new.to(weight.device, weight.dtype))
+                if decision.bias_delta is not None:
+                    _add_bias(modules[place.module], decision.bias_delta, dev)
+                key = (place.module, place.param)
+                if key not in params:
+                    params[key] = torch.ones_like(getattr(modules[place.module], place.param), dtype=torch.bool)
+                place.within(params[key]).copy_(new.to(params[key].device) == 0)
+                decisions[t.name] = decision
+            trained = [getattr(modules[m], p) for m, p in params]
+            losses, first = refine_block(lambda xb, s, e: _output(block(xb, **kw)), x, target_y, trained,
+                                         list(params.values()), opts.steps, opts.lr, opts.batch, generator)
+            pruned_x = _through(block, x, kw, opts.batch)
+            # the error on the first step's windows, before (that step's loss) and after the refinement
+            errors.append({"block": index, "windows": first, "before": losses[0],
+                           "after": _mse(pruned_x[first], target_y[first])})
+            for t in sub:
+                weight = loaded.places[t.name].view(modules)
+                decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
+                                                  bias_delta=decisions[t.name].bias_delta)
+            block.to(dtype)
+            if dtype != torch.float32:      # the next block sees what the checkpoint will compute
+                pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
+            dense_x = target_y
+    gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
+    if gains:
+        reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
+                     f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
+    facts = {"steps": opts.steps, "lr": opts.lr, "batch": opts.batch, "samples": len(windows),
+             "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors}
+    return dataclasses.replace(layerwise, layer=lambda target, tensor: decisions[target.name], refined=facts)
+
+
+def _moved(obj, device: torch.device, dtype: torch.dtype | None = None):
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device)
+        return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_moved(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _add_bias(linear: nn.Module, delta: torch.Tensor, device: torch.device) -> None:
+    """Add a bias-correction change to ``linear``'s bias (created when it has none), as the checkpoint will."""
+    weight = linear.weight
+    with torch.no_grad():
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=device),
+                                       requires_grad=False)
+        linear.bias.add_(delta.to(linear.bias.device, linear.bias.dtype))

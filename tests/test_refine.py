@@ -1,0 +1,237 @@
+"""Block-wise refinement (``--refine``), the ``--recipe`` preset, and sequential + ADMM on one block."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from stade_cli.cli.app import app
+from stade_cli.recipes import RECIPES, apply
+from stade_cli.refine import refine_block
+
+runner = CliRunner()
+
+
+def run(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+# ------------------------------------------------------------------------------------------- the pure step
+class TwoLayer(torch.nn.Module):
+    """A residual block in miniature: x + W2 relu(W1 x)."""
+
+    def __init__(self, width=12, hidden=24, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.nn.Parameter(torch.randn(hidden, width, generator=g) / width ** 0.5, requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(width, hidden, generator=g) / hidden ** 0.5, requires_grad=False)
+
+    def forward(self, x):
+        return x + torch.relu(x @ self.w1.T) @ self.w2.T
+
+
+def test_refine_block_lowers_the_error_and_keeps_frozen_entries_exactly():
+    g = torch.Generator().manual_seed(1)
+    dense = TwoLayer()
+    x = torch.randn(8, 5, 12, generator=g)                       # 8 windows × 5 tokens
+    y = dense(x).detach()
+    pruned = TwoLayer()
+    frozen = []
+    for p in (pruned.w1, pruned.w2):                              # half the weights pruned, a few others frozen
+        m = torch.rand(p.shape, generator=g) < 0.5
+        with torch.no_grad():
+            p.masked_fill_(m, 0)
+        keep_fixed = (torch.rand(p.shape, generator=g) < 0.1) & ~m
+        frozen.append(m | keep_fixed)
+    start = [p.detach().clone() for p in (pruned.w1, pruned.w2)]
+    before = float((pruned(x) - y).pow(2).mean())
+    losses, first = refine_block(lambda xb, s, e: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=60,
+                                 lr=1e-2, batch=4, generator=torch.Generator().manual_seed(0))
+    after = float((pruned(x) - y).pow(2).mean())
+    assert after < 0.5 * before, (before, after)
+    assert len(losses) == 60 and len(first) == 4 and first == sorted(first)
+    for p, m, s in zip((pruned.w1, pruned.w2), frozen, start):
+        assert torch.equal(p[m], s[m])                           # bitwise: zeros stay zero, frozen stay as they were
+        assert not torch.equal(p[~m], s[~m])                      # the others moved
+        assert not p.requires_grad and p.grad is None
+
+
+def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
+    g = torch.Generator().manual_seed(2)
+    dense, pruned = TwoLayer(seed=3), TwoLayer(seed=4)
+    x = torch.randn(6, 3, 12, generator=g)
+    y = dense(x).detach()
+    expected = {}
+    with torch.no_grad():
+        for i in range(6):
+            expected[i] = (pruned(x[i:i + 1]) - y[i:i + 1]).pow(2)
+    frozen = [torch.zeros_like(pruned.w1, dtype=torch.bool), torch.zeros_like(pruned.w2, dtype=torch.bool)]
+    losses, first = refine_block(lambda xb, s, e: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=1,
+                                 lr=1e-3, batch=3)
+    assert losses[0] == pytest.approx(float(torch.cat([expected[i] for i in first]).mean()), rel=1e-5)
+
+
+def test_refine_block_refuses_a_mask_of_another_shape():
+    block = TwoLayer()
+    with pytest.raises(ValueError, match="does not match"):
+        refine_block(lambda xb, s, e: block(xb), torch.zeros(2, 1, 12), torch.zeros(2, 1, 12), [block.w1],
+                     [torch.zeros(3, 3, dtype=torch.bool)], 1, 1e-3, 1)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def gram_stats(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refine-stats") / "s"
+    run("calibrate", tiny_llama, "-o", out, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
+    return out
+
+
+def _hidden_after_blocks(model_dir, windows):
+    """The last decoder block's output (before the final norm) on ``windows``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[-2]
+
+
+def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama, gram_stats, tmp_path):
+    """On the 2-block tiny model: the refined checkpoint's last block output is closer to the dense model's than
+    the layer-wise fit's, on the refinement's own windows and on other windows of the text; the zeros are the
+    layer-wise fit's, exactly; the report gives each block's error before and after."""
+    from stade_cli.data import calibration_windows, load_corpus
+    from stade_cli.loading import Runtime
+
+    layerwise, refined = tmp_path / "layerwise", tmp_path / "refined"
+    common = ("--stats", gram_stats, "--metric", "wanda", "--update", "admm", "--sparsity", 0.6)
+    run("prune", tiny_llama, *common, "-o", layerwise)
+    out = run("prune", tiny_llama, *common, "--refine", 30, "--refine-lr", 3e-3, "--refine-samples", 8,
+              "--refine-seqlen", 32, "-o", refined)
+    assert "refinement: each block's output error" in out.stderr
+    assert "+ refine (30 steps a block)" in out.stderr
+    a, b = load_file(layerwise / "model.safetensors"), load_file(refined / "model.safetensors")
+    report = json.loads((refined / "stade_report.json").read_text())
+    assert report["refine"]["steps"] == 30 and report["refine"]["samples"] == 8 and report["refine"]["seqlen"] == 32
+    assert [e["block"] for e in report["refine"]["blocks"]] == [0, 1]
+    assert all(e["after"] < e["before"] for e in report["refine"]["blocks"])
+    moved = 0
+    for name in report["layers"]:
+        wa, wb = a[f"{name}.weight"], b[f"{name}.weight"]
+        assert torch.equal(wa == 0, wb == 0), name                # the mask is an invariant
+        moved += int((wa != wb).sum())
+    assert moved > 0
+    for k in a:                                                   # nothing else changed
+        if k.removesuffix(".weight") not in report["layers"]:
+            assert torch.equal(a[k], b[k]), k
+    rt = Runtime.of(str(tiny_llama), "cpu")
+    corpus = load_corpus("builtin", "calibration")
+    seen = calibration_windows(rt.tokenizer(), corpus, 8, 32, 0, 256)
+    other = calibration_windows(rt.tokenizer(), corpus, 8, 32, 99, 256)
+    for windows in (seen, other):
+        dense = _hidden_after_blocks(tiny_llama, windows)
+        err = {n: float((_hidden_after_blocks(d, windows) - dense).pow(2).mean()) for n, d in
+               (("layerwise", layerwise), ("refined", refined))}
+        assert err["refined"] < err["layerwise"], err
+
+
+def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("prune", tiny_llama, "--stats", gram_stats, "--update", "admm", "-o", a)
+    run("prune", tiny_llama, "--stats", gram_stats, "--update", "admm", "--refine", 0, "-o", b)
+    assert load_file(a / "model.safetensors").keys() == load_file(b / "model.safetensors").keys()
+    for k, v in load_file(a / "model.safetensors").items():
+        assert torch.equal(v, load_file(b / "model.safetensors")[k]), k
+    assert json.loads((b / "stade_report.json").read_text())["refine"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--refine", -1), "--refine must be a number of steps"),
+    (("--refine", 2, "--refine-lr", 0), "--refine-lr must be positive"),
+    (("--refine", 2, "--refine-batch", 0), "--refine-batch must be at least 1"),
+    (("--refine", 2, "--refine-samples", 0), "--refine-samples must be at least 1"),
+    (("--refine", 2, "--refine-seqlen", 1), "--refine-seqlen must be at least 2"),
+    (("--refine", 2, "--structure", "channels", "--sparsity", 0.2), "--refine does not combine with --structure"),
+    (("--recipe", "fastest"), "unknown recipe 'fastest'"),
+])
+def test_refine_and_recipe_mistakes_are_refused_before_any_work(tiny_llama, gram_stats, tmp_path, args, message):
+    out = tmp_path / "out"
+    res = run("prune", tiny_llama, "--stats", gram_stats, *args, "-o", out, code=2)
+    assert message in res.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_path):
+    """The report of --recipe best equals, field by field, the report of the flags --help and the report name;
+    --help shows those flags."""
+    recipe = RECIPES["best"]
+    flags = recipe.flags()
+    assert flags == ("--metric wanda --update admm --admm-gradual --refine 8 --refine-lr 0.001 --refine-batch 4 "
+                     "--refine-samples 16 --refine-seqlen 256")
+    helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
+    assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
+    a, b = tmp_path / "recipe", tmp_path / "flags"
+    out = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--refine-samples", 4, "--refine-seqlen",
+              32, "-o", a)
+    assert f"recipe best: {flags} (yours instead: --refine-samples 4 --refine-seqlen 32)" in out.stderr
+    run("prune", tiny_llama, "--stats", gram_stats, *flags.replace("--refine-samples 16 --refine-seqlen 256",
+                                                                     "--refine-samples 4 --refine-seqlen 32").split(),
+        "-o", b)
+    ra, rb = (json.loads((d / "stade_report.json").read_text()) for d in (a, b))
+    assert ra["recipe"] == {"name": "best", "flags": flags,
+                            "overridden": ["--refine-samples 4", "--refine-seqlen 32"]}
+    assert rb["recipe"] is None
+    for key in ("method", "update", "pattern", "target_sparsity", "mode", "options", "layer_sparsity"):
+        assert ra[key] == rb[key], key
+    assert ra["options"]["admm_gradual"] is True and ra["method"] == "wanda" and ra["update"] == "admm"
+    assert {k: v for k, v in ra["refine"].items() if k != "blocks"} == {
+        k: v for k, v in rb["refine"].items() if k != "blocks"}
+    assert ra["refine"]["steps"] == 8 and ra["refine"]["lr"] == 1e-3 and ra["refine"]["batch"] == 4
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)            # the same run
+
+
+def test_recipe_apply_lets_given_values_win():
+    args, options, record = apply("best", {"metric": "stade", "refine": 0}, {}, {"metric"}, {"admm_gradual"})
+    assert args["metric"] == "stade" and args["refine"] == 8 and args["update"] == "admm"
+    assert options == {"admm_gradual": True}
+    assert record["overridden"] == ["--metric stade"]
+    _, _, same = apply("best", {"metric": "wanda"}, {}, {"metric"}, {"admm_gradual"})
+    assert same["overridden"] == []                              # given, but the recipe's own value
+
+
+def test_library_recipe(tiny_llama, gram_stats, tmp_path):
+    from stade_cli.pruning import prune
+
+    report = prune(str(tiny_llama), tmp_path / "lib", stats=gram_stats, recipe="best", refine_samples=4,
+                   refine_seqlen=32)
+    assert report["recipe"]["overridden"] == ["--refine-samples 4", "--refine-seqlen 32"]
+    assert report["update"] == "admm" and report["options"]["admm_gradual"] is True and report["refine"]["steps"] == 8
+
+
+# ------------------------------------------------------------------------------------------- sequential, one block
+def test_sequential_admm_equals_one_shot_on_one_block(tiny_factory, tmp_path):
+    """With one block there is nothing to propagate: the sequential pass sees the dense inputs, so its ADMM
+    refit (plain and gradual) is the one-shot one from stats of the same windows."""
+    model = tiny_factory("llama", num_hidden_layers=1)
+    stats = tmp_path / "stats"
+    run("calibrate", model, "-o", stats, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
+    for extra in ((), ("--admm-gradual",), ("--pattern", "2:4")):
+        one, seq = tmp_path / f"one{len(extra)}", tmp_path / f"seq{len(extra)}"
+        run("prune", model, "--stats", stats, "--update", "admm", *extra, "-o", one)
+        run("prune", model, "--stats", stats, "--update", "admm", *extra, "--sequential", "-o", seq)
+        a, b = load_file(one / "model.safetensors"), load_file(seq / "model.safetensors")
+        assert a.keys() == b.keys()
+        layers = json.loads((one / "stade_report.json").read_text())["layers"]
+        assert len(layers) == 7
+        for k in a:
+            if k.removesuffix(".weight") in layers:
+                assert torch.equal(a[k] == 0, b[k] == 0), k
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(a[k], b[k]), k
