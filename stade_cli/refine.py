@@ -197,6 +197,7 @@ def refine(plan, layerwise, reporter) -> "Decisions":
         if missing:
             raise ModelError(f"cannot find where {missing[0]} lives in the loaded model, so --refine cannot "
                              "train it", "prune without --refine, or --skip it")
+        read = _checkpoint_reader(plan)
         kwargs = _detached(runner.kwargs[0])
         dense_x = runner.cache.get(0, len(windows)).clone()
         for index, block, dev in runner.blocks("refining blocks"):
@@ -211,8 +212,9 @@ def refine(plan, layerwise, reporter) -> "Decisions":
             for t in sub:
                 place = loaded.places[t.name]
                 weight = place.view(modules)
-                decision = layerwise.layer(t, weight.detach().to(dtype).cpu().clone())
-                new = decision.weight_for(weight.detach().to(dtype).cpu())
+                original = read(t)                 # decided from the checkpoint's own tensor, as one-shot does
+                decision = layerwise.layer(t, original)
+                new = decision.weight_for(original)
                 with torch.no_grad():
                     weight.copy_(new.to(weight.device, weight.dtype))
                 if decision.bias_delta is not None:
@@ -244,6 +246,25 @@ def refine(plan, layerwise, reporter) -> "Decisions":
     facts = {"steps": opts.steps, "lr": opts.lr, "batch": opts.batch, "samples": len(windows),
              "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors}
     return dataclasses.replace(layerwise, layer=lambda target, tensor: decisions[target.name], refined=facts)
+
+
+def _checkpoint_reader(plan):
+    """A function target → its dense [out, in] matrix as the checkpoint stores it."""
+    from .checkpoint import ShardReader
+
+    where = {}
+    for f in plan.files:
+        with ShardReader(plan.source.path / f) as r:
+            where.update(dict.fromkeys(r.keys(), f))
+
+    def read(target) -> torch.Tensor:
+        with ShardReader(plan.source.path / where[target.weight_key]) as r:
+            tensor = r.get_tensor(target.weight_key)
+        if target.index is not None or target.transposed:
+            tensor = target.matrix(tensor)
+        return tensor.clone()
+
+    return read
 
 
 def _moved(obj, device: torch.device, dtype: torch.dtype | None = None):

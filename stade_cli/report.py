@@ -85,6 +85,8 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
     summary = {"kind": "checkpoint", "path": str(source.path), "pattern": pattern,
                "target_sparsity": (report or {}).get("target_sparsity"),
                "method": (report or {}).get("method"), "update": (report or {}).get("update"),
+               "refine": {k: v for k, v in ((report or {}).get("refine") or {}).items() if k != "blocks"} or None,
+               "recipe": ((report or {}).get("recipe") or {}).get("name"),
                "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
                "coverage": _pruned_coverage(arch, shapes, report),
                "experts": _experts_summary(arch, report),
@@ -149,9 +151,13 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
 
 
 def _how(report: dict) -> str | None:
-    """A report's method with its weight update: ``wanda + admm``."""
+    """A report's method with its weight update and refinement: ``wanda + admm + refine (8 steps a block)``."""
     method = report.get("method")
-    return f"{method} + {report['update']}" if method and report.get("update") else method
+    if not method:
+        return method
+    refine = report.get("refine")
+    return (method + (f" + {report['update']}" if report.get("update") else "")
+            + (f" + refine ({refine['steps']} steps a block)" if refine else ""))
 
 
 def _keys(path: Path) -> list[str]:

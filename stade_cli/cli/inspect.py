@@ -65,7 +65,11 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     console = stdout_console()
     o = s["overall"]
     console.print(f"[bold]{s['path']}[/]")
-    method = s.get("method") and (s["method"] + (f" + {s['update']}" if s.get("update") else ""))
+    from ..report import _how
+
+    method = _how(s)
+    if method and s.get("recipe"):
+        method = f"{method} (recipe {s['recipe']})"
     removed = ((s.get("experts") or {}).get("removal")) is not None
     st = s.get("structure")
     none = ("– (experts removed, nothing else pruned)" if removed else
