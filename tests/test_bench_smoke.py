@@ -167,3 +167,38 @@ def test_structured_smoke(tiny_llama, text_file, tmp_path):
     assert all(_finite(s["prefill_tokens_per_s"]) and _finite(s["decode_tokens_per_s"]) for s in speed.values())
     assert "| dense |" in proc.stdout and "decode ×" in proc.stdout
     assert not list(tmp_path.glob("**/model.safetensors"))   # the pruned checkpoints are removed
+
+
+def test_beyond_smoke(tiny_llama, text_file, tmp_path):
+    """bench/beyond.py: one prune per entry × cell, evaluated on each text alone; an impossible entry is refused
+    before any work."""
+    stats = tmp_path / "stats"
+    _run(["-m", "stade_cli", "calibrate", str(tiny_llama), "-o", str(stats), "--dataset", str(text_file),
+          "--nsamples", "4", "--seqlen", "16", "--gram"])
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text()[::-1])
+    out = tmp_path / "beyond"
+    _run(["bench/beyond.py", "--model", str(tiny_llama), "--stats", str(stats), "--eval", f"a={text_file}",
+          f"b={other}", "--entries", "wanda:update=admm", "wanda:recipe=best,refine_samples=2,refine_seqlen=16",
+          "--sparsities", "0.5", "--patterns", "unstructured", "2:4",
+          "--seqlen", "16", "--max-windows", "2", "--out", str(out)])
+    data = json.loads((out / "beyond.json").read_text())
+    assert set(data["texts"]) == {"a", "b"} and all(_finite(t["ppl"]) for t in data["texts"].values())
+    plain, recipe = data["rows"]
+    for row in (plain, recipe):
+        for label in ("50%", "2:4"):
+            cell = row["cells"][label]
+            assert set(cell["ppl"]) == {"a", "b"} and all(_finite(v) and v > 1 for v in cell["ppl"].values())
+            assert _finite(cell["prune_seconds"]) and abs(cell["sparsity"] - 0.5) < 0.05
+    assert recipe["cells"]["50%"]["recipe"]["name"] == "best"
+    assert recipe["cells"]["50%"]["refine"]["steps"] == 8 and recipe["cells"]["50%"]["refine"]["samples"] == 2
+    md = (out / "beyond.md").read_text()
+    assert "**a** (dense" in md and "**b** (dense" in md and "prune seconds" in md
+    assert not list(tmp_path.glob("**/model.safetensors"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    refused = subprocess.run([sys.executable, "bench/beyond.py", "--model", str(tiny_llama), "--stats", str(stats),
+                              "--eval", f"a={text_file}", "--entries", "sparsegpt:update=admm,admm_gradual=true",
+                              "--out", str(tmp_path / "refused")], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=180)
+    assert refused.returncode != 0 and "sparsegpt has none" in refused.stderr   # no scores to re-choose from
+    assert not (tmp_path / "refused").exists()
