@@ -9,7 +9,10 @@ on several held-out texts separately (perplexity relative to the dense model on 
 
 Entries are ``quality.py``'s (``name:key=value,...``: method options or ``prune()`` keywords such as
 ``sequential``, ``layer_sparsity``, ``refine``, ``recipe``). Writes OUT/beyond.json and OUT/beyond.md (one table
-per text, ppl and × dense; one of prune seconds, wall and CPU). A failing cell is recorded and the run goes on.
+per text, ppl and × dense; one of prune seconds, wall and CPU) and OUT/beyond-NAME.png per text (needs
+matplotlib). A failing cell is recorded and the run goes on. ``--peer NAME=peer.json`` adds a peer's rows (from
+``bench/peer.py`` on the same windows: its dense perplexity must agree) to text NAME's table and plot;
+``--render`` only re-renders OUT from its beyond.json (with the ``--peer`` files given).
 """
 from __future__ import annotations
 
@@ -31,6 +34,47 @@ from _results import ResultFiles  # noqa: E402
 RESULTS = ResultFiles("bench/beyond.py", "beyond", ("settings", "texts", "rows"), ("beyond.md",))
 
 
+def _peer_rows(result: dict, text: str) -> list[dict]:
+    """The peer rows for ``text`` as this script's rows (ppl of that text only)."""
+    rows = []
+    for row in result.get("peers", {}).get(text, []):
+        rows.append({"entry": row["label"], "cells": {c: ({"ppl": {text: v["ppl"]}} if "ppl" in v else v)
+                                                       for c, v in row["cells"].items()}, "peer": True})
+    return rows
+
+
+def add_peer(result: dict, text: str, path: str) -> None:
+    import json
+
+    peer = json.loads(Path(path).read_text())
+    ours, theirs = result["texts"][text]["ppl"], peer["dense"]["ppl"]
+    if abs(ours - theirs) > 1e-3 * ours:
+        raise SystemExit(f"error: {path} has dense perplexity {theirs:.4f} on its text, not {ours:.4f}: "
+                         "another protocol")
+    result.setdefault("peers", {})[text] = [{"label": r["label"], "cells": r["cells"]} for r in peer["rows"]]
+
+
+def plots(result: dict, out: Path) -> list[str]:
+    """One plot per text: perplexity against sparsity, entries and peers, dense as a line."""
+    try:
+        from stade_cli.errors import UsageError
+        from stade_cli.plots import sweep_plot
+    except ImportError:
+        return []
+    names = []
+    for text, dense in result["texts"].items():
+        rows = [{"label": r["entry"], "cells": {c: {"ppl": v["ppl"][text]} for c, v in r["cells"].items()
+                                                if "ppl" in v}} for r in result["rows"] + _peer_rows(result, text)]
+        try:
+            sweep_plot({"dense": {"ppl": dense["ppl"]}, "rows": rows, "cells": result["cells"]},
+                       out / f"beyond-{text}.png", title=f"SmolLM2, held-out text: {text}", ours=lambda p: True)
+        except UsageError as exc:     # matplotlib missing: the table and JSON still count
+            print(f"note: {exc}; skipping the plots", file=sys.stderr)
+            return []
+        names.append(f"beyond-{text}.png")
+    return names
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -39,9 +83,10 @@ def table(result: dict) -> str:
     cells = [c["label"] for c in result["cells"]]
     out = []
     for text, dense in result["texts"].items():
+        rows = result["rows"] + _peer_rows(result, text)
         out += [f"**{text}** (dense {dense['ppl']:.2f}): perplexity (× dense)", "",
                 "| entry | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
-        for row in result["rows"]:
+        for row in rows:
             vals = []
             for c in cells:
                 r = row["cells"].get(c)
@@ -70,7 +115,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
+    p.add_argument("--peer", nargs="*", default=[], help="NAME=peer.json: a peer's rows for text NAME")
+    p.add_argument("--render", action="store_true", help="only re-render OUT from its beyond.json")
     args = p.parse_args(argv)
+    out = Path(args.out).expanduser()
+    if args.render:
+        import json
+
+        result = json.loads((out / RESULTS.json).read_text())
+        for entry in args.peer:
+            add_peer(result, *entry.split("=", 1))
+        RESULTS.check(out)
+        RESULTS.write(out, result, {"beyond.md": table(result)})
+        plots(result, out)
+        print(table(result))
+        return 0
 
     from stade_cli.evaluate import evaluate
     from stade_cli.outputs import remove_output
@@ -82,7 +141,6 @@ def main(argv=None) -> int:
     entries = [(e, *parse_entry(e)) for e in args.entries]
     cells = cell_specs(args.sparsities, args.patterns)
     check_entries(entries, cells, args.seed)
-    out = Path(args.out).expanduser()
     RESULTS.check(out)
     reporter = StderrReporter()
     ev = dict(seqlen=args.seqlen, max_windows=args.max_windows, device=args.device, reporter=reporter)
@@ -124,7 +182,10 @@ def main(argv=None) -> int:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+    for entry in args.peer:
+        add_peer(result, *entry.split("=", 1))
     RESULTS.write(out, result, {"beyond.md": table(result)})
+    plots(result, out)
     print(table(result))
     return 0
 
