@@ -256,3 +256,18 @@ def test_refinement_of_experts_keeps_every_experts_mask(tiny_factory, tmp_path, 
         assert torch.equal(a[k] == 0, b[k] == 0), k
         changed += int((a[k] != b[k]).sum())
     assert changed > 0
+
+
+@pytest.mark.parametrize("extra", [("--sequential",), ("--layer-sparsity", "owl"), ("--admm-gradual", "--pattern", "2:4")])
+def test_refinement_composes(tiny_llama, gram_stats, tmp_path, extra):
+    """--refine after --sequential, OWL's block sparsities and the gradual N:M mask: the zeros of the same prune
+    without it, exactly."""
+    flags = ("--stats", gram_stats, "--update", "admm", *extra)
+    run("prune", tiny_llama, *flags, "-o", tmp_path / "a")
+    run("prune", tiny_llama, *flags, "--refine", 4, "--refine-samples", 4, "--refine-seqlen", 32, "-o", tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    ra, rb = (json.loads((tmp_path / d / "stade_report.json").read_text()) for d in "ab")
+    assert ra["mode"] == rb["mode"] and ra["layer_sparsity"] == rb["layer_sparsity"]
+    assert rb["refine"]["steps"] == 4
+    for name in ra["layers"]:
+        assert torch.equal(a[f"{name}.weight"] == 0, b[f"{name}.weight"] == 0), name
