@@ -8,7 +8,8 @@ earlier pruned blocks pass on. The refinement fits a whole decoder block at a ti
 
 where X_l are the calibration windows' hidden states entering block l in the *pruned* model so far (blocks
 0..l−1 already pruned and refined) and Y_l the *dense* model's hidden states leaving block l on the same
-windows. So each block also absorbs part of the error that reaches it. The weights are optimised by a few
+windows. So each block also absorbs part of the error that reaches it. A block whose error on its first step's
+windows did not go down keeps its layer-wise weights (the report says which). The weights are optimised by a few
 Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step and the weight
 re-zeroed after it, so the masks are invariants (zeros stay zero, tested). Only one block is trained at a
 time; the dense and pruned hidden states of the refinement windows are kept (on the device when they fit).
@@ -225,12 +226,21 @@ def refine(plan, layerwise, reporter) -> "Decisions":
                 place.within(params[key]).copy_(new.to(params[key].device) == 0)
                 decisions[t.name] = decision
             trained = [getattr(modules[m], p) for m, p in params]
+            layerwise_values = [p.detach().clone() for p in trained]
             losses, first = refine_block(lambda xb, s, e: _output(block(xb, **kw)), x, target_y, trained,
                                          list(params.values()), opts.steps, opts.lr, opts.batch, generator)
             pruned_x = _through(block, x, kw, opts.batch)
-            # the error on the first step's windows, before (that step's loss) and after the refinement
-            errors.append({"block": index, "windows": first, "before": losses[0],
-                           "after": _mse(pruned_x[first], target_y[first])})
+            # the error on the first step's windows, before (that step's loss) and after the refinement; a block
+            # whose error did not go down (the steps overshot) keeps its layer-wise weights
+            entry = {"block": index, "windows": first, "before": losses[0],
+                     "after": _mse(pruned_x[first], target_y[first]), "kept": "refined"}
+            if not entry["after"] < entry["before"]:
+                with torch.no_grad():
+                    for p, v in zip(trained, layerwise_values):
+                        p.copy_(v)
+                pruned_x = _through(block, x, kw, opts.batch)
+                entry.update(kept="layer-wise", refined=entry["after"], after=_mse(pruned_x[first], target_y[first]))
+            errors.append(entry)
             for t in sub:
                 weight = loaded.places[t.name].view(modules)
                 decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
@@ -240,6 +250,10 @@ def refine(plan, layerwise, reporter) -> "Decisions":
                 pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
+    kept = [e["block"] for e in errors if e["kept"] == "layer-wise"]
+    if kept:
+        reporter.log(f"refinement: block(s) {', '.join(map(str, kept))} kept the layer-wise weights (the steps did "
+                     "not lower their error; try a lower --refine-lr)")
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")

@@ -271,3 +271,21 @@ def test_refinement_composes(tiny_llama, gram_stats, tmp_path, extra):
     assert rb["refine"]["steps"] == 4
     for name in ra["layers"]:
         assert torch.equal(a[f"{name}.weight"] == 0, b[f"{name}.weight"] == 0), name
+
+
+def test_a_block_the_steps_make_worse_keeps_its_layerwise_weights(tiny_llama, gram_stats, tmp_path):
+    """A learning rate far too high: every block's error goes up, so every block keeps the layer-wise fit and the
+    checkpoint is the prune without --refine, and prune says so."""
+    flags = ("--stats", gram_stats, "--update", "admm")
+    run("prune", tiny_llama, *flags, "-o", tmp_path / "a")
+    res = run("prune", tiny_llama, *flags, "--refine", 3, "--refine-lr", 100, "--refine-samples", 4,
+              "--refine-seqlen", 32, "-o", tmp_path / "b")
+    assert "block(s) 0, 1 kept the layer-wise weights" in res.stderr
+    report = json.loads((tmp_path / "b" / "stade_report.json").read_text())
+    assert [e["kept"] for e in report["refine"]["blocks"]] == ["layer-wise", "layer-wise"]
+    for e in report["refine"]["blocks"]:
+        assert e["refined"] > e["before"] and e["after"] == pytest.approx(e["before"], rel=1e-4), e
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:     # the same fit (computed with another thread count here: equal to float rounding)
+        assert torch.equal(a[k] == 0, b[k] == 0), k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
