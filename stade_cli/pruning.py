@@ -47,7 +47,7 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
           device: str = "auto", dtype: str = "auto", batch_size: int = 1, only: str | None = None,
           skip: str | None = None, force: bool = False, reporter: Reporter | None = None,
           placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
-          expert_min_tokens: int = 128, structure: str | None = None, refine: int = 0, refine_lr: float = 3e-3,
+          expert_min_tokens: int = 128, structure: str | None = None, refine: int = 0, refine_lr: float = 1e-3,
           refine_batch: int = 4, refine_samples: int = 16, refine_seqlen: int | None = 256,
           recipe: str | None = None, given: set[str] | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.

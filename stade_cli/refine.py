@@ -32,7 +32,7 @@ class RefineOptions:
     """``--refine N`` and its options (the defaults measured on SmolLM2: bench/README.md)."""
 
     steps: int = 0                    # Adam steps per block (0: no refinement)
-    lr: float = 3e-3                  # initial learning rate (cosine decay to 0)
+    lr: float = 1e-3                  # initial learning rate (cosine decay to 0)
     batch: int = 4                    # windows per step
     samples: int = 16                 # calibration windows (the stats' text and seed)
     seqlen: int | None = 256          # tokens per window (None: the calibration's)

@@ -40,7 +40,7 @@ def prune(
     expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
     expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
     refine: Annotated[int, typer.Option(help="Block-wise refinement: this many Adam steps per decoder block fit the kept weights to the dense block outputs (0: off).")] = 0,
-    refine_lr: Annotated[float, typer.Option(help="Refinement: initial learning rate (cosine decay to 0).")] = 3e-3,
+    refine_lr: Annotated[float, typer.Option(help="Refinement: initial learning rate (cosine decay to 0).")] = 1e-3,
     refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
