@@ -90,13 +90,13 @@ def table(result: dict) -> str:
             vals = []
             for c in cells:
                 r = row["cells"].get(c)
-                vals.append("error" if r is None or "error" in r else
+                vals.append("–" if r is None else "error" if "error" in r else
                             f"{r['ppl'][text]:.2f} ({r['ppl'][text] / dense['ppl']:.2f}×)")
             out.append(f"| {row['entry']} | " + " | ".join(vals) + " |")
         out.append("")
     out += ["prune seconds, wall (CPU)", "", "| entry | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
-    for row in result["rows"]:
-        vals = [("error" if (r := row["cells"].get(c)) is None or "error" in r else
+    for row in result["rows"]:   # – : not measured (the run stopped before that cell)
+        vals = [("–" if (r := row["cells"].get(c)) is None else "error" if "error" in r else
                  f"{r['prune_seconds']:.0f} ({r['prune_cpu_seconds']:.0f})") for c in cells]
         out.append(f"| {row['entry']} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
