@@ -427,3 +427,17 @@ class ShardReader:
             writer.write(name or entry.name, tensor_bytes(self._state[entry.name]))
         else:
             writer.copy(name or entry.name, self._raw, self._data_start + entry.begin, entry.nbytes)
+
+
+def tensor_reader(path: Path, files):
+    """A function key → that tensor of the checkpoint at ``path`` (its shards ``files``), read when asked."""
+    where: dict[str, str] = {}
+    for f in files:
+        with ShardReader(path / f) as r:
+            where.update(dict.fromkeys(r.keys(), f))
+
+    def read(key: str):
+        with ShardReader(path / where[key]) as r:
+            return r.get_tensor(key)
+
+    return read

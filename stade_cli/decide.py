@@ -186,7 +186,7 @@ def _fallback(plan, arch, st) -> dict[str, str]:
 
 def structured(plan, reporter: Reporter) -> Decisions:
     """--structure: no weight is zeroed; the rewrite removes MLP channels or whole blocks (``structured/``)."""
-    from .checkpoint import ShardReader
+    from .checkpoint import tensor_reader
     from .structured.plan import plan_blocks, plan_channels
 
     st, _, _ = dense_inputs(plan, reporter)
@@ -197,15 +197,7 @@ def structured(plan, reporter: Reporter) -> Decisions:
         reporter.log(f"removing {len(removed)} of {len(plan.arch.blocks)} blocks, those that change their input "
                      f"least: {', '.join(map(str, removed))}")
     else:
-        where = {}
-        for f in plan.files:
-            with ShardReader(plan.source.path / f) as r:
-                where.update(dict.fromkeys(r.keys(), f))
-
-        def read(key: str) -> torch.Tensor:
-            with ShardReader(plan.source.path / where[key]) as r:
-                return r.get_tensor(key)
-
+        read = tensor_reader(plan.source.path, plan.files)
         bc = plan.request.bias_correction     # stade folds the mean by default; any metric with --bias-correction
         fold = bc is True or (bc is None and plan.method.name == "stade")
         rewrite = plan_channels(plan.arch, plan.config_json, read, st, plan.method.name, fraction,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,28 +56,14 @@ class RefineOptions:
         return self.steps > 0
 
 
-def block_error(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: torch.Tensor,
-                targets: torch.Tensor, batch: int) -> float:
-    """Mean squared difference between ``forward(inputs[s:e], s, e)`` and ``targets[s:e]`` over all windows."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(inputs), batch):
-            e = min(s + batch, len(inputs))
-            out = forward(inputs[s:e], s, e).float()
-            total += float((out - targets[s:e].to(out.device, out.dtype)).pow(2).sum())
-            count += out.numel()
-    return total / max(count, 1)
-
-
-def refine_block(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inputs: torch.Tensor,
+def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                  targets: torch.Tensor, weights: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor],
                  steps: int, lr: float, batch: int, generator: torch.Generator | None = None
                  ) -> tuple[list[float], list[int]]:
     """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the loss of every
     step (before its update) and the windows of the first step.
 
-    ``forward(x, start, stop)`` runs the block on the windows ``start:stop`` (``x`` = ``inputs[start:stop]``
-    on the block's device) and returns its hidden states. ``frozen[i]`` is True where ``weights[i]`` must not
+    ``forward(x)`` runs the block on a batch of windows of ``inputs`` and returns its hidden states. ``frozen[i]`` is True where ``weights[i]`` must not
     change (its pruned entries, and any entry that is not a target's): those get no gradient and keep their
     exact value after every step, so a pruned weight stays zero. Mini-batches of ``batch`` windows are drawn
     in a random order (``generator``), one epoch after another; the learning rate decays to 0 on a cosine.
@@ -102,7 +88,7 @@ def refine_block(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inpu
             first = first or chosen
             idx = torch.tensor(chosen)
             with torch.enable_grad():
-                out = _forward_rows(forward, inputs, idx)
+                out = forward(inputs[idx])
                 loss = (out.float() - targets[idx].to(out.device, torch.float32)).pow(2).mean()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -120,21 +106,6 @@ def refine_block(forward: Callable[[torch.Tensor, int, int], torch.Tensor], inpu
             w.requires_grad_(False)
             w.grad = None
     return losses, first
-
-
-def _forward_rows(forward, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The block on the windows ``idx`` (sorted): contiguous runs are passed as slices (the block's
-    keyword arguments, e.g. attention masks, are per window slice)."""
-    runs, start = [], int(idx[0])
-    prev = start
-    for i in idx[1:].tolist() + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        runs.append((start, prev + 1))
-        if i is not None:
-            start = prev = i
-    return torch.cat([forward(inputs[s:e], s, e) for s, e in runs])
 
 
 # ------------------------------------------------------------------------------------------- the producer
@@ -164,7 +135,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
 
-def refine(plan, layerwise, reporter) -> "Decisions":
+def refine(plan, layerwise, reporter):
     """The layer-wise ``Decisions`` with every target's kept weights refined block by block (module docstring).
 
     Block l's targets are decided by ``layerwise.layer`` from the dense weights (or looked up, after
@@ -175,7 +146,7 @@ def refine(plan, layerwise, reporter) -> "Decisions":
 
     from .arch import describe
     from .blockwise import BlockRunner
-    from .decide import Decisions, LayerDecision
+    from .decide import LayerDecision
     from .errors import ModelError
     from .loading import Runtime
 
@@ -201,12 +172,13 @@ def refine(plan, layerwise, reporter) -> "Decisions":
         read = _checkpoint_reader(plan)
         kwargs = _detached(runner.kwargs[0])
         dense_x = runner.cache.get(0, len(windows)).clone()
+        pruned_x = dense_x                       # block 0: the pruned and the dense model's inputs are the same
         for index, block, dev in runner.blocks("refining blocks"):
             dtype = next(block.parameters()).dtype
             block.float()
             kw = _detached(_moved(kwargs, dev))
             dense_x = dense_x.to(dev, torch.float32)
-            x = dense_x if index == 0 else pruned_x.to(dev, torch.float32)
+            x = pruned_x.to(dev, torch.float32)
             target_y = _through(block, dense_x, kw, opts.batch)          # the dense block on the dense inputs
             params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
             sub = [t for t in arch.targets.values() if t.block == index]
@@ -227,7 +199,7 @@ def refine(plan, layerwise, reporter) -> "Decisions":
                 decisions[t.name] = decision
             trained = [getattr(modules[m], p) for m, p in params]
             layerwise_values = [p.detach().clone() for p in trained]
-            losses, first = refine_block(lambda xb, s, e: _output(block(xb, **kw)), x, target_y, trained,
+            losses, first = refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
                                          list(params.values()), opts.steps, opts.lr, opts.batch, generator)
             pruned_x = _through(block, x, kw, opts.batch)
             # the error on the first step's windows, before (that step's loss) and after the refinement; a block
@@ -264,21 +236,17 @@ def refine(plan, layerwise, reporter) -> "Decisions":
 
 def _checkpoint_reader(plan):
     """A function target → its dense [out, in] matrix as the checkpoint stores it."""
-    from .checkpoint import ShardReader
+    from .checkpoint import tensor_reader
 
-    where = {}
-    for f in plan.files:
-        with ShardReader(plan.source.path / f) as r:
-            where.update(dict.fromkeys(r.keys(), f))
+    read = tensor_reader(plan.source.path, plan.files)
 
-    def read(target) -> torch.Tensor:
-        with ShardReader(plan.source.path / where[target.weight_key]) as r:
-            tensor = r.get_tensor(target.weight_key)
+    def matrix(target) -> torch.Tensor:
+        tensor = read(target.weight_key)
         if target.index is not None or target.transposed:
             tensor = target.matrix(tensor)
         return tensor.clone()
 
-    return read
+    return matrix
 
 
 def _moved(obj, device: torch.device, dtype: torch.dtype | None = None):

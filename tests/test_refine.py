@@ -50,7 +50,7 @@ def test_refine_block_lowers_the_error_and_keeps_frozen_entries_exactly():
         frozen.append(m | keep_fixed)
     start = [p.detach().clone() for p in (pruned.w1, pruned.w2)]
     before = float((pruned(x) - y).pow(2).mean())
-    losses, first = refine_block(lambda xb, s, e: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=60,
+    losses, first = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=60,
                                  lr=1e-2, batch=4, generator=torch.Generator().manual_seed(0))
     after = float((pruned(x) - y).pow(2).mean())
     assert after < 0.5 * before, (before, after)
@@ -71,7 +71,7 @@ def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
         for i in range(6):
             expected[i] = (pruned(x[i:i + 1]) - y[i:i + 1]).pow(2)
     frozen = [torch.zeros_like(pruned.w1, dtype=torch.bool), torch.zeros_like(pruned.w2, dtype=torch.bool)]
-    losses, first = refine_block(lambda xb, s, e: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=1,
+    losses, first = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=1,
                                  lr=1e-3, batch=3)
     assert losses[0] == pytest.approx(float(torch.cat([expected[i] for i in first]).mean()), rel=1e-5)
 
@@ -79,7 +79,7 @@ def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
 def test_refine_block_refuses_a_mask_of_another_shape():
     block = TwoLayer()
     with pytest.raises(ValueError, match="does not match"):
-        refine_block(lambda xb, s, e: block(xb), torch.zeros(2, 1, 12), torch.zeros(2, 1, 12), [block.w1],
+        refine_block(lambda xb: block(xb), torch.zeros(2, 1, 12), torch.zeros(2, 1, 12), [block.w1],
                      [torch.zeros(3, 3, dtype=torch.bool)], 1, 1e-3, 1)
 
 
