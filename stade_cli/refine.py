@@ -181,6 +181,7 @@ def refine(plan, layerwise, reporter):
             x = pruned_x.to(dev, torch.float32)
             target_y = _through(block, dense_x, kw, opts.batch)          # the dense block on the dense inputs
             params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
+            layerwise_weights: dict[str, torch.Tensor] = {}              # for a block the steps did not help
             sub = [t for t in arch.targets.values() if t.block == index]
             for t in sub:
                 place = loaded.places[t.name]
@@ -197,8 +198,8 @@ def refine(plan, layerwise, reporter):
                     params[key] = torch.ones_like(getattr(modules[place.module], place.param), dtype=torch.bool)
                 place.within(params[key]).copy_(new.to(params[key].device) == 0)
                 decisions[t.name] = decision
+                layerwise_weights[t.name] = new
             trained = [getattr(modules[m], p) for m, p in params]
-            layerwise_values = [p.detach().clone() for p in trained]
             losses, first = refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
                                          list(params.values()), opts.steps, opts.lr, opts.batch, generator)
             pruned_x = _through(block, x, kw, opts.batch)
@@ -207,9 +208,10 @@ def refine(plan, layerwise, reporter):
             entry = {"block": index, "windows": first, "before": losses[0],
                      "after": _mse(pruned_x[first], target_y[first]), "kept": "refined"}
             if not entry["after"] < entry["before"]:
-                with torch.no_grad():
-                    for p, v in zip(trained, layerwise_values):
-                        p.copy_(v)
+                with torch.no_grad():       # only the targets' entries moved (the rest are frozen, exact)
+                    for t in sub:
+                        weight = loaded.places[t.name].view(modules)
+                        weight.copy_(layerwise_weights[t.name].to(weight.device, weight.dtype))
                 pruned_x = _through(block, x, kw, opts.batch)
                 entry.update(kept="layer-wise", refined=entry["after"], after=_mse(pruned_x[first], target_y[first]))
             errors.append(entry)

@@ -134,6 +134,21 @@ def tiny_llama(tiny_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gram_stats(tiny_llama, tmp_path_factory) -> Path:
+    """``calibrate --gram`` of the tiny Llama on 8 × 32 builtin tokens (read-only for the tests that share it)."""
+    from typer.testing import CliRunner
+
+    from stade_cli.cli.app import app
+
+    out = tmp_path_factory.mktemp("gram-stats") / "s"
+    args = ["calibrate", str(tiny_llama), "-o", str(out), "--dataset", "builtin", "--nsamples", "8", "--seqlen", "32",
+            "--gram"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     from pydoc_data.topics import topics
 

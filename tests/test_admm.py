@@ -212,13 +212,6 @@ def test_options_are_checked(tiny_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
-def gram_stats(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("admm-stats") / "s"
-    run("calibrate", tiny_llama, "-o", out, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
-    return out
-
-
 def _layer_errors(model, pruned, stats):
     """tr((W₀ − W) H (W₀ − W)ᵀ) per target layer: its output error on the calibration tokens."""
     from safetensors.torch import load_file

@@ -84,13 +84,6 @@ def test_refine_block_refuses_a_mask_of_another_shape():
 
 
 # ------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def gram_stats(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refine-stats") / "s"
-    run("calibrate", tiny_llama, "-o", out, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
-    return out
-
-
 def _hidden_after_blocks(model_dir, windows):
     """The last decoder block's output (before the final norm) on ``windows``."""
     from transformers import AutoModelForCausalLM
