@@ -18,8 +18,8 @@ BIN_NAME = "pytorch_model.bin"
 REPORT_NAME = "stade_report.json"
 # files that are weights (never copied as side files)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_HUB_BIN_PATTERNS = ["*.json", "*.bin", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
+_HUB_BIN_PATTERNS = ["*.json", "*.bin", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,12 @@ def checkpoint_dtype(config):
 
 
 def side_files(path: Path) -> list[Path]:
-    """Everything at the top level that is not weights: config, generation config, tokenizer files, ..."""
+    """Everything at the top level that is not weights: config, generation config, tokenizer files, ... but
+    not the model card (``README.md``: the base model's card would present the pruned model as the base;
+    stade writes its own, ``card.py``)."""
     return sorted(p for p in path.iterdir()
                   if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)
-                  and p.name not in (INDEX_NAME, BIN_INDEX_NAME, REPORT_NAME) and not p.name.startswith("."))
+                  and p.name not in (INDEX_NAME, BIN_INDEX_NAME, REPORT_NAME, "README.md") and not p.name.startswith("."))
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -564,3 +564,28 @@ def json_with_keys(*keys: str) -> Callable[[Path], bool]:
             return False
         return isinstance(data, dict) and all(k in data for k in keys)
     return ours
+
+
+def amend(out: Output, changes: dict[str, str]) -> None:
+    """Replace some top-level files of ``out``'s existing output (held: ``with Output(path, kind, force=True)``)
+    in one atomic step: a staging copy (hard links: no data is copied where the file system has them) with the
+    ``changes`` (file name → new text) written fresh, recorded and exchanged with the output. Interrupted, the
+    output stays as it was; completed, it is still stade's own."""
+    src = out.path
+    with out.staging() as tmp:
+        for entry in sorted(src.iterdir()):
+            if entry.name in (MARKER, STAGING_MARKER) or entry.name in changes:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, tmp / entry.name)
+        for name, text in changes.items():      # new files: a hard-linked one would change the output too
+            (tmp / name).write_text(text, encoding="utf-8")
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

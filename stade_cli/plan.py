@@ -55,6 +55,7 @@ class PruneRequest:
     expert_min_tokens: int = 128             # experts that saw fewer calibration tokens use fallback statistics
     refine: RefineOptions = field(default_factory=RefineOptions)   # --refine: block-wise refinement after the update
     recipe: Mapping[str, Any] | None = None  # --recipe: its name and the flags it stands for (for the report)
+    command: str | None = None               # the `stade prune` command that writes the same checkpoint (the card)
 
     @property
     def unstructured(self) -> bool:

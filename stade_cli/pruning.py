@@ -77,18 +77,30 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
     decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
+    command = _command({**args, "recipe": recipe})
     record = None
     if recipe is not None:
         from .recipes import apply_to_call
 
         args, record = apply_to_call(prune, args, recipe, given)
-    return _prune(**args, recipe=record)
+    return _prune(**args, recipe=record, command=command)
+
+
+def _command(args: dict) -> str:
+    """The ``stade prune`` command line of this call (for the model card)."""
+    import inspect
+
+    from .card import command_line
+    from .metrics import option_specs
+
+    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items()}
+    return command_line(args, defaults, {name: spec.default for name, spec in option_specs().items()})
 
 
 def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction, layer_sparsity, owl_m, owl_lambda,
            sequential, options, dataset, nsamples, seqlen, seed, device, dtype, batch_size, only, skip, force,
            reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
-           refine_batch, refine_samples, refine_seqlen, recipe) -> dict:
+           refine_batch, refine_samples, refine_seqlen, recipe, command=None) -> dict:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
@@ -97,7 +109,7 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
                            placement, update, structure=structure, experts=experts, expert_score=expert_score,
                            expert_min_tokens=expert_min_tokens,
                            refine=RefineOptions(refine, refine_lr, refine_batch, refine_samples, refine_seqlen),
-                           recipe=recipe)
+                           recipe=recipe, command=command)
     checked = check_request(request)
     world = current()
     if world.several and request.refine.on:

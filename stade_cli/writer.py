@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 from ._version import __version__
 from .arch import Target, bias_switches
+from .card import CARD_NAME, base_facts, render as render_card
 from .checkpoint import (_SAFETENSORS_DTYPES, BIN_INDEX_NAME, INDEX_NAME, REPORT_NAME, ShardReader, ShardWriter,
                          TensorEntry, copy_side_files, output_name, read_header, tensor_bytes)
 from .decide import Decisions
@@ -133,7 +134,9 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                     layout.rewrite.apply_config(config)
                     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 written = {"before": sum(sizes), "after": sum((tmp / output_name(f)).stat().st_size for f in plan.files)}
-                report = json.dumps(_report(plan, decisions, layout, stream.layers, written), indent=2) + "\n"
+                facts = _report(plan, decisions, layout, stream.layers, written)
+                (tmp / CARD_NAME).write_text(render_card(facts), encoding="utf-8")
+                report = json.dumps(facts, indent=2) + "\n"
                 (tmp / REPORT_NAME).write_text(report)     # the report last: a checkpoint with a report is complete
     return json.loads(report) if report is not None else None
 
@@ -366,7 +369,8 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
         "layer_sparsity": {"method": req.layer_sparsity,
                            **(dict(owl_m=req.owl_m, owl_lambda=req.owl_lambda) if req.layer_sparsity == "owl" else {}),
                            "blocks": {str(b): s for b, s in (decisions.block_sparsity or {}).items()}},
-        "model": plan.source.identity(), "stats": decisions.stats_manifest,
+        "model": plan.source.identity(), "base": _base(plan), "command": req.command,
+        "stats": decisions.stats_manifest,
         "overall": {"zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)},
         "coverage": _coverage(plan, layout, layers),
         "params": _params(plan, layout),
@@ -374,5 +378,11 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
         "structure": dict(rw.facts) if rw.kind in ("channels", "blocks") else None,
         "weight_bytes": written,
         "seconds": round(time.perf_counter() - plan.started, 2),
+        "evaluations": [],                  # `stade eval OUT --record` appends here (and to the card)
         "layers": layers,
     }
+
+
+def _base(plan: Plan) -> dict:
+    src = plan.source
+    return base_facts(src.path, src.ref, src.revision, from_hub=not Path(src.ref).expanduser().exists())

@@ -23,6 +23,8 @@ Limit = Annotated[Optional[int], typer.Option(help="With --tasks: at most this m
                                               show_default=False)]
 TaskPath = Annotated[Optional[Path], typer.Option(help="With --tasks: an extra directory of lm-eval task YAMLs.",
                                                   show_default=False)]
+Record = Annotated[bool, typer.Option("--record", help="Add the result to the report and model card of MODEL, a "
+                                      "pruned checkpoint stade wrote (atomically; without it eval writes nothing).")]
 
 PERPLEXITY_ONLY = ("dataset", "seqlen", "max_windows")
 TASKS_ONLY = ("num_fewshot", "limit", "task_path")
@@ -55,12 +57,32 @@ def eval_command(
     max_memory: MaxMemory = None,
     offload_dir: OffloadDir = None,
     spill: Spill = "auto",
+    record: Record = False,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Perplexity of MODEL on the held-out split of DATASET (non-overlapping windows, Wanda protocol), or with
     --tasks its zero-shot accuracy on lm-evaluation-harness tasks."""
     st = state(ctx, json_out, quiet)
+    if record:
+        from ..recording import record_into
+
+        with record_into(model, st.reporter.log) as commit:     # locked before the work, written after it
+            result = _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, limit, task_path,
+                               device, dtype, batch_size, device_map, max_memory, offload_dir, spill)
+            commit(result)
+        st.reporter.log(f"recorded in {model}/stade_report.json and {model}/README.md")
+    else:
+        result = _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, limit, task_path,
+                           device, dtype, batch_size, device_map, max_memory, offload_dir, spill)
+    if "tasks" in result:
+        _show_tasks(st, result)
+    else:
+        emit_json(result) if st.json else emit_line(f"{result['ppl']:.4f}")
+
+
+def _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, limit, task_path, device, dtype,
+              batch_size, device_map, max_memory, offload_dir, spill) -> dict:
     from ..errors import UsageError
 
     if tasks is not None:
@@ -84,17 +106,21 @@ def eval_command(
                       dtype=dtype, batch_size=batch_size, reporter=st.reporter,
                       placement=placement(device_map, max_memory, offload_dir, spill))
     st.reporter.log(f"{result['windows']} windows × {result['seqlen']} tokens in {result['seconds']:.1f}s")
-    emit_json(result) if st.json else emit_line(f"{result['ppl']:.4f}")
+    return result
 
 
-def _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size, where) -> None:
-    from rich.table import Table
-
+def _zero_shot(st, model, tasks, num_fewshot, limit, task_path, device, dtype, batch_size, where) -> dict:
     from ..zeroshot import zero_shot  # lazy: lm_eval is an optional extra and slow to import
 
     r = zero_shot(model, tasks, num_fewshot=num_fewshot, limit=limit, task_path=task_path, device=device,
                   dtype=dtype, batch_size=batch_size, reporter=st.reporter, placement=where)
     st.reporter.log(f"{len(r['tasks'])} task(s) in {r['seconds']:.1f}s")
+    return r
+
+
+def _show_tasks(st, r: dict) -> None:
+    from rich.table import Table
+
     if st.json:
         emit_json(r)
         return
