@@ -1,4 +1,6 @@
 """What a person sees on a terminal: commands run on a pseudo-terminal of a fixed size, the screen read back."""
+import re
+
 import pytest
 
 pyte = pytest.importorskip("pyte")
@@ -35,12 +37,27 @@ def test_inspect_summary_on_the_first_screen(deep_pruned):
                and line.split("│")[1].strip().isdigit()}
     assert len(targets) > 1                       # OWL: every block its own target, shown
     assert len(shown.lines) > 40 and first.index("per block") < first.index("per layer")   # layers come last
-    end = [line for line in shown.visible if line]
-    assert end[-1].startswith("└") and "layers.7.mlp.down_proj" in end[-2]   # the end: the layer table
+    end = [line for line in shown.visible if line]    # the end: the layer table, then the summary again
+    assert end[-4].startswith("└") and "layers.7.mlp.down_proj" in end[-5] and end[-3].startswith("summary ─")
+    assert end[-2] == "method wanda · pattern unstructured · target 50.00% · 56 target layers"
+    assert end[-1].startswith("overall:") and end[-1].endswith("the report agrees")
     assert all(len(line) <= 120 for line in shown.lines)
     summary = screen(["inspect", deep_pruned, "--summary"], 120, 40)
     assert len(summary.lines) <= 40 and "per layer" not in "\n".join(summary.lines)
     assert summary.visible[0] == str(deep_pruned)  # nothing scrolled away
+
+
+def test_inspect_of_210_layers_ends_with_what_matters(tiny_factory, tmp_path):
+    """SmolLM2's 30 blocks × 7 linears: the first lines scrolled away long before the end, and the last
+    screen (a prompt takes its bottom row) still shows the method and the overall sparsity."""
+    model = tiny_factory("llama", num_hidden_layers=30)
+    out = tmp_path / "out"
+    assert screen(["prune", model, "--metric", "magnitude", "--sparsity", 0.6, "-o", out], 120, 40).returncode == 0
+    shown = screen(["inspect", out], 120, 40)
+    assert shown.returncode == 0 and len(shown.lines) > 5 * 40
+    last = "\n".join(shown.visible[:-1])
+    assert "method magnitude · pattern unstructured · target 60.00% · 210 target layers" in last
+    assert re.search(r"overall: [\d,]+ of [\d,]+ weights are zero \(5\d\.\d\d%\); the report agrees", last)
 
 
 def test_prune_help_reads_at_80_columns():

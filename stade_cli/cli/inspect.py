@@ -61,10 +61,36 @@ def bar(fraction: float, width: int = 24) -> str:
 
 
 def render_checkpoint(s: dict, layers: bool = True) -> None:
-    """Summary first (what a terminal shows when the table scrolls), then the blocks, then the layers."""
+    """Summary first, then the blocks, then the layers, and the summary's two lines again at the end: on a
+    model of hundreds of layers the top has scrolled away when the user looks."""
     console = stdout_console()
     o = s["overall"]
     console.print(f"[bold]{s['path']}[/]")
+    what, line = _checkpoint_summary(s)
+    console.print(what)
+    console.print(line)
+    st = s.get("structure")
+    cov = s.get("coverage")
+    if cov and not st:
+        console.print(f"targets: {cov['share']:.2%} of the decoder blocks' weights ({cov['target_params']:,} of "
+                      f"{cov['block_params']:,})")
+    for text in experts_lines(s.get("experts")):
+        console.print(text, highlight=False)
+    for text in structure_lines(s.get("structure"), s.get("params")):
+        console.print(text, highlight=False)
+    if s.get("nm_ok") is not None and s.get("target_sparsity") is not None:
+        extra = o["zeros"] - round(o["params"] * s["target_sparsity"])
+        if extra > 0:
+            console.print(f"({extra:,} zeros beyond {s['pattern']}'s share: weights that were zero already)")
+    _checkpoint_tables(console, s, layers)
+    console.rule("summary", align="left", style="dim")
+    console.print(what)
+    console.print(line)
+
+
+def _checkpoint_summary(s: dict) -> tuple[str, str]:
+    """(method · pattern · target · layers, overall sparsity and whether the report and the pattern hold)."""
+    o = s["overall"]
     from ..report import _how
 
     method = _how(s)
@@ -78,25 +104,15 @@ def render_checkpoint(s: dict, layers: bool = True) -> None:
     if s.get("target_sparsity") is not None:
         what.append(f"target {s['target_sparsity']:.2%}")
     what.append(f"{len(s['layers'])} target layers")
-    console.print(" · ".join(what))
     line = f"overall: {o['zeros']:,} of {o['params']:,} weights are zero ({o['sparsity']:.2%})"
     if "report_agrees" in s:
         line += "; the report agrees" if s["report_agrees"] else "; [red]the report disagrees with the tensors[/]"
     if s.get("nm_ok") is not None:
         line += f"; every row follows {s['pattern']}" if s["nm_ok"] else f"; [red]some rows break {s['pattern']}[/]"
-    console.print(line)
-    cov = s.get("coverage")
-    if cov and not st:
-        console.print(f"targets: {cov['share']:.2%} of the decoder blocks' weights ({cov['target_params']:,} of "
-                      f"{cov['block_params']:,})")
-    for text in experts_lines(s.get("experts")):
-        console.print(text, highlight=False)
-    for text in structure_lines(s.get("structure"), s.get("params")):
-        console.print(text, highlight=False)
-    if s.get("nm_ok") is not None and s.get("target_sparsity") is not None:
-        extra = o["zeros"] - round(o["params"] * s["target_sparsity"])
-        if extra > 0:
-            console.print(f"({extra:,} zeros beyond {s['pattern']}'s share: weights that were zero already)")
+    return " · ".join(what), line
+
+
+def _checkpoint_tables(console, s: dict, layers: bool) -> None:
     blocks = Table(title="per block", title_justify="left")
     for col in ("block", "target", "sparsity", "zeros", "params"):
         blocks.add_column(col, justify="right")
@@ -165,12 +181,14 @@ def render_stats(s: dict, layers: bool = True) -> None:
     console.print(f"[bold]{s['path']}[/]", highlight=False)
     console.print(f"stats of {m['model']['ref']} (fingerprint {m['model']['fingerprint']})", highlight=False,
                   markup=False)
-    console.print(f"calibration: {dataset_name(m['dataset'])} · {m['nsamples']} × {m['seqlen']} tokens · "
-                  f"seed {m['seed']} · {m['dtype']}", highlight=False, markup=False)
+    calibration = (f"calibration: {dataset_name(m['dataset'])} · {m['nsamples']} × {m['seqlen']} tokens · "
+                   f"seed {m['seed']} · {m['dtype']}")
+    console.print(calibration, highlight=False, markup=False)
     gram = (f"Gram matrices: yes ({s['gram_bytes'] / 2**20:,.1f} MiB): every method can use these stats"
             if s.get("gram_bytes") else
             "Gram matrices: no (sparsegpt needs them: stade calibrate --gram); every other method can use these")
-    console.print(f"{len(s['layers'])} layer inputs in {len(s['blocks'])} blocks · {gram}", highlight=False)
+    inputs = f"{len(s['layers'])} layer inputs in {len(s['blocks'])} blocks · {gram}"
+    console.print(inputs, highlight=False)
     e = s.get("experts")
     if e:
         console.print(f"mixture of experts: {'/'.join(map(str, e['per_block']))} experts in each of {e['blocks']} "
@@ -200,6 +218,10 @@ def render_stats(s: dict, layers: bool = True) -> None:
             table.add_row(r["name"], str(r["in_features"]), f"{r['mean_abs_mean']:.4f}", f"{r['mean_std']:.4f}",
                           f"{r['max_std']:.2f}", f"{r['max_abs_mean']:.2f}")
         console.print(table)
+    if s["blocks"] or layers:           # the top has scrolled away: what these stats are, once more
+        console.rule("summary", align="left", style="dim")
+        console.print(f"stats of {m['model']['ref']} · {calibration}", highlight=False, markup=False)
+        console.print(inputs, highlight=False)
 
 
 def render_comparison(s: dict) -> None:
