@@ -52,7 +52,7 @@ def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: f
           recipe: str | None = None, given: set[str] | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
-    ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help``
+    ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help-method NAME``
     or ``stade_cli.metrics.option_specs()``), the rest at their defaults. ``bias_correction`` None means the
     method's default (on for stade and stadew). ``update``: ``admm`` reconstructs the kept weights after the
     mask from the Gram matrix (its options ``admm_*`` in ``options``). ``placement`` (``loading.Placement``: device map, memory

@@ -169,7 +169,7 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
         unknown = sorted(set(extra) - allowed)
         if unknown:
             raise UsageError(f"{label}: unknown option {unknown[0]!r}",
-                             "method options (see stade prune --help) or bias_correction, layer_sparsity, owl_m, "
+                             "method options (see stade prune --help-method NAME) or bias_correction, layer_sparsity, owl_m, "
                              "owl_lambda, group, only, skip, update, expert_min_tokens, structure")
         for cell in cells:
             check_request(PruneRequest(

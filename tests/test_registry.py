@@ -96,7 +96,9 @@ def test_a_method_from_another_package_joins_through_an_entry_point(tiny_llama, 
     run = lambda *a: subprocess.run([sys.executable, "-m", "stade_cli", *map(str, a)], capture_output=True,  # noqa: E731
                                     text=True, env=env, timeout=300)
     shown = run("prune", "--help")
-    assert "squared" in shown.stdout and "--squared-power" in shown.stdout and "Options of squared" in shown.stdout
+    assert "squared" in shown.stdout and "squared" in shown.stdout.split("--help-method")[1]   # named, and how to see
+    options = run("prune", "--help-method", "squared")
+    assert options.returncode == 0 and options.stdout.startswith("squared: |W|^p") and "--squared-power" in options.stdout
     bad = run("prune", tiny_llama, "--metric", "squared", "--squared-power", "-1", "-o", tmp_path / "x")
     assert bad.returncode == 2 and "--squared-power must be positive" in bad.stderr
     ok = run("prune", tiny_llama, "--metric", "squared", "--squared-power", "3", "-o", tmp_path / "out")

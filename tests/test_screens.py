@@ -66,7 +66,7 @@ def test_prune_help_reads_at_80_columns():
     assert shown.returncode == 0
     text = "\n".join(shown.lines)
     assert "Usage: stade prune [OPTIONS] MODEL" in text and "{MODEL}" not in text
-    panels = ["Arguments", "Model and output", "Sparsity", "Bias correction", "Options of sparsegpt",
+    panels = ["Arguments", "Model and output", "Sparsity", "Bias correction",
               "Calibration (without --stats, or for --sequential)", "Placement"]
     at = [text.index(f"╭─ {p} ") for p in panels]
     assert at == sorted(at), panels
@@ -76,6 +76,45 @@ def test_prune_help_reads_at_80_columns():
     # descriptions get room: about 3 lines an option (4.5 before the panels: 180 lines for 40 options)
     options = sum(1 for line in shown.lines if line.lstrip("│ *").startswith("--"))
     assert len(shown.lines) / options <= 3.3, (len(shown.lines), options)
+
+
+def test_prune_help_fits_two_screens_and_names_where_every_option_is():
+    """--help: at most 100 lines at 80 columns, every method named; each method's own options (and the details of
+    refine, owl, experts) are one `--help-method NAME` away, and none is lost on the way."""
+    from stade_cli.cli.prune import _DETAILS, help_topics
+    from stade_cli.metrics import methods, option_specs
+    from stade_cli.metrics.base import RUN_SEED
+
+    shown = screen(["prune", "--help"], 80, 40)
+    text = "\n".join(shown.lines)
+    assert shown.returncode == 0 and len(shown.lines) <= 100, len(shown.lines)
+    for name in methods():                      # every scorer and solver after --metric, admm after --update
+        assert re.search(rf"\b{name}\b", text), name
+    topics = help_topics()
+    assert "--help-method" in text and all(t in text for t in topics)
+    details = {}
+    for topic in topics:
+        page = screen(["prune", "--help-method", topic], 80, 40)
+        assert page.returncode == 0 and page.lines[0].startswith(f"{topic}: "), page.lines
+        details[topic] = "\n".join(page.lines)
+    hidden = {s.name for s in option_specs().values() if s.name != RUN_SEED} | _DETAILS
+    for name in hidden:
+        flag = "--" + name.replace("_", "-")
+        assert not re.search(rf"^│\s+(\*\s+)?{flag}\s", text, re.M), flag              # not a row of --help ...
+        assert any(re.search(rf"^{flag}\s", page, re.M) for page in details.values()), flag   # ... but one step away
+    assert "--percdamp" in details["sparsegpt"] and "--admm-gradual" in details["admm"]
+    assert "--refine-lr" in details["refine"] and "0.001" in details["refine"]
+    wrong = screen(["prune", "--help-method", "wandaa"], 80, 40)
+    assert wrong.returncode == 2 and "choose one of: ria" in "\n".join(wrong.lines)
+    no_options = screen(["prune", "--help-method", "wanda"], 80, 40)
+    assert no_options.returncode == 0 and "no options of its own" in "\n".join(no_options.lines)
+
+
+def test_stade_help_ends_with_three_examples():
+    shown = screen(["--help"], 80, 40)
+    end = [line.strip() for line in shown.lines if line.strip()][-3:]
+    assert shown.returncode == 0 and all(line.startswith("stade ") for line in end), end
+    assert [line.split()[1] for line in end] == ["calibrate", "prune", "eval"]
 
 
 def test_every_help_is_whole_at_80_columns():

@@ -90,6 +90,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Examples (MODEL: a folder or a hub id, e.g. HuggingFaceTB/SmolLM2-135M):\n"
+           "  stade calibrate MODEL --gram -o stats\n"
+           "  stade prune MODEL --stats stats --recipe best --sparsity 0.5 -o pruned\n"
+           "  stade eval pruned --record",
 )
 
 

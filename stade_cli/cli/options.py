@@ -9,8 +9,8 @@ import typer
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint directory or Hugging Face hub id.",
                                           show_default=False)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (atomically).", show_default=False)]
-Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an empty directory or an output of this kind that stade wrote (never anything else).")]
-Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or directory (read whole).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUTPUT if empty or stade's own output of this kind (nothing else).")]
+Dataset = Annotated[str, typer.Option(help="c4 | wikitext2 | builtin | a local .txt/.jsonl/.parquet file or folder (read whole).")]
 EvalDataset = Annotated[str, typer.Option(
     "--dataset", help="Held-out text: wikitext2 (its test split, from the Hugging Face hub or your datasets cache) | "
                       "c4 (validation) | builtin (its last quarter) | a local .txt/.jsonl/.parquet file or directory, "
@@ -28,10 +28,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs 
 # Where the model runs; for models larger than the device, accelerate's device map, run block by block (see
 # stade_cli/blockwise.py).
 _BIG = "Placement"
-DeviceMap = Annotated[Optional[str], typer.Option(help="Dispatch the model with accelerate: auto | balanced | sequential. Blocks run one at a time on their device; the rest stays on the CPU or disk.", rich_help_panel=_BIG, show_default=False)]
+DeviceMap = Annotated[Optional[str], typer.Option(help="auto | balanced | sequential: dispatch with accelerate; blocks run one at a time, the rest on CPU or disk.", rich_help_panel=_BIG, show_default=False)]
 MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget per device for the device map, e.g. 0=20GiB,cpu=64GiB (implies --device-map auto).", rich_help_panel=_BIG, show_default=False)]
 OffloadDir = Annotated[Optional[Path], typer.Option(help="Where offloaded weights and spilled block inputs go \\[default: a temp dir].", rich_help_panel=_BIG, show_default=False)]
-Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the device when they fit, else memory-mapped on disk) | device | disk.", rich_help_panel=_BIG)]
+Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the device if they fit, else on disk) | device | disk.", rich_help_panel=_BIG)]
 
 
 def cli_flag(name: str) -> str:

@@ -27,27 +27,27 @@ def prune(
     output: Output,
     metric: Annotated[Optional[str], typer.Option(help="The method (the list comes from the registry).")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to zero, in [0, 1) \\[default: 0.5; implied by an N:M pattern].", show_default=False)] = None,
-    pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4): keep N of every M consecutive inputs.")] = "unstructured",
-    group: Annotated[str, typer.Option(help="Comparison group for unstructured sparsity: row (per output row) or layer.")] = "row",
+    pattern: Annotated[str, typer.Option(help="unstructured, or N:M (e.g. 2:4) keeping N of every M consecutive inputs.")] = "unstructured",
+    group: Annotated[str, typer.Option(help="row or layer: where unstructured sparsity compares weights.")] = "row",
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="Fold the pruned weights' mean input into the bias \\[default: on for stade, stadew].", show_default=False)] = None,
-    layer_sparsity: Annotated[str, typer.Option(help="uniform, or owl (Outlier Weighted Layerwise: blocks with more outliers keep more).")] = "uniform",
+    layer_sparsity: Annotated[str, typer.Option(help="uniform, or owl: blocks with more outlier activations keep more weights.")] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a score is an outlier above this many times its block's mean.")] = 5.0,
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span 2 × lambda around a mean of --sparsity.")] = 0.08,
     update: Annotated[str, typer.Option(help="none, or admm: refit the kept weights to the Gram matrix (needs --gram stats, or --sequential).")] = "none",
-    sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block, calibrating each block on the already pruned blocks' outputs.")] = False,
-    structure: Annotated[Optional[str], typer.Option(help="channels or blocks: remove --sparsity of every MLP's channels, or of the blocks: a smaller model.", show_default=False)] = None,
-    experts: Annotated[Optional[int], typer.Option(help="Keep K experts per MoE block, remove the rest; alone, prunes nothing else.", show_default=False)] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Prune block by block on the pruned blocks' outputs.")] = False,
+    structure: Annotated[Optional[str], typer.Option(help="channels or blocks: remove that share of MLP channels or of blocks (a smaller model).", show_default=False)] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Keep K experts per MoE block, remove the rest (alone: nothing else).", show_default=False)] = None,
     expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
     expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
-    refine: Annotated[int, typer.Option(help="Block-wise refinement: this many Adam steps per decoder block fit the kept weights to the dense block outputs (0: off).")] = 0,
+    refine: Annotated[int, typer.Option(help="Adam steps per decoder block fitting its kept weights to the dense block's outputs (0: off).")] = 0,
     refine_lr: Annotated[float, typer.Option(help="Refinement: initial learning rate (cosine decay to 0).")] = 1e-3,
     refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
     recipe: Annotated[Optional[str], typer.Option(help="best: the best measured composition, i.e. " + _RECIPE_FLAGS + "; flags you give win.", show_default=False)] = None,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
-    only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears whose name matches.", show_default=False)] = None,
-    skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears whose name matches dense.", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears it matches.", show_default=False)] = None,
+    skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears it matches dense.", show_default=False)] = None,
     dataset: Dataset = "c4",
     nsamples: NSamples = 128,
     seqlen: SeqLen = None,
@@ -163,9 +163,8 @@ def summary_lines(report: dict, output) -> list[str]:
 _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("recipe", "metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only",
-                 "skip", "update", "sequential", "structure"),
-    "Block-wise refinement": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen"),
-    "Mixtures of experts": ("experts", "expert_score", "expert_min_tokens"),
+                 "skip", "update", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen",
+                 "structure", "experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
                                                            "batch_size"),
@@ -173,12 +172,92 @@ _GROUPS = {
 }
 _PANELS = {name: panel for panel, names in _GROUPS.items() for name in names}
 
+# Shown by `stade prune --help-method NAME`, not in --help (which then fits about two screens): each method's own
+# options (from the registry) and the details of the stages that are not methods.
+_STAGES = {
+    "refine": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen"),
+    "owl": ("layer_sparsity", "owl_m", "owl_lambda"),
+    "experts": ("experts", "expert_score", "expert_min_tokens"),
+}
+_DETAILS = {name for names in _STAGES.values() for name in names[1:]}
 
-def _in_panel(annotation, panel: str):
-    """``Annotated[T, typer.Option(...)]`` with the option shown in ``panel`` of the help."""
+
+def _in_panel(annotation, panel: str, hidden: bool = False):
+    """``Annotated[T, typer.Option(...)]`` with the option shown in ``panel`` of the help (or only by
+    ``--help-method``)."""
     info = copy.copy(annotation.__metadata__[0])
     info.rich_help_panel = panel
+    info.hidden = hidden
     return Annotated[annotation.__origin__, info]
+
+
+def help_topics() -> list[str]:
+    """What ``--help-method`` explains: every method with options of its own, then the stages."""
+    from ..metrics import option_specs
+    from ..metrics.base import RUN_SEED
+
+    users = [u for spec in option_specs().values() if spec.name != RUN_SEED for u in spec.users]
+    return list(dict.fromkeys(users)) + list(_STAGES)
+
+
+def method_help(name: str) -> list[tuple[str, str, str]]:
+    """(flag, default, description) of every option of method or stage ``name``."""
+    from ..metrics import methods, option_specs
+    from ..metrics.base import RUN_SEED
+
+    if name in _STAGES:
+        own = inspect.signature(prune, eval_str=True).parameters
+        rows = []
+        for key in _STAGES[name]:
+            info = own[key].annotation.__metadata__[0]
+            default = own[key].default
+            rows.append((cli_flag(key), _shown(default), info.help or ""))
+        return rows
+    if name not in methods():
+        from ..errors import UsageError
+
+        raise UsageError(f"--help-method: no method or stage {name!r}", f"choose one of: {', '.join(help_topics())}"
+                         f" (the other methods, {', '.join(m for m in methods() if m not in help_topics())}, have "
+                         "no options of their own)")
+    return [(cli_flag(s.name), _shown(s.default), s.help) for s in option_specs().values()
+            if name in s.users and s.name != RUN_SEED]
+
+
+def _shown(default) -> str:
+    return "–" if default is None else {True: "on", False: "off"}.get(default, str(default)) \
+        if isinstance(default, bool) else str(default)
+
+
+def _help_method(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    if value is None or ctx.resilient_parsing:
+        return value
+    from rich.table import Table
+
+    from ..errors import UsageError
+    from ..metrics import methods
+    from .output import stdout_console
+    from ._errors import report
+
+    try:
+        rows = method_help(value)
+    except UsageError as exc:
+        raise typer.Exit(report(exc, False)) from None
+    console = stdout_console()
+    what = methods()[value].summary if value in methods() else {
+        "refine": "block-wise refinement after the masks and the weight update (--refine N)",
+        "owl": "non-uniform layer sparsity (--layer-sparsity owl)",
+        "experts": "mixtures of experts: whole-expert removal and starved experts"}[value]
+    console.print(f"[bold]{value}[/]: {what}", highlight=False)
+    if not rows:
+        console.print("no options of its own", highlight=False)
+    table = Table(box=None, show_header=True, pad_edge=False)
+    for col in ("option", "default", "what it does"):
+        table.add_column(col, overflow="fold")
+    for flag, default, text in rows:
+        table.add_row(flag, default, text.replace("\\[", "["))
+    if rows:
+        console.print(table)
+    raise typer.Exit()
 
 
 def command():
@@ -196,22 +275,27 @@ def command():
             p = p.replace(annotation=Annotated[Optional[str], typer.Option(
                 help=f"{names} \\[default: wanda; stade with --structure channels].", show_default=False)])
         if p.name in _PANELS:
-            p = p.replace(annotation=_in_panel(p.annotation, _PANELS[p.name]))
+            p = p.replace(annotation=_in_panel(p.annotation, _PANELS[p.name], hidden=p.name in _DETAILS))
         params.append(p)
-        if p.name == "sequential":       # the methods' own options come next, grouped by method
+        if p.name == "force":
+            params.append(inspect.Parameter("help_method", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=(
+                Annotated[Optional[str], typer.Option(
+                    "--help-method", metavar="NAME", is_eager=True, callback=_help_method, show_default=False,
+                    rich_help_panel=_PANELS["force"],
+                    help=f"Show NAME's options and exit: {' | '.join(help_topics())}.")])))
+        if p.name == "sequential":       # the methods' own options: in the registry, shown by --help-method
             for spec in option_specs().values():
                 if spec.name == RUN_SEED:
                     continue              # the run's --seed
-                panel = "Options of " + " and ".join(spec.users)
                 params.append(inspect.Parameter(
                     spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default,
-                    annotation=Annotated[spec.type, typer.Option(cli_flag(spec.name), help=spec.help,
-                                                                 rich_help_panel=panel)]))
+                    annotation=Annotated[spec.type, typer.Option(cli_flag(spec.name), help=spec.help, hidden=True)]))
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD else p
               for p in params]
 
     @functools.wraps(prune)
     def run(**kwargs):
+        kwargs.pop("help_method", None)
         return prune(**kwargs)
 
     run.__signature__ = inspect.Signature(params)
