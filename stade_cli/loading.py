@@ -10,6 +10,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -304,3 +305,19 @@ def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, st
     inputs += [("the calibration data", p) for p in local_paths(dataset)]
     offload = getattr(placement, "offload_dir", None)
     return inputs + [("the offload directory", offload)]
+
+
+def resolve_for(model: str, dest, world, dataset: str | None, placement=None, stats=None,
+                then: Callable[[ModelSource], None] | None = None) -> ModelSource:
+    """MODEL resolved on rank 0 first (a hub download happens once), then on the other ranks. Rank 0 checks the
+    output ``dest`` (an ``outputs.Output``) against the resolved run's inputs (for a hub id, its cache snapshot)
+    and runs ``then(source)``, e.g. a disk-space check, before any expensive work."""
+    def resolve() -> ModelSource:
+        source = resolve_model(model)
+        if world.main:
+            dest.check_inputs(run_inputs(source, dataset, placement, stats))
+            if then is not None:
+                then(source)
+        return source
+
+    return world.first(resolve)

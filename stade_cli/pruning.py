@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoint import resolve_model, weight_files
+from .checkpoint import weight_files
 from .decide import one_shot
 from .distributed import World, claimed, current
-from .loading import CalibrationSpec, run_inputs
+from .loading import CalibrationSpec, resolve_for, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
 from .runtime import Reporter
@@ -39,7 +39,7 @@ def _needs(plan) -> str:
             + (" (Gram matrices read one block at a time)" if gram else ""))
 
 
-def prune(model: str, out: str | Path, metric: str | None = "wanda", sparsity: float | None = 0.5,
+def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
           bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
           owl_lambda: float = 0.08, sequential: bool = False, options: Mapping[str, Any] | None = None,
@@ -123,14 +123,8 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
     out = Path(out).expanduser()
     dest = Output(out, "checkpoint", force, reporter.log)
     with claimed(dest, world, run_inputs(model, dataset, placement, stats)):   # checked and locked before any work
-        def resolve():
-            source = resolve_model(model)
-            if world.main:
-                dest.check_inputs(run_inputs(source, dataset, placement, stats))   # a hub model: its cache snapshot
-                check_space(out, sum((source.path / f).stat().st_size for f in weight_files(source.path)))
-            return source
-
-        source = world.first(resolve)
+        source = resolve_for(model, dest, world, dataset, placement, stats, then=lambda source: check_space(
+            out, sum((source.path / f).stat().st_size for f in weight_files(source.path))))
         with world.together():
             plan = make_plan(request, checked, source, weight_files(source.path), started, world)
         for note in plan.notes:

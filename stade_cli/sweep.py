@@ -15,6 +15,7 @@ import datetime as _dt
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -194,17 +195,65 @@ def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[floa
     sees the result after every cell (a CLI can print progress). Returns the result written to
     ``out/sweep.json``.
     """
-    import json
-
-    from .calibration.runner import calibrate
-    from .calibration.store import load_stats
-    from .evaluate import evaluate
     from .loading import local_paths, run_inputs
-    from .metrics import get_metric, get_update
     from .outputs import Output
     from .runtime import Reporter
 
     reporter = reporter or Reporter()
+    plan = plan_sweep(model, metrics, sparsities, patterns, stats, seed)       # every check before any work
+    started = time.perf_counter()
+    result = {"settings": {"model": model, "metrics": list(metrics), "sparsities": list(sparsities),
+                           "patterns": list(patterns), "dataset": dataset,
+                           "seqlen": seqlen or (plan.manifest or {}).get("seqlen"), "max_windows": max_windows,
+                           "seed": seed, "device": device, "stats": str(stats) if stats is not None else None,
+                           "started": _dt.datetime.now().isoformat(timespec="seconds")},
+              "cells": plan.cells, "calibration": None, "dense": None, "rows": [], "errors": 0}
+    dest = Output(out, "sweep", force, reporter.log)
+    dest.check_inputs(run_inputs(model, calibration, None, stats)
+                      + [("the evaluation data", p) for p in local_paths(dataset)])
+    with dest, dest.staging() as tmp:
+        stats_dir = _statistics(plan, result, model, out, tmp, stats, calibration, nsamples, seqlen, seed, device,
+                                reporter)
+        evaluation = {"dataset": dataset, "seqlen": result["settings"]["seqlen"], "max_windows": max_windows}
+        result["dense"] = _dense(model, evaluation, device, reporter)
+        result["settings"]["seqlen"] = evaluation["seqlen"] = result["dense"]["seqlen"]
+        if on_cell:
+            on_cell(result)
+        for label, name, kwargs in plan.entries:
+            row = {"label": label, "metric": name, "options": kwargs, "cells": {}}
+            result["rows"].append(row)
+            for cell in plan.cells:
+                reporter.log(f"{label} at {cell['label']}: pruning and evaluating")
+                row["cells"][cell["label"]] = run_cell(model, tmp / ".pruned", name, kwargs, cell, stats_dir,
+                                                       evaluation, seed, device, reporter)
+                if on_cell:
+                    on_cell(result)
+        result["settings"]["total_seconds"] = round(time.perf_counter() - started, 2)
+        tabulate(result, tmp)
+    return result
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    entries: list          # (label, method, keyword arguments) per entry
+    cells: list            # cell_specs: sparsity × pattern
+    methods: list          # the registry entries the sweep uses (scorers, solvers, updates)
+    manifest: dict | None  # the reused stats' manifest
+
+    @property
+    def needs_stats(self) -> bool:
+        return any(m.needs_stats for m in self.methods)
+
+    @property
+    def needs_gram(self) -> bool:
+        return any(m.needs_gram for m in self.methods)
+
+
+def plan_sweep(model: str, metrics: list[str], sparsities, patterns, stats, seed: int) -> SweepPlan:
+    """The entries and cells, every one checked as prune would (a typo fails now, not an hour in)."""
+    from .calibration.store import load_stats
+    from .metrics import get_metric, get_update
+
     entries = [(e, *parse_entry(e)) for e in metrics]
     cells = cell_specs(list(sparsities), list(patterns))
     if not cells:
@@ -213,59 +262,53 @@ def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[floa
     methods = [get_metric(name) for _, name, _ in entries]
     methods += [u for u in (get_update(kw.get("update")) for _, _, kw in entries) if u is not None]
     manifest = load_stats(Path(stats).expanduser()).manifest if stats is not None else None
-    if manifest is not None and any(m.needs_gram for m in methods) and not manifest.get("gram"):
+    plan = SweepPlan(entries, cells, methods, manifest)
+    if plan.manifest is not None and plan.needs_gram and not plan.manifest.get("gram"):
         raise UsageError(f"the stats in {stats} have no Gram matrices, which "
                          f"{next(m.name for m in methods if m.needs_gram)} needs",
                          f"stade calibrate {model} -o STATS --gram, then --stats STATS")
-    eval_seqlen = seqlen or (manifest or {}).get("seqlen")
-    started = time.perf_counter()
-    result = {"settings": {"model": model, "metrics": list(metrics), "sparsities": list(sparsities),
-                           "patterns": list(patterns), "dataset": dataset, "seqlen": eval_seqlen,
-                           "max_windows": max_windows, "seed": seed, "device": device,
-                           "stats": str(stats) if stats is not None else None,
-                           "started": _dt.datetime.now().isoformat(timespec="seconds")},
-              "cells": cells, "calibration": None, "dense": None, "rows": [], "errors": 0}
-    dest = Output(out, "sweep", force, reporter.log)
-    dest.check_inputs(run_inputs(model, calibration, None, stats)
-                      + [("the evaluation data", p) for p in local_paths(dataset)])
-    with dest, dest.staging() as tmp:
-        stats_dir = Path(stats).expanduser() if stats is not None else None
-        if stats_dir is None and any(m.needs_stats for m in methods):
-            reporter.log(f"calibrating on {calibration} ({nsamples} windows); the stats stay in {out}/stats")
-            t0 = time.perf_counter()
-            stats_dir = calibrate(model, tmp / "stats", dataset=calibration, nsamples=nsamples, seqlen=seqlen,
-                                  seed=seed, device=device, gram=any(m.needs_gram for m in methods),
-                                  reporter=reporter)
-            manifest = load_stats(stats_dir).manifest
-            eval_seqlen = seqlen or manifest.get("seqlen")
-            result["settings"]["seqlen"] = eval_seqlen
-            result["calibration"] = {"seconds": round(time.perf_counter() - t0, 2), "stats": f"{out}/stats",
-                                     "dataset": calibration, "nsamples": nsamples, "seqlen": manifest.get("seqlen")}
-        elif manifest is not None:
-            result["calibration"] = {"stats": str(stats), "dataset": manifest.get("dataset"), "reused": True,
-                                     "nsamples": manifest.get("nsamples"), "seqlen": manifest.get("seqlen")}
-        evaluation = {"dataset": dataset, "seqlen": eval_seqlen, "max_windows": max_windows}
-        reporter.log("evaluating the dense model")
-        t0 = time.perf_counter()
-        dense = evaluate(model, device=device, reporter=reporter, **evaluation)
-        result["dense"] = {"ppl": dense["ppl"], "nll": dense["nll"], "windows": dense["windows"],
-                           "seqlen": dense["seqlen"], "tokens": dense["tokens"],
-                           "seconds": round(time.perf_counter() - t0, 2)}
-        result["settings"]["seqlen"] = dense["seqlen"]
-        evaluation["seqlen"] = dense["seqlen"]
-        if on_cell:
-            on_cell(result)
-        for label, name, kwargs in entries:
-            row = {"label": label, "metric": name, "options": kwargs, "cells": {}}
-            result["rows"].append(row)
-            for cell in cells:
-                reporter.log(f"{label} at {cell['label']}: pruning and evaluating")
-                row["cells"][cell["label"]] = run_cell(model, tmp / ".pruned", name, kwargs, cell, stats_dir,
-                                                       evaluation, seed, device, reporter)
-                if on_cell:
-                    on_cell(result)
-        result["settings"]["total_seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "sweep.md").write_text(markdown(result))
-    return result
+    return plan
+
+
+def _statistics(plan: SweepPlan, result: dict, model, out, tmp: Path, stats, calibration, nsamples, seqlen, seed,
+                device, reporter) -> Path | None:
+    """The stats the cells use: the given ones, or a calibration now (kept in the output); recorded in
+    ``result``."""
+    from .calibration.runner import calibrate
+    from .calibration.store import load_stats
+
+    if stats is not None:
+        m = plan.manifest
+        result["calibration"] = {"stats": str(stats), "dataset": m.get("dataset"), "reused": True,
+                                 "nsamples": m.get("nsamples"), "seqlen": m.get("seqlen")}
+        return Path(stats).expanduser()
+    if not plan.needs_stats:
+        return None
+    reporter.log(f"calibrating on {calibration} ({nsamples} windows); the stats stay in {out}/stats")
+    t0 = time.perf_counter()
+    stats_dir = calibrate(model, tmp / "stats", dataset=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                          device=device, gram=plan.needs_gram, reporter=reporter)
+    manifest = load_stats(stats_dir).manifest
+    result["settings"]["seqlen"] = seqlen or manifest.get("seqlen")
+    result["calibration"] = {"seconds": round(time.perf_counter() - t0, 2), "stats": f"{out}/stats",
+                             "dataset": calibration, "nsamples": nsamples, "seqlen": manifest.get("seqlen")}
+    return stats_dir
+
+
+def _dense(model: str, evaluation: dict, device: str, reporter) -> dict:
+    from .evaluate import evaluate
+
+    reporter.log("evaluating the dense model")
+    t0 = time.perf_counter()
+    dense = evaluate(model, device=device, reporter=reporter, **evaluation)
+    return {"ppl": dense["ppl"], "nll": dense["nll"], "windows": dense["windows"], "seqlen": dense["seqlen"],
+            "tokens": dense["tokens"], "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def tabulate(result: dict, folder: Path) -> None:
+    """sweep.json and sweep.md in ``folder``."""
+    import json
+
+    (folder / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "sweep.md").write_text(markdown(result))
 

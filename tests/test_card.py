@@ -207,3 +207,15 @@ def test_an_interrupted_record_leaves_the_output_as_it_was(tiny_llama, tmp_path,
             commit({"dataset": "builtin", "ppl": 2.0, "windows": 1, "seqlen": 8})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert foreign(out, "checkpoint") is None and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_library_prune_takes_its_request_by_keyword():
+    import inspect
+
+    from stade_cli import prune
+
+    params = list(inspect.signature(prune).parameters.values())
+    assert [p.name for p in params[:2]] == ["model", "out"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+    with pytest.raises(TypeError):
+        prune("model", "out", "wanda")

@@ -190,8 +190,9 @@ def test_prune_on_two_ranks_is_byte_identical(sharded, stats_pair, tmp_path):
             if name not in ("stade_report.json", ".stade-output.json", "README.md"):
                 assert a[name] == b[name], (extra, name)
         ra, rb = (json.loads(x["stade_report.json"]) for x in (a, b))
-        for r in (ra, rb):
+        for r, out in ((ra, one), (rb, two)):
             r.pop("created"), r.pop("seconds")
+            assert r.pop("command").endswith(f" -o {out}")        # the same command, each with its own output
             for key in ("created", "seconds", "world_size"):     # stats calibrated by this very prune
                 r["stats"].pop(key, None)
         assert ra == rb

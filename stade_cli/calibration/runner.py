@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..arch import Architecture, bias_flag_table, coverage, describe, meta_model
-from ..checkpoint import ModelSource, resolve_model, tensor_shapes
+from ..checkpoint import ModelSource, tensor_shapes
 from ..distributed import World, claimed, current, staged
 from ..errors import StatsError
 from ..estimate import GRAM_FLOAT64_MAX_WIDTH, calibration_needs
-from ..loading import STREAM, CalibrationSpec, Runtime, run_inputs
+from ..loading import STREAM, CalibrationSpec, Runtime, resolve_for, run_inputs
 from ..outputs import Output, check_space
 from ..runtime import Reporter, available_bytes, human_bytes
 from .experts import ExpertCapture, ExpertStats
@@ -348,13 +348,7 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
     out = Path(out).expanduser()
     dest = Output(out, "stats", force, reporter.log)
     with claimed(dest, world, run_inputs(model, dataset, placement)):   # checked and locked before the work
-        def resolve():
-            source = resolve_model(model)
-            if world.main:
-                dest.check_inputs(run_inputs(source, dataset, placement))   # a hub model: its cache snapshot
-            return source
-
-        source = world.first(resolve)
+        source = resolve_for(model, dest, world, dataset, placement)
         with staged(dest, world) as tmp:              # Gram matrices go straight into it, block by block
             stats = compute_stats(source, dataset, nsamples, seqlen, seed, device, dtype, batch_size, reporter,
                                   gram=gram, placement=placement, world=world, gram_dir=tmp)
