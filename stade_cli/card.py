@@ -117,9 +117,10 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
         kind = {"channels": "MLP channels", "blocks": "decoder blocks"}.get(structure.get("kind"), structure.get("kind"))
         lines.append(f"- **Structured pruning** ({kind}): a smaller dense model, not zeros (details below).")
     if method:
-        lines.append(f"- **Method**: `{method}`" + (f", with the `{report['update']}` weight update (the kept "
-                                                    "weights refitted to the calibration Gram matrix)"
-                                                    if report.get("update") else "") + ".")
+        gradual = report.get("update") == "admm" and (report.get("options") or {}).get("admm_gradual")
+        lines.append(f"- **Method**: `{method}`" + (f", with the {'gradual ' if gradual else ''}`{report['update']}` "
+                                                    "weight update (the kept weights refitted to the calibration "
+                                                    "Gram matrix)" if report.get("update") else "") + ".")
     if method and not structure:
         target = report.get("target_sparsity")
         lines.append(f"- **Pattern**: {pattern}" + (f" (per {report['group']})" if pattern == "unstructured"
@@ -190,6 +191,26 @@ def _results(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def calibrate_line(report: Mapping[str, Any]) -> str | None:
+    """The ``stade calibrate`` command that made the stats a ``--stats`` prune used (from their manifest)."""
+    try:
+        words = shlex.split(report.get("command") or "")
+    except ValueError:
+        return None
+    stats = report.get("stats") or {}
+    if "--stats" not in words or words.index("--stats") + 1 >= len(words) or not stats.get("dataset"):
+        return None
+    model = (stats.get("model") or {}).get("ref") or words[2]
+    parts = ["stade", "calibrate", model, "--dataset", str(stats["dataset"])]
+    for key in ("nsamples", "seqlen", "seed"):
+        if stats.get(key) is not None:
+            parts += [f"--{key}", str(stats[key])]
+    if stats.get("gram"):
+        parts.append("--gram")
+    return " ".join(shlex.quote(p) if not p.startswith("--") else p for p in parts) + \
+        f" -o {shlex.quote(words[words.index('--stats') + 1])}"
+
+
 def metadata(report: Mapping[str, Any]) -> dict:
     """The card's YAML front matter."""
     base = report.get("base") or {}
@@ -229,9 +250,8 @@ def render(report: Mapping[str, Any]) -> str:
                       "base model's terms apply."]
     lines += ["", "## Reproduce", ""]
     if report.get("command"):
-        lines += ["```sh", report["command"], "```", ""]
-        if "--stats" in report["command"]:
-            lines += ["`--stats` names the statistics of `stade calibrate` (the calibration above).", ""]
+        calibrate = calibrate_line(report)
+        lines += ["```sh", *([calibrate] if calibrate else []), report["command"], "```", ""]
     else:
         lines += ["The settings above, with `stade prune` (the command was not recorded).", ""]
     lines += ["`stade_report.json` beside this card holds every layer's sparsity and the full settings; "

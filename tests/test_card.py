@@ -92,8 +92,10 @@ def test_metadata_and_render_parse_as_a_hub_card():
               "params": {"before": 10, "after": 10, "removed": 0.0},
               "base": {"hub_id": "org/m", "revision": "abc", "name": "org/m", "license": "llama2",
                        "pipeline_tag": "text-generation"},
-              "command": "stade prune org/m --pattern 2:4 -o out",
-              "stats": {"dataset": "/data/a.txt,/data/b.txt", "nsamples": 8, "seqlen": 32, "seed": 0, "gram": True},
+              "command": "stade prune org/m --pattern 2:4 --stats 'my stats' -o out",
+              "stats": {"dataset": "/data/a.txt,/data/b.txt", "nsamples": 8, "seqlen": 32, "seed": 0, "gram": True,
+                        "model": {"ref": "org/m"}},
+              "options": {"admm_gradual": True},
               "evaluations": [{"recorded": "2026-01-03T00:00:00", "dataset": "/x/pride.txt", "ppl": 31.5,
                                "windows": 40, "seqlen": 512},
                               {"recorded": "2026-01-04T00:00:00", "tasks": {"boolq": {"acc": 0.6}}, "num_fewshot": 0}]}
@@ -104,7 +106,9 @@ def test_metadata_and_render_parse_as_a_hub_card():
     card = ModelCard(text)
     assert card.data.to_dict() == meta
     for needle in ("org/m", "at revision `abc`", "`wanda`", "`admm`", "2:4", "achieved 50.0%", "99.90%",
-                   "a.txt, b.txt", "seed 0", "stade prune org/m --pattern 2:4 -o out", "dense checkpoint with zeros",
+                   "a.txt, b.txt", "seed 0", "stade prune org/m --pattern 2:4 --stats 'my stats' -o out",
+                   "stade calibrate org/m --dataset /data/a.txt,/data/b.txt --nsamples 8 --seqlen 32 --seed 0 --gram "
+                   "-o 'my stats'\nstade prune", "the gradual `admm` weight update", "dense checkpoint with zeros",
                    "| perplexity | pride.txt, 40 × 512 tokens | ppl | 31.5000 | 2026-01-03 |",
                    "| boolq | 0-shot | acc | 0.6000 | 2026-01-04 |"):
         assert needle in text, needle
@@ -219,3 +223,24 @@ def test_the_library_prune_takes_its_request_by_keyword():
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
     with pytest.raises(TypeError):
         prune("model", "out", "wanda")
+
+
+def test_the_cards_commands_reproduce_the_checkpoint(tiny_llama, tmp_path):
+    """The two commands in the card (calibrate, then prune from those stats), run again into new folders, give
+    the same weights, byte for byte."""
+    import re
+    import shlex
+
+    stats, out = tmp_path / "stats", tmp_path / "out"
+    run("calibrate", tiny_llama, "-o", stats, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, "--gram")
+    run("prune", tiny_llama, "--stats", stats, "--metric", "wanda", "--update", "admm", "--admm-iterations", 5,
+        "--sparsity", 0.6, "-o", out)
+    text = (out / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)\n```", text, re.S).group(1).splitlines()
+    assert [shlex.split(line)[:2] for line in block] == [["stade", "calibrate"], ["stade", "prune"]]
+    again = {str(stats): str(tmp_path / "stats2"), str(out): str(tmp_path / "out2")}
+    for line in block:
+        words = [again.get(w, w) for w in shlex.split(line)[1:]]
+        run(*words)
+    assert "--admm-iterations 5" in block[1] and "--sparsity 0.6" in block[1]
+    assert (tmp_path / "out2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
