@@ -17,6 +17,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Mapping
 
+from .recipes import as_flag
+
 CARD_NAME = "README.md"
 PIPELINE = "text-generation"
 _HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[^/]+)/?$")
@@ -72,16 +74,6 @@ def base_facts(path: Path, ref: str, revision: str | None, from_hub: bool) -> di
 
 
 # ----------------------------------------------------------------------------------------- the command
-def _flag(name: str, value: Any) -> str:
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return flag
-    if value is False:
-        return f"--no-{flag[2:]}"
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{flag} {shlex.quote(text)}"
-
-
 _NOT_FLAGS = {"model", "out", "options", "reporter", "placement", "force", "given", "device"}
 
 
@@ -95,10 +87,10 @@ def command_line(args: Mapping[str, Any], defaults: Mapping[str, Any], option_de
             continue
         if value is None:
             continue
-        parts.append(_flag(name, value))
+        parts.append(as_flag(name, value))
     for name, value in (args.get("options") or {}).items():
         if name not in option_defaults or value != option_defaults[name]:
-            parts.append(_flag(name, value))
+            parts.append(as_flag(name, value))
     parts += ["-o", shlex.quote(str(args["out"]))]
     return " ".join(parts)
 

@@ -21,16 +21,20 @@ class Recipe:
 
     def flags(self) -> str:
         """The command-line flags this recipe stands for: ``--metric wanda --update admm --admm-gradual …``."""
-        return " ".join(_flag(k, v) for k, v in self.values)
+        return " ".join(as_flag(k, v) for k, v in self.values)
 
 
-def _flag(name: str, value: Any) -> str:
+def as_flag(name: str, value: Any) -> str:
+    """A library argument as its command-line flag: ``refine_lr=0.001`` → ``--refine-lr 0.001``, ``True`` →
+    the bare flag, ``False`` → ``--no-…``; values quoted for a shell where they need it."""
+    import shlex
+
     flag = "--" + name.replace("_", "-")
     if value is True:
         return flag
     if value is False:
         return f"--no-{flag[2:]}"
-    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return f"{flag} {shlex.quote(f'{value:g}' if isinstance(value, float) else str(value))}"
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -61,7 +65,7 @@ def apply(name: str, arguments: Mapping[str, Any], options: Mapping[str, Any], g
     for key, value in recipe.values:
         if key in given:
             if (options if key in option_names else arguments).get(key) != value:
-                overridden.append(_flag(key, (options if key in option_names else arguments).get(key)))
+                overridden.append(as_flag(key, (options if key in option_names else arguments).get(key)))
             continue
         (options if key in option_names else arguments)[key] = value
     record = {"name": recipe.name, "flags": recipe.flags(), "overridden": overridden}
