@@ -44,6 +44,11 @@ def record_into(model: str, log: Callable[[str], None] | None = None) -> Iterato
     reason = foreign(path, "checkpoint")
     if reason is not None:
         raise UsageError(f"cannot record into {model}: {reason}", hint)
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        # the record replaces the folder in one exchange: a shell inside it would be left in the old one
+        raise UsageError(f"--record cannot rewrite {model}: it is (or holds) the current directory",
+                         f"run it from outside: cd {path.resolve().parent} && stade eval {path.resolve().name} --record")
     with Output(path, "checkpoint", force=True, log=log) as out:
 
         def commit(result: dict) -> dict:

@@ -187,6 +187,13 @@ def test_eval_record_refuses_what_stade_did_not_write_or_another_run_holds(tiny_
     r = run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--record", code=2)
     assert "cannot record into" in r.stderr and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
+    here = os.getcwd()
+    try:                                                        # from inside it: refused, with what to type
+        os.chdir(out)
+        r = run("eval", ".", "--dataset", "builtin", "--seqlen", 32, "--record", code=2)
+        assert "current directory" in r.stderr and f"cd {tmp_path}" in r.stderr
+    finally:
+        os.chdir(here)
     report = (out / "stade_report.json").read_bytes()
     with Output(out, "checkpoint", force=True):                 # another run writing it
         r = runner.invoke(app, ["eval", str(out), "--dataset", "builtin", "--seqlen", "32", "--record"])
