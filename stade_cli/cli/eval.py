@@ -64,17 +64,17 @@ def eval_command(
     """Perplexity of MODEL on the held-out split of DATASET (non-overlapping windows, Wanda protocol), or with
     --tasks its zero-shot accuracy on lm-evaluation-harness tasks."""
     st = state(ctx, json_out, quiet)
-    if record:
-        from ..recording import record_into
+    from contextlib import nullcontext
 
-        with record_into(model, st.reporter.log) as commit:     # locked before the work, written after it
-            result = _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, limit, task_path,
-                               device, dtype, batch_size, device_map, max_memory, offload_dir, spill)
-            commit(result)
-        st.reporter.log(f"recorded in {model}/stade_report.json and {model}/README.md")
-    else:
+    from ..recording import record_into
+
+    # --record: the output is locked before the work and written after it
+    with record_into(model, st.reporter.log) if record else nullcontext() as commit:
         result = _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, limit, task_path,
                            device, dtype, batch_size, device_map, max_memory, offload_dir, spill)
+        if commit is not None:
+            commit(result)
+            st.reporter.log(f"recorded in {model}/stade_report.json and {model}/README.md")
     if "tasks" in result:
         _show_tasks(st, result)
     else:
