@@ -110,6 +110,11 @@ def read_marker(path: Path, name: str = MARKER) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
+def is_or_holds(outer: Path, inner: Path) -> bool:
+    """Whether the resolved path ``outer`` is ``inner`` or a folder above it (``inner`` resolved too)."""
+    return outer == inner or outer in inner.parents
+
+
 def _names(items: list[str], most: int = 3) -> str:
     shown = ", ".join(items[:most])
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
@@ -333,7 +338,7 @@ class Output:
         real = p.resolve()
         for place, what in ((Path.cwd(), "the current directory"), (Path.home(), "your home directory")):
             place = place.resolve()
-            if place == real or real in place.parents:
+            if is_or_holds(real, place):
                 raise OutputError(f"output {given} is {'' if place == real else 'a folder holding '}{what}",
                                   "choose a new directory for the output")
         probe, _ = _missing_parents(p)
@@ -434,7 +439,7 @@ class Output:
             if value is None:
                 continue
             real = Path(value).expanduser().resolve()
-            if real == out or out in real.parents:
+            if is_or_holds(out, real):
                 how = "is" if real == out else "holds"
                 raise UsageError(f"output {self.given} {how} {label} ({value}), an input of this run",
                                  "choose another output path: stade never writes over its inputs")

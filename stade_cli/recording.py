@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from .card import CARD_NAME, render
 from .checkpoint import REPORT_NAME
 from .errors import UsageError
-from .outputs import Output, amend, foreign
+from .outputs import Output, amend, foreign, is_or_holds
 
 # what a recorded row keeps of an evaluation's result (the rest, e.g. per-task sample counts, stays in --json)
 _KEEP = ("dataset", "ppl", "nll", "windows", "seqlen", "tokens", "tasks", "mean_acc", "num_fewshot", "limit",
@@ -44,8 +44,7 @@ def record_into(model: str, log: Callable[[str], None] | None = None) -> Iterato
     reason = foreign(path, "checkpoint")
     if reason is not None:
         raise UsageError(f"cannot record into {model}: {reason}", hint)
-    cwd = Path.cwd().resolve()
-    if path.resolve() == cwd or path.resolve() in cwd.parents:
+    if is_or_holds(path.resolve(), Path.cwd().resolve()):
         # the record replaces the folder in one exchange: a shell inside it would be left in the old one
         raise UsageError(f"--record cannot rewrite {model}: it is (or holds) the current directory",
                          f"run it from outside: cd {path.resolve().parent} && stade eval {path.resolve().name} --record")
