@@ -12,7 +12,10 @@ Entries are ``quality.py``'s (``name:key=value,...``: method options or ``prune(
 per text, ppl and × dense; one of prune seconds, wall and CPU) and OUT/beyond-NAME.png per text (needs
 matplotlib). A failing cell is recorded and the run goes on. ``--peer NAME=peer.json`` adds a peer's rows (from
 ``bench/peer.py`` on the same windows: its dense perplexity must agree) to text NAME's table and plot;
-``--render`` only re-renders OUT from its beyond.json (with the ``--peer`` files given).
+``--render`` only re-renders OUT from its beyond.json (with the ``--peer`` files given); ``--render --merge RUN ...``
+first copies into it the cells of other runs of this script (cells a stopped run left out, measured alone later):
+same model, stats, windows and seed, the same dense perplexity on every text; a cell OUT already has is refused;
+``merged`` in beyond.json lists what came from where.
 """
 from __future__ import annotations
 
@@ -52,6 +55,49 @@ def add_peer(result: dict, text: str, path: str) -> None:
         raise SystemExit(f"error: {path} has dense perplexity {theirs:.4f} on its text, not {ours:.4f}: "
                          "another protocol")
     result.setdefault("peers", {})[text] = [{"label": r["label"], "cells": r["cells"]} for r in peer["rows"]]
+
+
+_SAME = ("model", "stats", "seqlen", "max_windows", "seed")
+
+
+def merge(result: dict, run: Path) -> dict:
+    """Copy the cells of another run (its OUT directory) into ``result``; returns what was merged. Refused (nothing
+    changed) if the run measured something else or a cell is in both."""
+    import json
+
+    other = json.loads((run / RESULTS.json).read_text())
+    for key in _SAME:
+        if other["settings"][key] != result["settings"][key]:
+            raise SystemExit(f"error: {run} has {key} {other['settings'][key]!r}, not {result['settings'][key]!r}: "
+                             "another protocol")
+    if set(other["texts"]) != set(result["texts"]):
+        raise SystemExit(f"error: {run} evaluates {', '.join(sorted(other['texts']))}, this table "
+                         f"{', '.join(sorted(result['texts']))}")
+    for text, dense in other["texts"].items():
+        ours = result["texts"][text]["ppl"]
+        if abs(ours - dense["ppl"]) > 1e-3 * ours:
+            raise SystemExit(f"error: {run} has dense perplexity {dense['ppl']:.4f} on {text}, not {ours:.4f}: "
+                             "another text or protocol")
+    rows = {r["entry"]: r for r in result["rows"]}
+    for row in other["rows"]:
+        clash = sorted(set(row["cells"]) & set(rows.get(row["entry"], {"cells": {}})["cells"]))
+        if clash:
+            raise SystemExit(f"error: {row['entry']} @ {', '.join(clash)} is in both {run} and this table "
+                             "(remove one first)")
+    labels = {c["label"] for c in result["cells"]}
+    result["cells"] += [c for c in other["cells"] if c["label"] not in labels]
+    merged = {"from": str(run), "started": other["started"], "settings": other["settings"], "cells": {}}
+    for row in other["rows"]:
+        if row["entry"] not in rows:
+            rows[row["entry"]] = {"entry": row["entry"], "cells": {}}
+            result["rows"].append(rows[row["entry"]])
+        rows[row["entry"]]["cells"].update(row["cells"])
+        merged["cells"][row["entry"]] = sorted(row["cells"])
+    order = [c["label"] for c in result["cells"]]
+    for row in result["rows"]:
+        row["cells"] = dict(sorted(row["cells"].items(), key=lambda kv: order.index(kv[0])))
+    result.setdefault("merged", []).append(merged)
+    return merged
 
 
 def plots(result: dict, out: Path) -> list[str]:
@@ -117,12 +163,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--peer", nargs="*", default=[], help="NAME=peer.json: a peer's rows for text NAME")
     p.add_argument("--render", action="store_true", help="only re-render OUT from its beyond.json")
+    p.add_argument("--merge", nargs="+", default=[], metavar="RUN",
+                   help="with --render: first copy in the cells of these other runs' OUT directories")
     args = p.parse_args(argv)
     out = Path(args.out).expanduser()
+    if args.merge and not args.render:
+        p.error("--merge goes with --render")
     if args.render:
         import json
 
         result = json.loads((out / RESULTS.json).read_text())
+        for run in args.merge:
+            merged = merge(result, Path(run).expanduser())
+            print(f"merged from {run}: " + "; ".join(f"{e} @ {', '.join(c)}" for e, c in merged["cells"].items()))
         for entry in args.peer:
             add_peer(result, *entry.split("=", 1))
         RESULTS.check(out)

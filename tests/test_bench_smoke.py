@@ -202,3 +202,59 @@ def test_beyond_smoke(tiny_llama, text_file, tmp_path):
                              timeout=180)
     assert refused.returncode != 0 and "sparsegpt has none" in refused.stderr   # no scores to re-choose from
     assert not (tmp_path / "refused").exists()
+
+
+def _beyond_run(path: Path, rows: dict[str, dict[str, float]], dense: float = 20.0, text: str = "a",
+                **settings) -> Path:
+    """A beyond.py result folder with the given entry → {cell label: perplexity on ``text``}."""
+    labels = list(dict.fromkeys(c for cells in rows.values() for c in cells))
+    result = {"settings": {"model": "m", "stats": "s", "eval": ["a=a.txt"], "entries": list(rows),
+                           "sparsities": [0.5], "patterns": ["unstructured"], "seqlen": 16, "max_windows": 2,
+                           "seed": 0, "device": "cpu", **settings},
+              "started": "2026-12-05T00:00:00", "texts": {text: {"file": "a.txt", "ppl": dense, "windows": 2}},
+              "cells": [{"label": c, "pattern": "unstructured" if c.endswith("%") else c,
+                         "sparsity": float(c[:-1]) / 100 if c.endswith("%") else None,
+                         "implied_sparsity": float(c[:-1]) / 100 if c.endswith("%") else 0.5} for c in labels],
+              "rows": [{"entry": e, "cells": {c: {"ppl": {text: v}, "sparsity": 0.5, "prune_seconds": 1.0,
+                                                  "prune_cpu_seconds": 2.0, "recipe": None, "refine": None}
+                                              for c, v in cells.items()}} for e, cells in rows.items()]}
+    path.mkdir()
+    (path / "beyond.json").write_text(json.dumps(result))
+    return path
+
+
+def test_beyond_merge_fills_the_cells_a_stopped_run_left_out(tmp_path):
+    """``--render --merge RUN``: the other run's cells join the table (a new column, a new row), recorded under
+    ``merged``; another protocol, another text, or a cell in both is refused and changes nothing."""
+    table = _beyond_run(tmp_path / "table", {"plain": {"50%": 30.0, "70%": 60.0}, "gradual": {"50%": 28.0}})
+    later = _beyond_run(tmp_path / "later", {"gradual": {"70%": 50.0, "2:4": 40.0}, "seq": {"50%": 29.0}})
+    _run(["bench/beyond.py", "--model", "m", "--stats", "s", "--eval", "a=a.txt", "--entries", "x",
+          "--out", str(table), "--render", "--merge", str(later)])
+    data = json.loads((table / "beyond.json").read_text())
+    assert [c["label"] for c in data["cells"]] == ["50%", "70%", "2:4"]
+    got = {r["entry"]: {c: v["ppl"]["a"] for c, v in r["cells"].items()} for r in data["rows"]}
+    assert got == {"plain": {"50%": 30.0, "70%": 60.0}, "gradual": {"50%": 28.0, "70%": 50.0, "2:4": 40.0},
+                   "seq": {"50%": 29.0}}
+    assert list(got["gradual"]) == ["50%", "70%", "2:4"]          # in the table's column order
+    (record,) = data["merged"]
+    assert record["from"] == str(later) and record["cells"] == {"gradual": ["2:4", "70%"], "seq": ["50%"]}
+    md = (table / "beyond.md").read_text()
+    assert "| gradual | 28.00 (1.40×) | 50.00 (2.50×) | 40.00 (2.00×) |" in md
+    assert "| plain | 30.00 (1.50×) | 60.00 (3.00×) | – |" in md
+
+    before = (table / "beyond.json").read_text()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cases = {"again": (later, "is in both"),
+             "other-dense": (_beyond_run(tmp_path / "d", {"x": {"80%": 9.0}}, dense=21.0), "dense perplexity"),
+             "other-seed": (_beyond_run(tmp_path / "s", {"x": {"80%": 9.0}}, seed=1), "another protocol"),
+             "other-text": (_beyond_run(tmp_path / "t", {"x": {"80%": 9.0}}, text="b"), "evaluates b, this table a")}
+    for name, (run, message) in cases.items():
+        proc = subprocess.run([sys.executable, "bench/beyond.py", "--model", "m", "--stats", "s", "--eval", "a=a.txt",
+                               "--entries", "x", "--out", str(table), "--render", "--merge", str(run)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (name, proc.stderr)
+        assert (table / "beyond.json").read_text() == before, name
+    proc = subprocess.run([sys.executable, "bench/beyond.py", "--model", "m", "--stats", "s", "--eval", "a=a.txt",
+                           "--entries", "x", "--out", str(table), "--merge", str(later)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--merge goes with --render" in proc.stderr
