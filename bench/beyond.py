@@ -46,14 +46,20 @@ def _peer_rows(result: dict, text: str) -> list[dict]:
     return rows
 
 
+def _same_dense(result: dict, text: str, theirs: float, source) -> None:
+    """Refuse results from ``source`` whose dense perplexity on ``text`` is not this table's (to 1e-3): they did
+    not measure the same windows of the same model."""
+    ours = result["texts"][text]["ppl"]
+    if abs(ours - theirs) > 1e-3 * ours:
+        raise SystemExit(f"error: {source} has dense perplexity {theirs:.4f} on {text}, not {ours:.4f}: "
+                         "another text or protocol")
+
+
 def add_peer(result: dict, text: str, path: str) -> None:
     import json
 
     peer = json.loads(Path(path).read_text())
-    ours, theirs = result["texts"][text]["ppl"], peer["dense"]["ppl"]
-    if abs(ours - theirs) > 1e-3 * ours:
-        raise SystemExit(f"error: {path} has dense perplexity {theirs:.4f} on its text, not {ours:.4f}: "
-                         "another protocol")
+    _same_dense(result, text, peer["dense"]["ppl"], path)
     result.setdefault("peers", {})[text] = [{"label": r["label"], "cells": r["cells"]} for r in peer["rows"]]
 
 
@@ -74,10 +80,7 @@ def merge(result: dict, run: Path) -> dict:
         raise SystemExit(f"error: {run} evaluates {', '.join(sorted(other['texts']))}, this table "
                          f"{', '.join(sorted(result['texts']))}")
     for text, dense in other["texts"].items():
-        ours = result["texts"][text]["ppl"]
-        if abs(ours - dense["ppl"]) > 1e-3 * ours:
-            raise SystemExit(f"error: {run} has dense perplexity {dense['ppl']:.4f} on {text}, not {ours:.4f}: "
-                             "another text or protocol")
+        _same_dense(result, text, dense["ppl"], run)
     rows = {r["entry"]: r for r in result["rows"]}
     for row in other["rows"]:
         clash = sorted(set(row["cells"]) & set(rows.get(row["entry"], {"cells": {}})["cells"]))
