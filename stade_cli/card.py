@@ -134,7 +134,9 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
     if refine:
         lines.append(f"- **Block-wise refinement**: {refine['steps']} Adam steps per decoder block (lr "
                      f"{refine['lr']:g}) fitted the kept weights to the dense model's block outputs on "
-                     f"{refine['samples']} × {refine['seqlen']} calibration tokens; the zeros stayed zeros.")
+                     f"{refine['samples']} × {refine['seqlen']} calibration tokens"
+                     + (f" ({refine['precision']} matrix products)" if refine.get("precision", "float32") != "float32" else "")
+                     + "; the zeros stayed zeros.")
     if experts.get("removal"):
         lines.append(f"- **Experts**: {json.dumps(experts['removal'], sort_keys=True)}.")
     recipe = report.get("recipe")

@@ -60,6 +60,19 @@ def resolve_dtype(spec: str | None, checkpoint_dtype: "torch.dtype | None", devi
     return getattr(torch, DTYPES[spec])
 
 
+def fast_bfloat16(device: "torch.device") -> bool:
+    """Whether bfloat16 matrix products are faster than float32 ones on ``device``: CUDA with bfloat16 support,
+    or a CPU with AMX tiles or AVX512-BF16 (elsewhere the CPU converts to float32 and it is slower)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+        return any(bool(p()) for p in probes if p is not None)
+    return False
+
+
 def available_bytes(device: "torch.device") -> int:
     """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
     import os

@@ -76,6 +76,45 @@ def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
     assert losses[0] == pytest.approx(float(torch.cat([expected[i] for i in first]).mean()), rel=1e-5)
 
 
+def test_refine_block_with_bfloat16_products_keeps_the_masks_and_float32_weights():
+    """Under bfloat16 autocast the weights, the optimiser and the loss stay float32; zeros stay zero bitwise; the
+    error goes down as in float32, and the first step's loss is float32's to bfloat16's precision."""
+    g = torch.Generator().manual_seed(5)
+    dense = TwoLayer(seed=6)
+    x = torch.randn(8, 5, 12, generator=g)
+    y = dense(x).detach()
+    runs = {}
+    for products in (torch.float32, torch.bfloat16):
+        pruned = TwoLayer(seed=7)
+        masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(8)) < 0.5 for p in (pruned.w1, pruned.w2)]
+        with torch.no_grad():
+            for p, m in zip((pruned.w1, pruned.w2), masks):
+                p.masked_fill_(m, 0)
+        before = float((pruned(x) - y).pow(2).mean())
+        losses, _ = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], masks, steps=60, lr=1e-2,
+                                 batch=4, generator=torch.Generator().manual_seed(0), products=products)
+        after = float((pruned(x) - y).pow(2).mean())
+        for p, m in zip((pruned.w1, pruned.w2), masks):
+            assert p.dtype == torch.float32 and bool((p[m] == 0).all())
+        runs[products] = (before, after, losses)
+    (b32, a32, l32), (b16, a16, l16) = runs[torch.float32], runs[torch.bfloat16]
+    assert b32 == b16 and a16 < 0.5 * b16 and a32 < 0.5 * b32
+    assert l16[0] == pytest.approx(l32[0], rel=2e-2) and l16[0] != l32[0]     # the products were bfloat16's
+    assert a16 == pytest.approx(a32, rel=0.2)
+
+
+def test_refine_precision_by_device(monkeypatch):
+    from stade_cli.refine import RefineOptions
+
+    cpu = torch.device("cpu")
+    assert RefineOptions(precision="float32").product_dtype(cpu) == torch.float32
+    assert RefineOptions(precision="bfloat16").product_dtype(cpu) == torch.bfloat16
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        assert RefineOptions().product_dtype(cpu) == (torch.bfloat16 if amx or avx else torch.float32)
+
+
 def test_refine_block_refuses_a_mask_of_another_shape():
     block = TwoLayer()
     with pytest.raises(ValueError, match="does not match"):
@@ -93,10 +132,12 @@ def _hidden_after_blocks(model_dir, windows):
         return model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[-2]
 
 
-def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama, gram_stats, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama, gram_stats, tmp_path, precision):
     """On the 2-block tiny model: the refined checkpoint's last block output is closer to the dense model's than
     the layer-wise fit's, on the refinement's own windows and on other windows of the text; the zeros are the
-    layer-wise fit's, exactly; the report gives each block's error before and after."""
+    layer-wise fit's, exactly; the report gives each block's error before and after. With float32 products and with
+    bfloat16 ones (autocast, float32 weights)."""
     from stade_cli.data import calibration_windows, load_corpus
     from stade_cli.loading import Runtime
 
@@ -104,12 +145,15 @@ def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama,
     common = ("--stats", gram_stats, "--metric", "wanda", "--update", "admm", "--sparsity", 0.6)
     run("prune", tiny_llama, *common, "-o", layerwise)
     out = run("prune", tiny_llama, *common, "--refine", 30, "--refine-lr", 3e-3, "--refine-samples", 8,
-              "--refine-seqlen", 32, "-o", refined)
+              "--refine-seqlen", 32, "--refine-precision", precision, "-o", refined)
     assert "refinement: each block's output error" in out.stderr
+    assert ("(bfloat16 products)" in out.stderr) == (precision == "bfloat16")
     assert "+ refine (30 steps a block)" in out.stderr
     a, b = load_file(layerwise / "model.safetensors"), load_file(refined / "model.safetensors")
     report = json.loads((refined / "stade_report.json").read_text())
     assert report["refine"]["steps"] == 30 and report["refine"]["samples"] == 8 and report["refine"]["seqlen"] == 32
+    assert report["refine"]["precision"] == precision
+    assert all(v.dtype == a[k].dtype for k, v in b.items())       # bfloat16 products, the checkpoint's own dtype
     assert [e["block"] for e in report["refine"]["blocks"]] == [0, 1]
     assert all(e["after"] < e["before"] for e in report["refine"]["blocks"])
     moved = 0
@@ -148,6 +192,7 @@ def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     (("--refine", 2, "--refine-batch", 0), "--refine-batch must be at least 1"),
     (("--refine", 2, "--refine-samples", 0), "--refine-samples must be at least 1"),
     (("--refine", 2, "--refine-seqlen", 1), "--refine-seqlen must be at least 2"),
+    (("--refine", 2, "--refine-precision", "half"), "--refine-precision must be one of auto, float32, bfloat16"),
     (("--refine", 2, "--structure", "channels", "--sparsity", 0.2), "--refine does not combine with --structure"),
     (("--recipe", "fastest"), "unknown recipe 'fastest'"),
 ])

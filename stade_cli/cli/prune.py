@@ -44,6 +44,7 @@ def prune(
     refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
+    refine_precision: Annotated[str, typer.Option(help="Refinement: auto (bfloat16 products where the device is fast at them: CUDA, AMX, AVX512-BF16), float32 or bfloat16.")] = "auto",
     recipe: Annotated[Optional[str], typer.Option(help="best: the best measured composition, i.e. " + _RECIPE_FLAGS + "; flags you give win.", show_default=False)] = None,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears it matches.", show_default=False)] = None,
@@ -84,7 +85,8 @@ def prune(
                          dtype=dtype, batch_size=batch_size, only=only, skip=skip, force=force, update=update,
                          experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
                          structure=structure, refine=refine, refine_lr=refine_lr, refine_batch=refine_batch,
-                         refine_samples=refine_samples, refine_seqlen=refine_seqlen, recipe=recipe, given=given,
+                         refine_samples=refine_samples, refine_seqlen=refine_seqlen,
+                         refine_precision=refine_precision, recipe=recipe, given=given,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
@@ -164,7 +166,7 @@ _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("recipe", "metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only",
                  "skip", "update", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen",
-                 "structure", "experts", "expert_score", "expert_min_tokens"),
+                 "refine_precision", "structure", "experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
                                                            "batch_size"),
@@ -175,7 +177,7 @@ _PANELS = {name: panel for panel, names in _GROUPS.items() for name in names}
 # Shown by `stade prune --help-method NAME`, not in --help (which then fits about two screens): each method's own
 # options (from the registry) and the details of the stages that are not methods.
 _STAGES = {
-    "refine": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen"),
+    "refine": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen", "refine_precision"),
     "owl": ("layer_sparsity", "owl_m", "owl_lambda"),
     "experts": ("experts", "expert_score", "expert_min_tokens"),
 }

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..masks import NM, Unstructured
+from ..runtime import fast_bfloat16
 from .base import LayerContext, LayerStats, MethodError, update
 
 
@@ -51,17 +52,6 @@ class Options:
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are faster than float32 ones on ``device``: CUDA with bfloat16 support,
-    or a CPU with AMX tiles or AVX512-BF16 (elsewhere the CPU converts to float32 and it is slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-        return any(bool(p()) for p in probes if p is not None)
-    return False
 
 
 def product_dtype(options: Options, device: torch.device) -> torch.dtype:
