@@ -78,8 +78,8 @@ def test_perplexity_on_cuda_equals_the_cpu(cpu_stats):
 
 
 def test_refinement_on_cuda_keeps_the_mask_and_lowers_the_error(cpu_stats, tmp_path):
-    """--refine on the GPU (bfloat16 model, float32 training copies): the layer-wise zeros, exactly, and every
-    block's output error lowered."""
+    """--refine on the GPU (bfloat16 model, float32 training copies, bfloat16 products under auto): the layer-wise
+    zeros, exactly, and every block's output error lowered."""
     model, stats = cpu_stats
     flags = ["--stats", stats, "--update", "admm", "--sparsity", 0.6, "--refine-samples", 8, "--refine-seqlen", 32]
     run("prune", model, *flags, "--device", "cuda", "-o", tmp_path / "layerwise")
@@ -90,3 +90,4 @@ def test_refinement_on_cuda_keeps_the_mask_and_lowers_the_error(cpu_stats, tmp_p
     for name in report["layers"]:
         assert torch.equal(a[f"{name}.weight"] == 0, b[f"{name}.weight"] == 0), name
     assert all(e["after"] < e["before"] for e in report["refine"]["blocks"])
+    assert report["refine"]["precision"] == "bfloat16"          # auto: the GPU is fast at bfloat16 products
