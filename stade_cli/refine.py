@@ -16,8 +16,8 @@ time; the dense and pruned hidden states of the refinement windows are kept (on 
 
 ``--refine-precision auto`` runs the block's forward and backward passes under bfloat16 autocast where the device
 is fast at bfloat16 products (CUDA; a CPU with AMX or AVX512-BF16), keeping the weights, the optimiser's state, the
-hidden states and the loss in float32; elsewhere everything is float32. On SmolLM2 that is 1.6× faster on a CPU with
-AVX512-BF16 for the same perplexity (bench/README.md).
+hidden states and the loss in float32; elsewhere everything is float32. On SmolLM2 that is 1.9× faster on a CPU with
+AVX512-BF16 for the same perplexity (README, Beyond layer-wise reconstruction).
 
 ``refine_block`` is the pure step (a block, its inputs and targets, the trainable weights with their masks);
 ``refine`` the producer that walks the blocks of a loaded model with ``blockwise.BlockRunner``.
