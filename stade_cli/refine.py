@@ -56,7 +56,7 @@ class RefineOptions:
             raise UsageError(f"--refine-samples must be at least 1 (got {self.samples})")
         if self.seqlen is not None and self.seqlen < 2:
             raise UsageError(f"--refine-seqlen must be at least 2 (got {self.seqlen})")
-        if self.precision not in PRECISIONS:
+        if self.precision.strip().lower() not in {**PRECISIONS, **ALIASES}:
             raise UsageError(f"--refine-precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
 
     @property
@@ -67,12 +67,14 @@ class RefineOptions:
         """The dtype of the passes' matrix products on ``device``: bfloat16 under ``auto`` where it is fast."""
         from .runtime import fast_bfloat16
 
-        if self.precision == "auto":
+        name = self.precision.strip().lower()
+        if name == "auto":
             return torch.bfloat16 if fast_bfloat16(device) else torch.float32
-        return PRECISIONS[self.precision]
+        return PRECISIONS[ALIASES.get(name, name)]
 
 
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16"}              # as --dtype takes them
 
 
 def _products(device: torch.device, dtype: torch.dtype):

@@ -109,6 +109,9 @@ def test_refine_precision_by_device(monkeypatch):
     cpu = torch.device("cpu")
     assert RefineOptions(precision="float32").product_dtype(cpu) == torch.float32
     assert RefineOptions(precision="bfloat16").product_dtype(cpu) == torch.bfloat16
+    assert RefineOptions(precision="BF16").product_dtype(cpu) == torch.bfloat16       # --dtype's spellings too
+    assert RefineOptions(precision="fp32").product_dtype(cpu) == torch.float32
+    RefineOptions(precision="bf16").check()
     for amx, avx in ((True, False), (False, True), (False, False)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
