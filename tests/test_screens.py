@@ -98,9 +98,14 @@ def test_prune_help_fits_two_screens_and_names_where_every_option_is():
         assert page.returncode == 0 and page.lines[0].startswith(f"{topic}: "), page.lines
         details[topic] = "\n".join(page.lines)
     hidden = {s.name for s in option_specs().values() if s.name != RUN_SEED} | _DETAILS
+
+    def row(flag):         # an option's own row starts at the box's edge; a wrapped description is indented far
+        return re.search(rf"^│\s{{1,3}}(\*\s+)?{flag}\s", text, re.M)
+
+    assert row("--refine") and row("--metric") and not row("--no-such-flag")
     for name in hidden:
         flag = "--" + name.replace("_", "-")
-        assert not re.search(rf"^│\s+(\*\s+)?{flag}\s", text, re.M), flag              # not a row of --help ...
+        assert not row(flag), flag                                                     # not a row of --help ...
         assert any(re.search(rf"^{flag}\s", page, re.M) for page in details.values()), flag   # ... but one step away
     assert "--percdamp" in details["sparsegpt"] and "--admm-gradual" in details["admm"]
     assert "--refine-lr" in details["refine"] and "0.001" in details["refine"]
