@@ -56,8 +56,10 @@ class RefineOptions:
             raise UsageError(f"--refine-samples must be at least 1 (got {self.samples})")
         if self.seqlen is not None and self.seqlen < 2:
             raise UsageError(f"--refine-seqlen must be at least 2 (got {self.seqlen})")
-        if self.precision.strip().lower() not in {**PRECISIONS, **ALIASES}:
-            raise UsageError(f"--refine-precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        from .runtime import PRODUCTS, product_name
+
+        if product_name(self.precision) not in PRODUCTS:
+            raise UsageError(f"--refine-precision must be one of {', '.join(PRODUCTS)} (got {self.precision!r})")
 
     @property
     def on(self) -> bool:
@@ -65,16 +67,9 @@ class RefineOptions:
 
     def product_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of the passes' matrix products on ``device``: bfloat16 under ``auto`` where it is fast."""
-        from .runtime import fast_bfloat16
+        from .runtime import product_dtype
 
-        name = self.precision.strip().lower()
-        if name == "auto":
-            return torch.bfloat16 if fast_bfloat16(device) else torch.float32
-        return PRECISIONS[ALIASES.get(name, name)]
-
-
-PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-ALIASES = {"fp32": "float32", "bf16": "bfloat16"}              # as --dtype takes them
+        return product_dtype(self.precision, device)
 
 
 def _products(device: torch.device, dtype: torch.dtype):

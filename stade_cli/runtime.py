@@ -73,6 +73,27 @@ def fast_bfloat16(device: "torch.device") -> bool:
     return False
 
 
+PRODUCTS = ("auto", "float32", "bfloat16")      # the precisions of --admm-precision and --refine-precision
+
+
+def product_name(spec: str) -> str:
+    """A matrix-product precision as one of ``PRODUCTS`` (--dtype's spellings bf16 and fp32 accepted); anything else
+    is returned as given, for the caller's check to refuse."""
+    name = spec.strip().lower()
+    return DTYPES.get(name, name)
+
+
+def product_dtype(spec: str, device: "torch.device") -> "torch.dtype":
+    """The dtype of matrix products for the precision ``spec`` (one of ``PRODUCTS``, checked by the caller):
+    ``auto`` is bfloat16 where ``fast_bfloat16(device)``, else float32."""
+    import torch
+
+    name = product_name(spec)
+    if name == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
 def available_bytes(device: "torch.device") -> int:
     """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
     import os

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..masks import NM, Unstructured
-from ..runtime import fast_bfloat16
+from ..runtime import product_dtype as _product_dtype
 from .base import LayerContext, LayerStats, MethodError, update
 
 
@@ -55,9 +55,7 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def product_dtype(options: Options, device: torch.device) -> torch.dtype:
-    if options.admm_precision == "auto":
-        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
-    return PRECISIONS[options.admm_precision]
+    return _product_dtype(options.admm_precision, device)
 
 
 def validate(options: Options, pattern=None) -> None:
