@@ -208,18 +208,64 @@ def test_eval_on_two_ranks_gives_the_same_number(sharded):
     assert two["world_size"] == 2 and "world_size" not in one
 
 
-@pytest.mark.parametrize("how", ["raise", "kill"])
-def test_a_rank_failing_mid_prune_leaves_no_output(sharded, stats_pair, tmp_path, how):
+def by_hand(*args, ranks: int = 2, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """``tests/_dist_fail.py`` as ``ranks`` processes started the way a launcher would (RANK, WORLD_SIZE, ...),
+    with no launcher's agent watching them: what a rank learns of another's death comes from a collective alone."""
+    import socket
+
+    with socket.socket() as s:                      # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(HERE / "_dist_fail.py"), *map(str, args)]
+    procs = []
+    for r in range(ranks):
+        e = {**os.environ, **ONE_THREAD, "HF_HUB_OFFLINE": "1", **(env or {}), "RANK": str(r), "LOCAL_RANK": str(r),
+             "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e))
+    try:
+        told = [p.communicate(timeout=600) for p in procs]
+        return [subprocess.CompletedProcess(cmd, p.returncode, *t) for p, t in zip(procs, told)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_a_rank_failing_mid_prune_leaves_no_output(sharded, stats_pair, tmp_path):
     out = tmp_path / "out"
     p = stade("prune", sharded, "--stats", stats_pair[0], "-o", out, ranks=2, script=HERE / "_dist_fail.py",
-              env={"STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": how}, code=1)
-    assert p.returncode != 0
+              env={"STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": "raise"}, code=1)
     assert not out.exists() and not list(tmp_path.iterdir())   # neither the output nor its staging or lock
-    if how == "raise":
-        assert "error: rank 1: unexpected OSError: [Errno 5] Input/output error (injected)" in p.stderr
-        assert "rank 1 of 2 failed" in p.stderr                 # rank 0 says why it stopped
-    else:
-        assert "stopped without saying why" in p.stderr
+    assert "error: rank 1: unexpected OSError: [Errno 5] Input/output error (injected)" in p.stderr
+    assert "rank 1 of 2 failed" in p.stderr                     # rank 0 says why it stopped
+
+
+def test_a_rank_killed_mid_prune_is_told_by_the_collective(sharded, stats_pair, tmp_path):
+    """Rank 1 SIGKILLed after its first shard (the out-of-memory killer) and no launcher to stop rank 0: rank 0
+    learns it at its next collective, says so, and leaves nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    zero, one = by_hand("prune", sharded, "--stats", stats_pair[0], "-o", work / "out",
+                        env={"STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": "kill"})
+    assert one.returncode == -9
+    assert zero.returncode == 1, zero.stderr
+    assert "error: rank 0: another of the 2 ranks stopped without saying why" in zero.stderr, zero.stderr
+    assert "it was killed or crashed" in zero.stderr
+    assert not list(work.iterdir())                             # neither the output nor its staging or lock
+
+
+def test_a_rank_killed_while_the_others_work_is_told_by_the_launcher(sharded, stats_pair, tmp_path):
+    """Rank 1 SIGKILLed while rank 0 is busy in its shards: torchrun stops rank 0 with SIGTERM, rank 0 unwinds
+    saying where the cause is told, and the launcher's report names the killed rank."""
+    work = tmp_path / "work"
+    work.mkdir()
+    p = stade("prune", sharded, "--stats", stats_pair[0], "-o", work / "out", ranks=2, script=HERE / "_dist_fail.py",
+              env={"STADE_TEST_FAIL_RANK": "1", "STADE_TEST_FAIL_HOW": "kill-while-busy",
+                   "STADE_TEST_READY": str(tmp_path / "ready")}, code=1)
+    assert "error: rank 0: interrupted by SIGTERM" in p.stderr, p.stderr
+    assert "a launcher stops every rank this way when one of them fails: its report names which" in p.stderr
+    assert "rank      : 1" in p.stderr and "SIGKILL" in p.stderr     # torchrun's report: rank 1, signal 9
+    assert not list(work.iterdir())
 
 
 def test_ctrl_c_on_the_launcher_stops_every_rank_and_leaves_nothing(sharded, stats_pair, tmp_path):

@@ -21,6 +21,23 @@ INTERRUPTED = ("no partial output is left, and the output path holds what it hel
                "(unless the new output was complete)")
 
 
+def _interrupted(exc: Interrupted) -> str:
+    line = f"interrupted by {exc.name}: {INTERRUPTED}"
+    if exc.name == "SIGTERM" and _launched_several():
+        # torchrun / accelerate stop the other ranks with SIGTERM when one fails: say where the cause is told
+        line += " (a launcher stops every rank this way when one of them fails: its report names which)"
+    return line
+
+
+def _launched_several() -> bool:
+    from ..distributed import launched
+
+    try:
+        return launched().several
+    except Exception:  # noqa: BLE001 - a malformed environment: no launcher to speak of
+        return False
+
+
 def _usage(exc) -> str:
     ctx = exc.ctx
     command = f"stade {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "stade --help"
@@ -40,7 +57,7 @@ def _unexpected(exc: BaseException) -> str:
 # (exception type, exit code, the line, shown as is even with --debug)
 TABLE: list[tuple[type, Callable[[BaseException], int], Callable[[BaseException], str], bool]] = [
     (KeyboardInterrupt, lambda e: 130, lambda e: f"interrupted: {INTERRUPTED}", True),
-    (Interrupted, lambda e: e.exit_code, lambda e: f"interrupted by {e.name}: {INTERRUPTED}", True),
+    (Interrupted, lambda e: e.exit_code, _interrupted, True),
     (UsageError, lambda e: e.exit_code, _usage, True),
     (MethodError, lambda e: 2, _method, False),          # before StadeError: it is one, with flags to name
     (StadeError, lambda e: e.exit_code, str, False),
