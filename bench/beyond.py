@@ -7,6 +7,11 @@ on several held-out texts separately (perplexity relative to the dense model on 
         --entries 'wanda:update=admm,admm_gradual=true' 'wanda:recipe=best' \
         --sparsities 0.5 0.6 0.7 0.8 --patterns unstructured 2:4 4:8 --out bench/results/smollm2/beyond-layerwise
 
+A text given as ``NAME=draw:SPEC@SEED`` is not read from its start: its windows are drawn from SPEC (a file,
+directory or comma list, as ``calibrate --dataset`` takes it) the way ``calibrate`` draws its own, with SEED instead
+of the stats' seed: held-out windows of the calibration text itself, on which a setting can be chosen without
+looking at the texts the table reports (``austen=draw:$A/emma.txt,$A/mansfieldpark.txt,...@12345``).
+
 Entries are ``quality.py``'s (``name:key=value,...``: method options or ``prune()`` keywords such as
 ``sequential``, ``layer_sparsity``, ``refine``, ``recipe``). Writes OUT/beyond.json and OUT/beyond.md (one table
 per text, ppl and × dense; one of prune seconds, wall and CPU) and OUT/beyond-NAME.png per text (needs
@@ -124,6 +129,33 @@ def plots(result: dict, out: Path) -> list[str]:
     return names
 
 
+def perplexity_on(model: str, spec: str, args, reporter) -> dict:
+    """{"ppl", "windows"} of ``model`` on text ``spec``: a file read from its start (``stade eval``'s protocol), or
+    ``draw:SPEC@SEED`` (windows drawn from SPEC as ``calibrate`` draws them, with SEED)."""
+    import math
+
+    from stade_cli.evaluate import evaluate
+
+    if not spec.startswith("draw:"):
+        r = evaluate(model, dataset=spec, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
+                     reporter=reporter)
+        return {"ppl": r["ppl"], "windows": r["windows"]}
+    from stade_cli.arch import context_length
+    from stade_cli.data import calibration_windows, load_corpus
+    from stade_cli.evaluate import perplexity
+    from stade_cli.loading import Runtime
+
+    source, _, seed = spec[len("draw:"):].rpartition("@")
+    if not source or not seed.isdigit():
+        raise SystemExit(f"error: {spec!r}: a drawn text is draw:SPEC@SEED (SEED a whole number)")
+    rt = Runtime.of(model, args.device)
+    windows = calibration_windows(rt.tokenizer(), load_corpus(source, "calibration"), args.max_windows,
+                                  args.seqlen, int(seed), context_length(rt.config))
+    with rt.model(None) as net:
+        nll, _ = perplexity(net, windows, rt.device, 1, reporter)
+    return {"ppl": math.exp(nll), "windows": int(windows.shape[0])}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -155,7 +187,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--stats", required=True, help="stats directory (from `stade calibrate --gram`)")
-    p.add_argument("--eval", nargs="+", required=True, help="NAME=FILE held-out texts, each evaluated alone")
+    p.add_argument("--eval", nargs="+", required=True, help="NAME=FILE held-out texts, each evaluated alone (NAME=draw:SPEC@SEED: windows drawn "
+                   "from SPEC as calibrate draws them, with SEED)")
     p.add_argument("--entries", nargs="+", required=True)
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
     p.add_argument("--patterns", nargs="+", default=["unstructured"])
@@ -187,7 +220,6 @@ def main(argv=None) -> int:
         print(table(result))
         return 0
 
-    from stade_cli.evaluate import evaluate
     from stade_cli.outputs import remove_output
     from stade_cli.pruning import prune
     from stade_cli.runtime import StderrReporter
@@ -199,12 +231,11 @@ def main(argv=None) -> int:
     check_entries(entries, cells, args.seed)
     RESULTS.check(out)
     reporter = StderrReporter()
-    ev = dict(seqlen=args.seqlen, max_windows=args.max_windows, device=args.device, reporter=reporter)
     result = {"settings": {k: getattr(args, k) for k in ("model", "stats", "eval", "entries", "sparsities", "patterns",
                                                          "seqlen", "max_windows", "seed", "device")},
               "started": _dt.datetime.now().isoformat(timespec="seconds"), "cells": cells, "texts": {}, "rows": []}
     for name, path in texts.items():
-        r = evaluate(args.model, dataset=path, **ev)
+        r = perplexity_on(args.model, path, args, reporter)
         result["texts"][name] = {"file": path, "ppl": r["ppl"], "windows": r["windows"]}
         log(f"dense on {name}: {r['ppl']:.2f}")
     work = Path(tempfile.mkdtemp(prefix="stade-beyond-"))
@@ -220,7 +251,7 @@ def main(argv=None) -> int:
                                    pattern=cell["pattern"], stats=args.stats, device=args.device, force=True,
                                    reporter=reporter, **prune_kwargs(kwargs, args.seed))
                     t1, c1 = time.perf_counter(), time.process_time()
-                    ppl = {n: evaluate(str(scratch), dataset=path, **ev)["ppl"] for n, path in texts.items()}
+                    ppl = {n: perplexity_on(str(scratch), path, args, reporter)["ppl"] for n, path in texts.items()}
                     row["cells"][cell["label"]] = {
                         "ppl": ppl, "sparsity": report["overall"]["sparsity"], "prune_seconds": round(t1 - t0, 2),
                         "prune_cpu_seconds": round(c1 - c0, 2), "recipe": report.get("recipe"),

@@ -179,16 +179,17 @@ def test_beyond_smoke(tiny_llama, text_file, tmp_path):
     other.write_text(text_file.read_text()[::-1])
     out = tmp_path / "beyond"
     _run(["bench/beyond.py", "--model", str(tiny_llama), "--stats", str(stats), "--eval", f"a={text_file}",
-          f"b={other}", "--entries", "wanda:update=admm", "wanda:recipe=best,refine_samples=2,refine_seqlen=16",
+          f"b={other}", f"c=draw:{text_file}@7", "--entries", "wanda:update=admm", "wanda:recipe=best,refine_samples=2,refine_seqlen=16",
           "--sparsities", "0.5", "--patterns", "unstructured", "2:4",
           "--seqlen", "16", "--max-windows", "2", "--out", str(out)])
     data = json.loads((out / "beyond.json").read_text())
-    assert set(data["texts"]) == {"a", "b"} and all(_finite(t["ppl"]) for t in data["texts"].values())
+    assert set(data["texts"]) == {"a", "b", "c"} and all(_finite(t["ppl"]) for t in data["texts"].values())
+    assert data["texts"]["c"]["windows"] == 2 and data["texts"]["c"]["ppl"] != data["texts"]["a"]["ppl"]
     plain, recipe = data["rows"]
     for row in (plain, recipe):
         for label in ("50%", "2:4"):
             cell = row["cells"][label]
-            assert set(cell["ppl"]) == {"a", "b"} and all(_finite(v) and v > 1 for v in cell["ppl"].values())
+            assert set(cell["ppl"]) == {"a", "b", "c"} and all(_finite(v) and v > 1 for v in cell["ppl"].values())
             assert _finite(cell["prune_seconds"]) and abs(cell["sparsity"] - 0.5) < 0.05
     assert recipe["cells"]["50%"]["recipe"]["name"] == "best"
     assert recipe["cells"]["50%"]["refine"]["steps"] == 32 and recipe["cells"]["50%"]["refine"]["samples"] == 2
@@ -202,6 +203,41 @@ def test_beyond_smoke(tiny_llama, text_file, tmp_path):
                              timeout=180)
     assert refused.returncode != 0 and "sparsegpt has none" in refused.stderr   # no scores to re-choose from
     assert not (tmp_path / "refused").exists()
+
+
+def test_beyond_draws_held_out_windows_as_calibrate_does(tiny_llama, text_file, monkeypatch):
+    """``draw:SPEC@SEED``: the windows ``calibrate`` would draw with that seed, scored by the model's own mean
+    next-token loss (the slow way: one window at a time through transformers)."""
+    import argparse
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stade_cli.data import calibration_windows, load_corpus
+    from stade_cli.runtime import Reporter
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))          # as when run as a script: its helpers beside it
+    spec = importlib.util.spec_from_file_location("beyond", ROOT / "bench" / "beyond.py")
+    beyond = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(beyond)
+    args = argparse.Namespace(seqlen=16, max_windows=3, device="cpu")
+    got = beyond.perplexity_on(str(tiny_llama), f"draw:{text_file}@7", args, Reporter())
+    windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama), load_corpus(str(text_file), "calibration"),
+                                  3, 16, 7, 10_000)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    assert got["windows"] == 3
+    assert math.isclose(got["ppl"], math.exp(sum(losses) / len(losses)), rel_tol=1e-5)
+    other = beyond.perplexity_on(str(tiny_llama), f"draw:{text_file}@8", args, Reporter())
+    assert other["ppl"] != got["ppl"]                       # another seed, other windows
+    try:
+        beyond.perplexity_on(str(tiny_llama), f"draw:{text_file}", args, Reporter())
+    except SystemExit as exc:
+        assert "draw:SPEC@SEED" in str(exc)
+    else:
+        raise AssertionError("a draw without a seed was accepted")
 
 
 def _beyond_run(path: Path, rows: dict[str, dict[str, float]], dense: float = 20.0, text: str = "a",
