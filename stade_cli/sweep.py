@@ -106,7 +106,9 @@ def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
 
 def prune_kwargs(kwargs: dict, seed: int) -> dict:
     """An entry's options split: method options (``metrics.option_specs()``) become ``options=``, the rest
-    stay ``prune()`` keywords."""
+    stay ``prune()`` keywords. With a ``recipe``, ``given`` names what the entry sets (its metric and every key),
+    so that a value the entry spells out wins even where it equals ``prune()``'s default
+    (``wanda:recipe=best,refine_lr=0.001``)."""
     from .metrics import option_specs
 
     names = set(option_specs())
@@ -114,6 +116,8 @@ def prune_kwargs(kwargs: dict, seed: int) -> dict:
     rest = {k: v for k, v in kwargs.items() if k not in names}
     if method:
         rest["options"] = {"seed": seed, **method}
+    if "recipe" in kwargs:
+        rest["given"] = {"metric", *(k for k in kwargs if k != "recipe")}
     return rest
 
 
@@ -164,7 +168,7 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
 
     allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
                "expert_min_tokens", "structure", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples",
-               "refine_seqlen", "refine_precision", "recipe"}
+               "refine_seqlen", "refine_precision", "recipe", "given"}
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
         unknown = sorted(set(extra) - allowed)

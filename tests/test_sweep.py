@@ -27,6 +27,28 @@ def test_entries_cells_and_options_by_hand():
     assert prune_kwargs({"init": "stade", "dsnot_threshold": 0.05, "bias_correction": False}, seed=3) == {
         "bias_correction": False, "options": {"seed": 3, "init": "stade", "dsnot_threshold": 0.05}}
     assert prune_kwargs({"layer_sparsity": "owl"}, seed=0) == {"layer_sparsity": "owl"}
+
+
+def test_a_recipe_entry_keeps_what_it_spells_out_even_at_prunes_default():
+    """``wanda:recipe=best,refine_lr=0.001``: 0.001 is prune()'s own default, so a call that only compares with the
+    defaults cannot tell it was asked for; the entry says so with ``given``, and the recipe's 0.003 stays out."""
+    import inspect
+
+    from stade_cli.pruning import prune
+    from stade_cli.recipes import RECIPES, apply_to_call
+
+    assert dict(RECIPES["best"].values)["refine_lr"] != 0.001
+    kw = prune_kwargs({"recipe": "best", "refine_lr": 0.001, "admm_gradual": False}, seed=0)
+    assert kw["given"] == {"metric", "refine_lr", "admm_gradual"}
+    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items()
+                if k not in ("model", "out", "recipe", "given")}
+    args = {**defaults, "metric": "wanda", **{k: v for k, v in kw.items() if k not in ("recipe", "given")}}
+    applied, record = apply_to_call(prune, args, "best", kw["given"])
+    assert applied["refine_lr"] == 0.001 and applied["options"]["admm_gradual"] is False
+    assert applied["refine"] == 32 and applied["update"] == "admm"             # the rest is the recipe's
+    assert record["overridden"] == ["--no-admm-gradual", "--refine-lr 0.001"]      # in the recipe's flag order
+    unaware, _ = apply_to_call(prune, args, "best", None)                       # without given: the default loses
+    assert unaware["refine_lr"] == dict(RECIPES["best"].values)["refine_lr"]
     cells = cell_specs([0.5, 0.7, 0.5], ["unstructured", "2:4", "4:8", "2:4"])
     assert [(c["label"], c["pattern"], c["sparsity"], c["implied_sparsity"]) for c in cells] == [
         ("50%", "unstructured", 0.5, 0.5), ("70%", "unstructured", 0.7, 0.7), ("2:4", "2:4", None, 0.5),
