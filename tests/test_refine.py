@@ -212,7 +212,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     --help shows those flags."""
     recipe = RECIPES["best"]
     flags = recipe.flags()
-    assert flags == ("--metric wanda --update admm --admm-gradual --refine 32 --refine-lr 0.001 --refine-batch 4 "
+    assert flags == ("--metric wanda --update admm --admm-gradual --refine 32 --refine-lr 0.003 --refine-batch 4 "
                      "--refine-samples 64 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
     assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
@@ -232,7 +232,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     assert ra["options"]["admm_gradual"] is True and ra["method"] == "wanda" and ra["update"] == "admm"
     assert {k: v for k, v in ra["refine"].items() if k != "blocks"} == {
         k: v for k, v in rb["refine"].items() if k != "blocks"}
-    assert ra["refine"]["steps"] == 32 and ra["refine"]["lr"] == 1e-3 and ra["refine"]["batch"] == 4
+    assert ra["refine"]["steps"] == 32 and ra["refine"]["lr"] == 3e-3 and ra["refine"]["batch"] == 4
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)            # the same run
 
