@@ -129,28 +129,38 @@ def plots(result: dict, out: Path) -> list[str]:
     return names
 
 
-def perplexity_on(model: str, spec: str, args, reporter) -> dict:
-    """{"ppl", "windows"} of ``model`` on text ``spec``: a file read from its start (``stade eval``'s protocol), or
-    ``draw:SPEC@SEED`` (windows drawn from SPEC as ``calibrate`` draws them, with SEED)."""
-    import math
-
-    from stade_cli.evaluate import evaluate
-
+def drawn_windows(model: str, spec: str, args):
+    """The windows of a ``draw:SPEC@SEED`` text (drawn from SPEC as ``calibrate`` draws them, with SEED; tokenized
+    with ``model``'s tokenizer), or None for a file read from its start."""
     if not spec.startswith("draw:"):
-        r = evaluate(model, dataset=spec, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
-                     reporter=reporter)
-        return {"ppl": r["ppl"], "windows": r["windows"]}
+        return None
     from stade_cli.arch import context_length
     from stade_cli.data import calibration_windows, load_corpus
-    from stade_cli.evaluate import perplexity
     from stade_cli.loading import Runtime
 
     source, _, seed = spec[len("draw:"):].rpartition("@")
     if not source or not seed.isdigit():
         raise SystemExit(f"error: {spec!r}: a drawn text is draw:SPEC@SEED (SEED a whole number)")
     rt = Runtime.of(model, args.device)
-    windows = calibration_windows(rt.tokenizer(), load_corpus(source, "calibration"), args.max_windows,
-                                  args.seqlen, int(seed), context_length(rt.config))
+    return calibration_windows(rt.tokenizer(), load_corpus(source, "calibration"), args.max_windows, args.seqlen,
+                               int(seed), context_length(rt.config))
+
+
+def perplexity_on(model: str, spec: str, args, reporter, windows=None) -> dict:
+    """{"ppl", "windows"} of ``model`` on text ``spec``: a file read from its start (``stade eval``'s protocol), or
+    ``draw:SPEC@SEED`` (its ``windows``, drawn here when not given: ``drawn_windows``)."""
+    import math
+
+    from stade_cli.evaluate import evaluate, perplexity
+    from stade_cli.loading import Runtime
+
+    if windows is None:
+        windows = drawn_windows(model, spec, args)
+    if windows is None:
+        r = evaluate(model, dataset=spec, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
+                     reporter=reporter)
+        return {"ppl": r["ppl"], "windows": r["windows"]}
+    rt = Runtime.of(model, args.device)
     with rt.model(None) as net:
         nll, _ = perplexity(net, windows, rt.device, 1, reporter)
     return {"ppl": math.exp(nll), "windows": int(windows.shape[0])}
@@ -234,8 +244,9 @@ def main(argv=None) -> int:
     result = {"settings": {k: getattr(args, k) for k in ("model", "stats", "eval", "entries", "sparsities", "patterns",
                                                          "seqlen", "max_windows", "seed", "device")},
               "started": _dt.datetime.now().isoformat(timespec="seconds"), "cells": cells, "texts": {}, "rows": []}
-    for name, path in texts.items():
-        r = perplexity_on(args.model, path, args, reporter)
+    drawn = {name: drawn_windows(args.model, path, args) for name, path in texts.items()}   # once: every prune
+    for name, path in texts.items():                                                        # keeps the tokenizer
+        r = perplexity_on(args.model, path, args, reporter, drawn[name])
         result["texts"][name] = {"file": path, "ppl": r["ppl"], "windows": r["windows"]}
         log(f"dense on {name}: {r['ppl']:.2f}")
     work = Path(tempfile.mkdtemp(prefix="stade-beyond-"))
@@ -251,7 +262,8 @@ def main(argv=None) -> int:
                                    pattern=cell["pattern"], stats=args.stats, device=args.device, force=True,
                                    reporter=reporter, **prune_kwargs(kwargs, args.seed))
                     t1, c1 = time.perf_counter(), time.process_time()
-                    ppl = {n: perplexity_on(str(scratch), path, args, reporter)["ppl"] for n, path in texts.items()}
+                    ppl = {n: perplexity_on(str(scratch), path, args, reporter, drawn[n])["ppl"]
+                           for n, path in texts.items()}
                     row["cells"][cell["label"]] = {
                         "ppl": ppl, "sparsity": report["overall"]["sparsity"], "prune_seconds": round(t1 - t0, 2),
                         "prune_cpu_seconds": round(c1 - c0, 2), "recipe": report.get("recipe"),

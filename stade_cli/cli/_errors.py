@@ -12,7 +12,7 @@ import typer
 
 from ..errors import Interrupted, MethodError, StadeError, signal_received
 from .options import cli_flag
-from .output import error
+from .output import error, launched_world
 
 # click's UsageError, whether typer uses click itself or its own vendored copy
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -23,19 +23,11 @@ INTERRUPTED = ("no partial output is left, and the output path holds what it hel
 
 def _interrupted(exc: Interrupted) -> str:
     line = f"interrupted by {exc.name}: {INTERRUPTED}"
-    if exc.name == "SIGTERM" and _launched_several():
+    world = launched_world()
+    if exc.name == "SIGTERM" and world is not None and world.several:
         # torchrun / accelerate stop the other ranks with SIGTERM when one fails: say where the cause is told
         line += " (a launcher stops every rank this way when one of them fails: its report names which)"
     return line
-
-
-def _launched_several() -> bool:
-    from ..distributed import launched
-
-    try:
-        return launched().several
-    except Exception:  # noqa: BLE001 - a malformed environment: no launcher to speak of
-        return False
 
 
 def _usage(exc) -> str:

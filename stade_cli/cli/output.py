@@ -62,14 +62,20 @@ def error(message: str) -> None:
     """One line on stderr (markup in the message is printed literally); under a launcher it names the rank."""
     from rich.text import Text
 
+    world = launched_world()
+    where = f"rank {world.rank}: " if world is not None and world.several else ""
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), f" {where}{message}"))
+
+
+def launched_world():
+    """The launcher's ``World`` (``distributed.launched``), or None where its environment is malformed: that is
+    itself what an error line may be reporting."""
     from ..distributed import launched
 
     try:
-        world = launched()
-    except Exception:  # noqa: BLE001 - a malformed environment is itself being reported
-        world = None
-    where = f"rank {world.rank}: " if world is not None and world.several else ""
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), f" {where}{message}"))
+        return launched()
+    except Exception:  # noqa: BLE001 - a malformed environment: no launcher to speak of
+        return None
 
 
 def other_rank() -> bool:

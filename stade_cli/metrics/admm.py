@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..masks import NM, Unstructured
+from ..runtime import PRODUCTS
 from ..runtime import product_dtype as _product_dtype
 from .base import LayerContext, LayerStats, MethodError, update
 
@@ -51,7 +52,6 @@ class Options:
         "help": "admm: auto | float32 | bfloat16 products (auto: bfloat16 on CUDA, AMX or AVX512-BF16)."})
 
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def product_dtype(options: Options, device: torch.device) -> torch.dtype:
@@ -68,7 +68,7 @@ def validate(options: Options, pattern=None) -> None:
     if options.admm_gradual and not 1 <= options.admm_gradual_steps <= options.admm_iterations:
         raise MethodError(f"{{admm_gradual_steps}} must be between 1 and {{admm_iterations}} "
                           f"(got {options.admm_gradual_steps} of {options.admm_iterations})")
-    if options.admm_precision not in ("auto", *PRECISIONS):
+    if options.admm_precision not in PRODUCTS:
         raise MethodError(f"{{admm_precision}} must be auto, float32 or bfloat16 (got {options.admm_precision!r})")
 
 
