@@ -132,8 +132,9 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **Mode**: {report.get('mode', 'one-shot')}.")
     refine = report.get("refine")
     if refine:
+        warmup = f", rising over the first {refine['warmup']:.0%} of them" if refine.get("warmup") else ""
         lines.append(f"- **Block-wise refinement**: {refine['steps']} Adam steps per decoder block (lr "
-                     f"{refine['lr']:g}) fitted the kept weights to the dense model's block outputs on "
+                     f"{refine['lr']:g}{warmup}) fitted the kept weights to the dense model's block outputs on "
                      f"{refine['samples']} × {refine['seqlen']} calibration tokens"
                      + (f" ({refine['precision']} matrix products)" if refine.get("precision", "float32") != "float32" else "")
                      + "; the zeros stayed zeros.")

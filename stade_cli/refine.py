@@ -37,11 +37,12 @@ class RefineOptions:
     """``--refine N`` and its options (the defaults measured on SmolLM2: bench/README.md)."""
 
     steps: int = 0                    # Adam steps per block (0: no refinement)
-    lr: float = 1e-3                  # initial learning rate (cosine decay to 0)
+    lr: float = 1e-3                  # peak learning rate (cosine decay to 0)
     batch: int = 4                    # windows per step
     samples: int = 16                 # calibration windows (the stats' text and seed)
     seqlen: int | None = 256          # tokens per window (None: the calibration's)
     precision: str = "auto"           # auto | float32 | bfloat16: the products of the forward and backward passes
+    warmup: float = 0.0               # share of the steps over which the learning rate rises linearly to lr
 
     def check(self) -> None:
         from .errors import UsageError
@@ -50,6 +51,9 @@ class RefineOptions:
             raise UsageError(f"--refine must be a number of steps per block, 0 or more (got {self.steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--refine-lr must be positive (got {self.lr})")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--refine-warmup must be a share of the steps, from 0 up to (not including) 1 "
+                             f"(got {self.warmup})")
         if self.batch < 1:
             raise UsageError(f"--refine-batch must be at least 1 (got {self.batch})")
         if self.samples < 1:
@@ -81,17 +85,26 @@ def _products(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def learning_rate(step: int, steps: int, warmup: float = 0.0) -> float:
+    """The learning rate's factor at ``step`` (0-based) of ``steps``: a cosine from 1 down to 0 over the steps,
+    times a linear rise over the first ``warmup`` share of them (step t of w = round(warmup · steps) gets
+    (t + 1) / w, so the first step already moves and step w − 1 on is at the cosine)."""
+    w = max(1, round(warmup * steps))
+    return min(1.0, (step + 1) / w) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                  targets: torch.Tensor, weights: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor],
                  steps: int, lr: float, batch: int, generator: torch.Generator | None = None,
-                 products: torch.dtype = torch.float32) -> tuple[list[float], list[int]]:
+                 products: torch.dtype = torch.float32, warmup: float = 0.0) -> tuple[list[float], list[int]]:
     """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the loss of every
     step (before its update) and the windows of the first step.
 
     ``forward(x)`` runs the block on a batch of windows of ``inputs`` and returns its hidden states. ``frozen[i]`` is True where ``weights[i]`` must not
     change (its pruned entries, and any entry that is not a target's): those get no gradient and keep their
     exact value after every step, so a pruned weight stays zero. Mini-batches of ``batch`` windows are drawn
-    in a random order (``generator``), one epoch after another; the learning rate decays to 0 on a cosine.
+    in a random order (``generator``), one epoch after another; the learning rate decays to 0 on a cosine, after
+    a linear rise over the first ``warmup`` share of the steps (``learning_rate``).
     ``products``: the dtype of the forward and backward matrix products (autocast; the weights, the optimiser's
     state and the loss stay in their own dtype).
     """
@@ -102,7 +115,7 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
     for w in weights:
         w.requires_grad_(True)
     optimiser = torch.optim.Adam(weights, lr=lr)
-    decay = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    decay = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda t: learning_rate(t, steps, warmup))
     n = len(inputs)
     order: list[int] = []
     losses: list[float] = []
@@ -186,7 +199,8 @@ def refine(plan, layerwise, reporter):
     windows = spec.windows(rt)
     arch = plan.arch
     products = opts.product_dtype(rt.device)
-    reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}) on "
+    warm = f", rising over the first {max(1, round(opts.warmup * opts.steps))} steps" if opts.warmup else ""
+    reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}{warm}) on "
                  f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs"
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
     decisions: dict[str, LayerDecision] = {}
@@ -232,26 +246,29 @@ def refine(plan, layerwise, reporter):
                 layerwise_weights[t.name] = new
             trained = [getattr(modules[m], p) for m, p in params]
             losses, first = refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
-                                         list(params.values()), opts.steps, opts.lr, opts.batch, generator, products)
-            pruned_x = _through(block, x, kw, opts.batch, products)
+                                         list(params.values()), opts.steps, opts.lr, opts.batch, generator, products,
+                                         opts.warmup)
             # the error on the first step's windows, before (that step's loss) and after the refinement; a block
             # whose error did not go down (the steps overshot) keeps its layer-wise weights
-            entry = {"block": index, "windows": first, "before": losses[0],
-                     "after": _mse(pruned_x[first], target_y[first]), "kept": "refined"}
+            def error() -> float:
+                return _mse(_through(block, x[first], kw, opts.batch, products), target_y[first])
+
+            entry = {"block": index, "windows": first, "before": losses[0], "after": error(), "kept": "refined"}
             if not entry["after"] < entry["before"]:
                 with torch.no_grad():       # only the targets' entries moved (the rest are frozen, exact)
                     for t in sub:
                         weight = loaded.places[t.name].view(modules)
                         weight.copy_(layerwise_weights[t.name].to(weight.device, weight.dtype))
-                pruned_x = _through(block, x, kw, opts.batch, products)
-                entry.update(kept="layer-wise", refined=entry["after"], after=_mse(pruned_x[first], target_y[first]))
+                entry.update(kept="layer-wise", refined=entry["after"], after=error())
             errors.append(entry)
             for t in sub:
                 weight = loaded.places[t.name].view(modules)
                 decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
                                                   bias_delta=decisions[t.name].bias_delta)
-            block.to(dtype)
-            if dtype != torch.float32:      # the next block sees what the checkpoint will compute
+            block.to(dtype)             # the next block sees what the checkpoint will compute
+            if dtype == torch.float32:
+                pruned_x = _through(block, x, kw, opts.batch, products)
+            else:
                 pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
@@ -262,7 +279,7 @@ def refine(plan, layerwise, reporter):
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
-    facts = {"steps": opts.steps, "lr": opts.lr, "batch": opts.batch, "samples": len(windows),
+    facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "batch": opts.batch, "samples": len(windows),
              "precision": str(products).removeprefix("torch."),
              "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors}
     return dataclasses.replace(layerwise, layer=lambda target, tensor: decisions[target.name], refined=facts)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
 from stade_cli.recipes import RECIPES, apply
-from stade_cli.refine import refine_block
+from stade_cli.refine import learning_rate, refine_block
 
 runner = CliRunner()
 
@@ -74,6 +74,34 @@ def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
     losses, first = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=1,
                                  lr=1e-3, batch=3)
     assert losses[0] == pytest.approx(float(torch.cat([expected[i] for i in first]).mean()), rel=1e-5)
+
+
+def test_learning_rate_rises_then_follows_the_cosine():
+    """By hand: 8 steps, warmup 0.25 → w = 2: step 0 at 1/2 of the cosine, step 1 on at the cosine itself."""
+    import math
+
+    cos = [0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
+    assert [learning_rate(t, 8) for t in range(8)] == pytest.approx(cos)
+    assert [learning_rate(t, 8, 0.25) for t in range(8)] == pytest.approx([cos[0] / 2] + cos[1:])
+    ten = [learning_rate(t, 10, 0.5) for t in range(10)]          # w = 5: (t + 1)/5 × cosine for t < 5
+    assert ten[:5] == pytest.approx([(t + 1) / 5 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(5)])
+    assert max(range(10), key=ten.__getitem__) == 4               # the peak is the rise's last step, not step 0
+    assert learning_rate(0, 4, 0.1) == 1.0                          # a warmup under one step is no warmup
+
+
+def test_refine_block_steps_at_the_scheduled_rates():
+    """The first update of plain SGD-like Adam is lr × factor × sign(grad) per entry: the warmup scales it."""
+    moves = {}
+    for warmup in (0.0, 0.5):
+        w = torch.nn.Parameter(torch.ones(3, 3), requires_grad=False)
+        x = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))
+        refine_block(lambda xb: xb @ w.T, x, torch.zeros(2, 1, 3), [w], [torch.zeros(3, 3, dtype=torch.bool)],
+                     steps=4, lr=0.1, batch=2, warmup=warmup)
+        moves[warmup] = w.detach().clone()
+    # Adam's k-th step moves each entry by about lr_k (same-sign gradients): the total is the sum of the rates
+    for warmup, expected in ((0.0, sum(learning_rate(t, 4) for t in range(4))),
+                             (0.5, sum(learning_rate(t, 4, 0.5) for t in range(4)))):
+        assert (1 - moves[warmup]).abs().mean() == pytest.approx(0.1 * expected, rel=0.05), warmup
 
 
 def test_refine_block_with_bfloat16_products_keeps_the_masks_and_float32_weights():
@@ -148,14 +176,16 @@ def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama,
     common = ("--stats", gram_stats, "--metric", "wanda", "--update", "admm", "--sparsity", 0.6)
     run("prune", tiny_llama, *common, "-o", layerwise)
     out = run("prune", tiny_llama, *common, "--refine", 30, "--refine-lr", 3e-3, "--refine-samples", 8,
-              "--refine-seqlen", 32, "--refine-precision", precision, "-o", refined)
+              "--refine-seqlen", 32, "--refine-precision", precision, "--refine-warmup", 0.2, "-o", refined)
     assert "refinement: each block's output error" in out.stderr
+    assert "(lr 0.003, rising over the first 6 steps)" in out.stderr
     assert ("(bfloat16 products)" in out.stderr) == (precision == "bfloat16")
     assert "+ refine (30 steps a block)" in out.stderr
     a, b = load_file(layerwise / "model.safetensors"), load_file(refined / "model.safetensors")
     report = json.loads((refined / "stade_report.json").read_text())
     assert report["refine"]["steps"] == 30 and report["refine"]["samples"] == 8 and report["refine"]["seqlen"] == 32
-    assert report["refine"]["precision"] == precision
+    assert report["refine"]["precision"] == precision and report["refine"]["warmup"] == 0.2
+    assert "(lr 0.003, rising over the first 20% of them)" in (refined / "README.md").read_text()
     assert all(v.dtype == a[k].dtype for k, v in b.items())       # bfloat16 products, the checkpoint's own dtype
     assert [e["block"] for e in report["refine"]["blocks"]] == [0, 1]
     assert all(e["after"] < e["before"] for e in report["refine"]["blocks"])
@@ -193,6 +223,8 @@ def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     (("--refine", -1), "--refine must be a number of steps"),
     (("--refine", 2, "--refine-lr", 0), "--refine-lr must be positive"),
     (("--refine", 2, "--refine-batch", 0), "--refine-batch must be at least 1"),
+    (("--refine", 2, "--refine-warmup", 1), "--refine-warmup must be a share of the steps"),
+    (("--refine", 2, "--refine-warmup", -0.1), "--refine-warmup must be a share of the steps"),
     (("--refine", 2, "--refine-samples", 0), "--refine-samples must be at least 1"),
     (("--refine", 2, "--refine-seqlen", 1), "--refine-seqlen must be at least 2"),
     (("--refine", 2, "--refine-precision", "half"), "--refine-precision must be one of auto, float32, bfloat16"),

@@ -40,7 +40,8 @@ def prune(
     expert_score: Annotated[str, typer.Option(help="How --experts ranks them: reap, frequency or random.")] = "reap",
     expert_min_tokens: Annotated[int, typer.Option(help="Experts that saw fewer calibration tokens use fallback statistics.")] = 128,
     refine: Annotated[int, typer.Option(help="Adam steps per decoder block fitting its kept weights to the dense block's outputs (0: off).")] = 0,
-    refine_lr: Annotated[float, typer.Option(help="Refinement: initial learning rate (cosine decay to 0).")] = 1e-3,
+    refine_lr: Annotated[float, typer.Option(help="Refinement: peak learning rate (cosine decay to 0).")] = 1e-3,
+    refine_warmup: Annotated[float, typer.Option(help="Refinement: share of the steps over which the learning rate first rises linearly to --refine-lr.")] = 0.0,
     refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
@@ -86,7 +87,7 @@ def prune(
                          experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
                          structure=structure, refine=refine, refine_lr=refine_lr, refine_batch=refine_batch,
                          refine_samples=refine_samples, refine_seqlen=refine_seqlen,
-                         refine_precision=refine_precision, recipe=recipe, given=given,
+                         refine_precision=refine_precision, refine_warmup=refine_warmup, recipe=recipe, given=given,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
@@ -165,8 +166,8 @@ def summary_lines(report: dict, output) -> list[str]:
 _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("recipe", "metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only",
-                 "skip", "update", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen",
-                 "refine_precision", "structure", "experts", "expert_score", "expert_min_tokens"),
+                 "skip", "update", "sequential", "refine", "refine_lr", "refine_warmup", "refine_batch", "refine_samples",
+                 "refine_seqlen", "refine_precision", "structure", "experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
                                                            "batch_size"),
@@ -177,7 +178,8 @@ _PANELS = {name: panel for panel, names in _GROUPS.items() for name in names}
 # Shown by `stade prune --help-method NAME`, not in --help (which then fits about two screens): each method's own
 # options (from the registry) and the details of the stages that are not methods.
 _STAGES = {
-    "refine": ("refine", "refine_lr", "refine_batch", "refine_samples", "refine_seqlen", "refine_precision"),
+    "refine": ("refine", "refine_lr", "refine_warmup", "refine_batch", "refine_samples", "refine_seqlen",
+               "refine_precision"),
     "owl": ("layer_sparsity", "owl_m", "owl_lambda"),
     "experts": ("experts", "expert_score", "expert_min_tokens"),
 }
