@@ -50,8 +50,15 @@ def test_refine_block_lowers_the_error_and_keeps_frozen_entries_exactly():
         frozen.append(m | keep_fixed)
     start = [p.detach().clone() for p in (pruned.w1, pruned.w2)]
     before = float((pruned(x) - y).pow(2).mean())
-    losses, first = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=60,
+    still = []                                                    # at every step, before its forward pass
+
+    def forward(xb):
+        still.append(all(torch.equal(p[m], s[m]) for p, m, s in zip((pruned.w1, pruned.w2), frozen, start)))
+        return pruned(xb)
+
+    losses, first = refine_block(forward, x, y, [pruned.w1, pruned.w2], frozen, steps=60,
                                  lr=1e-2, batch=4, generator=torch.Generator().manual_seed(0))
+    assert len(still) == 60 and all(still)                        # not only at the end: Adam moves them by 0
     after = float((pruned(x) - y).pow(2).mean())
     assert after < 0.5 * before, (before, after)
     assert len(losses) == 60 and len(first) == 4 and first == sorted(first)
@@ -59,6 +66,31 @@ def test_refine_block_lowers_the_error_and_keeps_frozen_entries_exactly():
         assert torch.equal(p[m], s[m])                           # bitwise: zeros stay zero, frozen stay as they were
         assert not torch.equal(p[~m], s[~m])                      # the others moved
         assert not p.requires_grad and p.grad is None
+
+
+def test_refine_block_without_a_fused_adam_gives_the_same_fit(monkeypatch):
+    """Where this torch has no fused Adam for the device, the default one runs: the same fit to rounding."""
+    import stade_cli.refine as refine_module
+
+    results = []
+    for fused in (True, False):
+        if not fused:
+            real = torch.optim.Adam
+
+            def unfused(params, lr, fused=None):
+                if fused:
+                    raise RuntimeError("fused=True requires all the params to be floating point Tensors of "
+                                       "supported devices")
+                return real(params, lr=lr)
+            monkeypatch.setattr(refine_module.torch.optim, "Adam", unfused)
+        model = TwoLayer(seed=5)
+        x = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(6))
+        frozen = [torch.rand(p.shape, generator=torch.Generator().manual_seed(7)) < 0.5 for p in (model.w1, model.w2)]
+        refine_block(lambda xb: model(xb), x, TwoLayer(seed=8)(x).detach(), [model.w1, model.w2], frozen, steps=5,
+                     lr=1e-2, batch=2, generator=torch.Generator().manual_seed(0))
+        results.append([model.w1.detach().clone(), model.w2.detach().clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
@@ -244,7 +276,8 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     --help shows those flags."""
     recipe = RECIPES["best"]
     flags = recipe.flags()
-    assert flags == ("--metric wanda --update admm --admm-gradual --refine 32 --refine-lr 0.003 --refine-batch 4 "
+    assert flags == ("--metric wanda --update admm --admm-gradual --refine 32 --refine-lr 0.008 --refine-warmup 0.25 "
+                     "--refine-batch 4 "
                      "--refine-samples 64 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
     assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
@@ -264,7 +297,8 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     assert ra["options"]["admm_gradual"] is True and ra["method"] == "wanda" and ra["update"] == "admm"
     assert {k: v for k, v in ra["refine"].items() if k != "blocks"} == {
         k: v for k, v in rb["refine"].items() if k != "blocks"}
-    assert ra["refine"]["steps"] == 32 and ra["refine"]["lr"] == 3e-3 and ra["refine"]["batch"] == 4
+    assert ra["refine"]["steps"] == 32 and ra["refine"]["lr"] == 8e-3 and ra["refine"]["warmup"] == 0.25
+    assert ra["refine"]["batch"] == 4
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)            # the same run
 

@@ -31,7 +31,7 @@ def test_entries_cells_and_options_by_hand():
 
 def test_a_recipe_entry_keeps_what_it_spells_out_even_at_prunes_default():
     """``wanda:recipe=best,refine_lr=0.001``: 0.001 is prune()'s own default, so a call that only compares with the
-    defaults cannot tell it was asked for; the entry says so with ``given``, and the recipe's 0.003 stays out."""
+    defaults cannot tell it was asked for; the entry says so with ``given``, and the recipe's own rate stays out."""
     import inspect
 
     from stade_cli.pruning import prune
