@@ -9,7 +9,8 @@ earlier pruned blocks pass on. The refinement fits a whole decoder block at a ti
 where X_l are the calibration windows' hidden states entering block l in the *pruned* model so far (blocks
 0..l−1 already pruned and refined) and Y_l the *dense* model's hidden states leaving block l on the same
 windows. So each block also absorbs part of the error that reaches it. A block whose error on its first step's
-windows did not go down keeps its layer-wise weights (the report says which). The weights are optimised by a few
+windows did not go down (the steps overshot) is refined again at half the rate, and keeps its layer-wise
+weights if that does not lower it either (``fit_or_keep``; the report says which). The weights are optimised by a few
 Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step (so Adam, whose
 moments for it stay zero, moves it by exactly 0) and it is reset to its value after the last one, so the masks are
 invariants (zeros stay zero, tested). Only one block is trained at a
@@ -159,6 +160,36 @@ def _adam(weights: Sequence[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(weights, lr=lr)
 
 
+def fit_or_keep(train: Callable[[float], tuple[list[float], list[int]]], error: Callable[[list[int]], float],
+                restore: Callable[[], None], lr: float, tries: int = 2) -> dict:
+    """One block's refinement, guarded: ``train(rate)`` runs the steps (``refine_block``: the losses, the first
+    step's windows), ``error(windows)`` measures the block's output error on those windows now, ``restore()`` puts
+    the layer-wise weights back.
+
+    The steps at ``lr`` are kept if they lowered the error on their first step's windows (``before``: that step's
+    loss, the layer-wise fit's error). If not (they overshot), the layer-wise weights are restored and the steps run
+    again at half the rate, up to ``tries`` rates in all, each judged on the same windows against the same
+    ``before``; when none lowered it the block keeps its layer-wise weights. Returns the report's entry: the
+    windows, ``before``, ``after`` (the error kept), ``kept`` (refined or layer-wise), the ``lr`` kept, and every
+    rate ``tried`` with the error it reached."""
+    first: list[int] = []
+    before = float("nan")
+    tried: list[list[float]] = []
+    for k in range(tries):
+        rate = lr / 2 ** k
+        losses, windows = train(rate)
+        if not first:
+            first, before = windows, losses[0]
+        reached = error(first)
+        tried.append([rate, reached])
+        if reached < before:
+            return {"windows": first, "before": before, "after": reached, "kept": "refined", "lr": rate,
+                    "tried": tried}
+        restore()
+    return {"windows": first, "before": before, "after": error(first), "kept": "layer-wise", "lr": None,
+            "tried": tried}
+
+
 # ------------------------------------------------------------------------------------------- the producer
 def _detached(obj):
     """A block call's keyword arguments as ordinary tensors (captured under inference mode, they could not
@@ -256,21 +287,21 @@ def refine(plan, layerwise, reporter):
                 decisions[t.name] = decision
                 layerwise_weights[t.name] = new
             trained = [getattr(modules[m], p) for m, p in params]
-            losses, first = refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
-                                         list(params.values()), opts.steps, opts.lr, opts.batch, generator, products,
-                                         opts.warmup)
-            # the error on the first step's windows, before (that step's loss) and after the refinement; a block
-            # whose error did not go down (the steps overshot) keeps its layer-wise weights
-            def error() -> float:
-                return _mse(_through(block, x[first], kw, opts.batch, products), target_y[first])
 
-            entry = {"block": index, "windows": first, "before": losses[0], "after": error(), "kept": "refined"}
-            if not entry["after"] < entry["before"]:
+            def train(rate: float) -> tuple[list[float], list[int]]:
+                return refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained, list(params.values()),
+                                    opts.steps, rate, opts.batch, generator, products, opts.warmup)
+
+            def error(windows: list[int]) -> float:
+                return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
+
+            def restore() -> None:
                 with torch.no_grad():       # only the targets' entries moved (the rest are frozen, exact)
                     for t in sub:
                         weight = loaded.places[t.name].view(modules)
                         weight.copy_(layerwise_weights[t.name].to(weight.device, weight.dtype))
-                entry.update(kept="layer-wise", refined=entry["after"], after=error())
+
+            entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
             errors.append(entry)
             for t in sub:
                 weight = loaded.places[t.name].view(modules)
@@ -284,9 +315,13 @@ def refine(plan, layerwise, reporter):
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
     kept = [e["block"] for e in errors if e["kept"] == "layer-wise"]
+    slower = [e["block"] for e in errors if e["kept"] == "refined" and e["lr"] != opts.lr]
+    if slower:
+        reporter.log(f"refinement: block(s) {', '.join(map(str, slower))} refined at half the rate, {opts.lr / 2:g} "
+                     f"(at {opts.lr:g} the steps did not lower their error)")
     if kept:
         reporter.log(f"refinement: block(s) {', '.join(map(str, kept))} kept the layer-wise weights (the steps did "
-                     "not lower their error; try a lower --refine-lr)")
+                     f"not lower their error at {opts.lr:g} nor at {opts.lr / 2:g}; try a lower --refine-lr)")
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
 from stade_cli.recipes import RECIPES, apply
-from stade_cli.refine import learning_rate, refine_block
+from stade_cli.refine import fit_or_keep, learning_rate, refine_block
 
 runner = CliRunner()
 
@@ -387,12 +387,61 @@ def test_a_block_the_steps_make_worse_keeps_its_layerwise_weights(tiny_llama, gr
     run("prune", tiny_llama, *flags, "-o", tmp_path / "a")
     res = run("prune", tiny_llama, *flags, "--refine", 3, "--refine-lr", 100, "--refine-samples", 4,
               "--refine-seqlen", 32, "-o", tmp_path / "b")
-    assert "block(s) 0, 1 kept the layer-wise weights" in res.stderr
+    assert "block(s) 0, 1 kept the layer-wise weights (the steps did not lower their error at 100 nor at 50" in res.stderr
     report = json.loads((tmp_path / "b" / "stade_report.json").read_text())
     assert [e["kept"] for e in report["refine"]["blocks"]] == ["layer-wise", "layer-wise"]
     for e in report["refine"]["blocks"]:
-        assert e["refined"] > e["before"] and e["after"] == pytest.approx(e["before"], rel=1e-4), e
+        assert [rate for rate, _ in e["tried"]] == [100, 50] and e["lr"] is None
+        assert all(reached > e["before"] for _, reached in e["tried"])
+        assert e["after"] == pytest.approx(e["before"], rel=1e-4), e
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for k in a:     # the same fit (computed with another thread count here: equal to float rounding)
         assert torch.equal(a[k] == 0, b[k] == 0), k
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+class _Block:
+    """A block for ``fit_or_keep``: the error its steps reach at each rate (by hand), the layer-wise one 1.0."""
+
+    def __init__(self, reached: dict[float, float]):
+        self.reached, self.now, self.log = reached, 1.0, []
+
+    def train(self, rate):
+        self.log.append(("train", rate))
+        self.now = self.reached[rate]
+        return [1.0, 0.9], [3, 5] if len(self.log) == 1 else [0, 1]     # a retry draws other windows
+
+    def error(self, windows):
+        self.log.append(("error", tuple(windows)))
+        return self.now
+
+    def restore(self):
+        self.log.append(("restore",))
+        self.now = 1.0
+
+
+def test_fit_or_keep_keeps_steps_that_lower_the_error():
+    b = _Block({0.01: 0.6})
+    entry = fit_or_keep(b.train, b.error, b.restore, 0.01)
+    assert entry == {"windows": [3, 5], "before": 1.0, "after": 0.6, "kept": "refined", "lr": 0.01,
+                     "tried": [[0.01, 0.6]]}
+    assert b.log == [("train", 0.01), ("error", (3, 5))]
+
+
+def test_fit_or_keep_retries_at_half_the_rate_on_the_same_windows():
+    b = _Block({0.01: 1.3, 0.005: 0.7})
+    entry = fit_or_keep(b.train, b.error, b.restore, 0.01)
+    assert entry == {"windows": [3, 5], "before": 1.0, "after": 0.7, "kept": "refined", "lr": 0.005,
+                     "tried": [[0.01, 1.3], [0.005, 0.7]]}
+    # restored before the retry, and the retry judged on the first try's windows against the first try's loss
+    assert b.log == [("train", 0.01), ("error", (3, 5)), ("restore",), ("train", 0.005), ("error", (3, 5))]
+
+
+def test_fit_or_keep_keeps_the_layerwise_weights_when_no_rate_helps():
+    b = _Block({0.01: 1.3, 0.005: 1.0})                 # equal is not lower
+    entry = fit_or_keep(b.train, b.error, b.restore, 0.01)
+    assert entry["kept"] == "layer-wise" and entry["lr"] is None and entry["after"] == 1.0
+    assert entry["tried"] == [[0.01, 1.3], [0.005, 1.0]]
+    assert b.log[-2:] == [("restore",), ("error", (3, 5))] and b.now == 1.0
+    one = _Block({0.01: 1.3})
+    assert fit_or_keep(one.train, one.error, one.restore, 0.01, tries=1)["tried"] == [[0.01, 1.3]]
