@@ -276,7 +276,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     --help shows those flags."""
     recipe = RECIPES["best"]
     flags = recipe.flags()
-    assert flags == ("--metric wanda --update admm --admm-gradual --refine 32 --refine-lr 0.008 --refine-warmup 0.25 "
+    assert flags == ("--metric wanda --update admm --admm-gradual --refine 40 --refine-lr 0.008 --refine-warmup 0.25 "
                      "--refine-batch 4 "
                      "--refine-samples 64 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
@@ -297,7 +297,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     assert ra["options"]["admm_gradual"] is True and ra["method"] == "wanda" and ra["update"] == "admm"
     assert {k: v for k, v in ra["refine"].items() if k != "blocks"} == {
         k: v for k, v in rb["refine"].items() if k != "blocks"}
-    assert ra["refine"]["steps"] == 32 and ra["refine"]["lr"] == 8e-3 and ra["refine"]["warmup"] == 0.25
+    assert ra["refine"]["steps"] == 40 and ra["refine"]["lr"] == 8e-3 and ra["refine"]["warmup"] == 0.25
     assert ra["refine"]["batch"] == 4
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)            # the same run
@@ -305,7 +305,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
 
 def test_recipe_apply_lets_given_values_win():
     args, options, record = apply("best", {"metric": "stade", "refine": 0}, {}, {"metric"}, {"admm_gradual"})
-    assert args["metric"] == "stade" and args["refine"] == 32 and args["update"] == "admm"
+    assert args["metric"] == "stade" and args["refine"] == 40 and args["update"] == "admm"
     assert options == {"admm_gradual": True}
     assert record["overridden"] == ["--metric stade"]
     _, _, same = apply("best", {"metric": "wanda"}, {}, {"metric"}, {"admm_gradual"})
@@ -318,7 +318,7 @@ def test_library_recipe(tiny_llama, gram_stats, tmp_path):
     report = prune(str(tiny_llama), tmp_path / "lib", stats=gram_stats, recipe="best", refine_samples=4,
                    refine_seqlen=32)
     assert report["recipe"]["overridden"] == ["--refine-samples 4", "--refine-seqlen 32"]
-    assert report["update"] == "admm" and report["options"]["admm_gradual"] is True and report["refine"]["steps"] == 32
+    assert report["update"] == "admm" and report["options"]["admm_gradual"] is True and report["refine"]["steps"] == 40
 
 
 # ------------------------------------------------------------------------------------------- sequential, one block

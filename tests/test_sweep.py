@@ -45,7 +45,7 @@ def test_a_recipe_entry_keeps_what_it_spells_out_even_at_prunes_default():
     args = {**defaults, "metric": "wanda", **{k: v for k, v in kw.items() if k not in ("recipe", "given")}}
     applied, record = apply_to_call(prune, args, "best", kw["given"])
     assert applied["refine_lr"] == 0.001 and applied["options"]["admm_gradual"] is False
-    assert applied["refine"] == 32 and applied["update"] == "admm"             # the rest is the recipe's
+    assert applied["refine"] == dict(RECIPES["best"].values)["refine"] and applied["update"] == "admm"             # the rest is the recipe's
     assert record["overridden"] == ["--no-admm-gradual", "--refine-lr 0.001"]      # in the recipe's flag order
     unaware, _ = apply_to_call(prune, args, "best", None)                       # without given: the default loses
     assert unaware["refine_lr"] == dict(RECIPES["best"].values)["refine_lr"]
