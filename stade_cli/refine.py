@@ -55,7 +55,8 @@ class RefineOptions:
             raise UsageError(f"--refine-lr must be positive (got {self.lr})")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--refine-warmup must be a share of the steps, from 0 up to (not including) 1 "
-                             f"(got {self.warmup})")
+                             f"(got {self.warmup:g})", "a quarter of the steps is --refine-warmup 0.25"
+                             + (f"; {self.warmup:g}% is {self.warmup / 100:g}" if 1 < self.warmup < 100 else ""))
         if self.batch < 1:
             raise UsageError(f"--refine-batch must be at least 1 (got {self.batch})")
         if self.samples < 1:

@@ -256,6 +256,7 @@ def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     (("--refine", 2, "--refine-lr", 0), "--refine-lr must be positive"),
     (("--refine", 2, "--refine-batch", 0), "--refine-batch must be at least 1"),
     (("--refine", 2, "--refine-warmup", 1), "--refine-warmup must be a share of the steps"),
+    (("--refine", 2, "--refine-warmup", 25), "(a quarter of the steps is --refine-warmup 0.25; 25% is 0.25)"),
     (("--refine", 2, "--refine-warmup", -0.1), "--refine-warmup must be a share of the steps"),
     (("--refine", 2, "--refine-samples", 0), "--refine-samples must be at least 1"),
     (("--refine", 2, "--refine-seqlen", 1), "--refine-seqlen must be at least 2"),
