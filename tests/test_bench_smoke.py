@@ -192,7 +192,10 @@ def test_beyond_smoke(tiny_llama, text_file, tmp_path):
             assert set(cell["ppl"]) == {"a", "b", "c"} and all(_finite(v) and v > 1 for v in cell["ppl"].values())
             assert _finite(cell["prune_seconds"]) and abs(cell["sparsity"] - 0.5) < 0.05
     assert recipe["cells"]["50%"]["recipe"]["name"] == "best"
-    assert recipe["cells"]["50%"]["refine"]["steps"] == 32 and recipe["cells"]["50%"]["refine"]["samples"] == 2
+    from stade_cli.recipes import RECIPES
+
+    steps = dict(RECIPES["best"].values)["refine"]
+    assert recipe["cells"]["50%"]["refine"]["steps"] == steps and recipe["cells"]["50%"]["refine"]["samples"] == 2
     md = (out / "beyond.md").read_text()
     assert "**a** (dense" in md and "**b** (dense" in md and "prune seconds" in md
     assert not list(tmp_path.glob("**/model.safetensors"))
