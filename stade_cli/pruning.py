@@ -49,7 +49,8 @@ def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity
           placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
           expert_min_tokens: int = 128, structure: str | None = None, refine: int = 0, refine_lr: float = 1e-3,
           refine_batch: int = 4, refine_samples: int = 16, refine_seqlen: int | None = 256,
-          refine_precision: str = "auto", refine_warmup: float = 0.0, recipe: str | None = None, given: set[str] | None = None) -> dict:
+          refine_precision: str = "auto", refine_warmup: float = 0.0, recipe: str | None = None,
+          given: set[str] | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help-method NAME``

@@ -10,11 +10,11 @@ where X_l are the calibration windows' hidden states entering block l in the *pr
 0..l−1 already pruned and refined) and Y_l the *dense* model's hidden states leaving block l on the same
 windows. So each block also absorbs part of the error that reaches it. A block whose error on its first step's
 windows did not go down (the steps overshot) is refined again at half the rate, and keeps its layer-wise
-weights if that does not lower it either (``fit_or_keep``; the report says which). The weights are optimised by a few
-Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step (so Adam, whose
+weights if that does not lower it either (``fit_or_keep``; the report says which). The weights are optimised by a
+few Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step (so Adam, whose
 moments for it stay zero, moves it by exactly 0) and it is reset to its value after the last one, so the masks are
-invariants (zeros stay zero, tested). Only one block is trained at a
-time; the dense and pruned hidden states of the refinement windows are kept (on the device when they fit).
+invariants (zeros stay zero, tested). Only one block is trained at a time; the dense and pruned hidden states of
+the refinement windows are kept (on the device when they fit).
 
 ``--refine-precision auto`` runs the block's forward and backward passes under bfloat16 autocast where the device
 is fast at bfloat16 products (CUDA; a CPU with AMX or AVX512-BF16), keeping the weights, the optimiser's state, the
@@ -88,11 +88,16 @@ def _products(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def warmup_steps(steps: int, warmup: float) -> int:
+    """The steps over which the learning rate rises: the ``warmup`` share of ``steps``, rounded, at least 1."""
+    return max(1, round(warmup * steps))
+
+
 def learning_rate(step: int, steps: int, warmup: float = 0.0) -> float:
     """The learning rate's factor at ``step`` (0-based) of ``steps``: a cosine from 1 down to 0 over the steps,
-    times a linear rise over the first ``warmup`` share of them (step t of w = round(warmup · steps) gets
-    (t + 1) / w, so the first step already moves and step w − 1 on is at the cosine)."""
-    w = max(1, round(warmup * steps))
+    times a linear rise over the first ``warmup`` share of them (step t of w = ``warmup_steps`` gets (t + 1) / w,
+    so the first step already moves and step w − 1 on is at the cosine)."""
+    w = warmup_steps(steps, warmup)
     return min(1.0, (step + 1) / w) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
@@ -242,7 +247,7 @@ def refine(plan, layerwise, reporter):
     windows = spec.windows(rt)
     arch = plan.arch
     products = opts.product_dtype(rt.device)
-    warm = f", rising over the first {max(1, round(opts.warmup * opts.steps))} steps" if opts.warmup else ""
+    warm = f", rising over the first {warmup_steps(opts.steps, opts.warmup)} steps" if opts.warmup else ""
     reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}{warm}) on "
                  f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs"
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
