@@ -321,13 +321,14 @@ def refine(plan, layerwise, reporter):
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
     kept = [e["block"] for e in errors if e["kept"] == "layer-wise"]
-    slower = [e["block"] for e in errors if e["kept"] == "refined" and e["lr"] != opts.lr]
-    if slower:
-        reporter.log(f"refinement: block(s) {', '.join(map(str, slower))} refined at half the rate, {opts.lr / 2:g} "
-                     f"(at {opts.lr:g} the steps did not lower their error)")
+    slower = [e for e in errors if e["kept"] == "refined" and e["lr"] != opts.lr]
+    if slower:              # fit_or_keep's rates, as each entry records them
+        reporter.log(f"refinement: block(s) {', '.join(str(e['block']) for e in slower)} refined at half the rate, "
+                     f"{slower[0]['lr']:g} (at {opts.lr:g} the steps did not lower their error)")
     if kept:
+        rates = " nor at ".join(f"{rate:g}" for rate, _ in next(e for e in errors if e["kept"] == "layer-wise")["tried"])
         reporter.log(f"refinement: block(s) {', '.join(map(str, kept))} kept the layer-wise weights (the steps did "
-                     f"not lower their error at {opts.lr:g} nor at {opts.lr / 2:g}; try a lower --refine-lr)")
+                     f"not lower their error at {rates}; try a lower --refine-lr)")
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
