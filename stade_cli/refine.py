@@ -26,6 +26,7 @@ AVX512-BF16 for the same perplexity (README, Beyond layer-wise reconstruction).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -214,11 +215,30 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextlib.contextmanager
+def _casts_cached(module: nn.Module):
+    """Within it (and an autocast context), autocast converts each of ``module``'s weights once, not at every call.
+
+    Autocast keeps the converted copy of a tensor for the rest of its context only for leaf tensors that require
+    gradients; a weight that does not is converted again at every product. So the floating-point parameters are
+    marked as requiring gradients here (under ``no_grad`` nothing is recorded) and given their own flags back after.
+    The products are the same numbers: one conversion or many of the same weight. On SmolLM2's blocks a pass over
+    128 windows of 256 tokens takes a quarter less time."""
+    flags = [(p, p.requires_grad) for p in module.parameters() if p.is_floating_point()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _through(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int,
              products: torch.dtype = torch.float32) -> torch.Tensor:
     """``block`` on every window of ``x``, ``batch`` windows at a time, without gradients, in ``x``'s dtype
-    (matrix products in ``products``)."""
-    with torch.no_grad(), _products(x.device, products):
+    (matrix products in ``products``, each weight converted once: ``_casts_cached``)."""
+    with torch.no_grad(), _products(x.device, products), _casts_cached(block):
         return torch.cat([_output(block(x[s:s + batch], **kwargs)).to(x.dtype) for s in range(0, len(x), batch)])
 
 

@@ -279,14 +279,14 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     flags = recipe.flags()
     assert flags == ("--metric wanda --update admm --admm-gradual --refine 40 --refine-lr 0.008 --refine-warmup 0.25 "
                      "--refine-batch 4 "
-                     "--refine-samples 64 --refine-seqlen 256")
+                     "--refine-samples 128 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
     assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
     a, b = tmp_path / "recipe", tmp_path / "flags"
     out = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--refine-samples", 4, "--refine-seqlen",
               32, "-o", a)
     assert f"recipe best: {flags} (yours instead: --refine-samples 4 --refine-seqlen 32)" in out.stderr
-    run("prune", tiny_llama, "--stats", gram_stats, *flags.replace("--refine-samples 64 --refine-seqlen 256",
+    run("prune", tiny_llama, "--stats", gram_stats, *flags.replace("--refine-samples 128 --refine-seqlen 256",
                                                                      "--refine-samples 4 --refine-seqlen 32").split(),
         "-o", b)
     ra, rb = (json.loads((d / "stade_report.json").read_text()) for d in (a, b))
@@ -446,3 +446,27 @@ def test_fit_or_keep_keeps_the_layerwise_weights_when_no_rate_helps():
     assert b.log[-2:] == [("restore",), ("error", (3, 5))] and b.now == 1.0
     one = _Block({0.01: 1.3})
     assert fit_or_keep(one.train, one.error, one.restore, 0.01, tries=1)["tried"] == [[0.01, 1.3]]
+
+
+def test_a_pass_with_casts_cached_gives_the_same_numbers_and_leaves_the_flags_as_they_were():
+    """``_through`` under bfloat16 autocast converts each weight once (it marks the weights as requiring gradients
+    for the pass): the outputs are those of the plain autocast pass to the bit, nothing is recorded for a backward,
+    and every parameter's ``requires_grad`` is what it was, after a pass and after one that raised."""
+    from stade_cli.refine import _casts_cached, _through
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
+    block[0].weight.requires_grad_(False)
+    block[2].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in block.parameters()]
+    x = torch.randn(6, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.cat([block(x[s:s + 4]).float() for s in range(0, 6, 4)])
+    out = _through(block, x, {}, 4, torch.bfloat16)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    assert torch.equal(out, plain)
+    assert [p.requires_grad for p in block.parameters()] == flags
+    with pytest.raises(RuntimeError), _casts_cached(block):
+        assert all(p.requires_grad for p in block.parameters())
+        raise RuntimeError("interrupted")
+    assert [p.requires_grad for p in block.parameters()] == flags
