@@ -470,3 +470,6 @@ def test_a_pass_with_casts_cached_gives_the_same_numbers_and_leaves_the_flags_as
         assert all(p.requires_grad for p in block.parameters())
         raise RuntimeError("interrupted")
     assert [p.requires_grad for p in block.parameters()] == flags
+    with _casts_cached(block):      # a parameter replaced during the pass (as an offloading hook does)
+        block[0].weight = torch.nn.Parameter(block[0].weight.detach().clone(), requires_grad=True)
+    assert [p.requires_grad for p in block.parameters()] == flags
