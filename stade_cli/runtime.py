@@ -94,6 +94,48 @@ def product_dtype(spec: str, device: "torch.device") -> "torch.dtype":
     return getattr(torch, name)
 
 
+def decision_workers(device: "torch.device") -> int:
+    """How many layers are decided at once: one per core on the CPU (up to 4; each with one intra-op thread, see
+    ``one_thread_per_worker``), two on an accelerator (one prepares while the other computes)."""
+    import torch
+
+    return 2 if device.type != "cpu" else max(1, min(4, torch.get_num_threads()))
+
+
+@contextmanager
+def worker_pool(workers: int):
+    """A pool of ``workers`` threads for deciding layers. On success it is shut down as usual; on any failure or
+    interrupt the queued layers are cancelled and nobody waits for the ones being solved (a layer of sparsegpt at
+    70B width takes minutes): the caller's cleanup runs at once, and the CLI ends the process without joining the
+    workers (``cli.app.main``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="stade-prune")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextmanager
+def one_thread_per_worker(device: "torch.device", workers: int):
+    """On the CPU a pool of ``workers`` already keeps every core busy: torch's own intra-op threads would
+    oversubscribe them, so within this context they are one per worker (and as many as before after it)."""
+    if device.type != "cpu" or workers < 2:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def available_bytes(device: "torch.device") -> int:
     """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
     import os

@@ -32,7 +32,7 @@ from .rewrite import Rewrite
 from .metrics import flat_options
 from .outputs import Output
 from .plan import Plan
-from .runtime import Reporter
+from .runtime import Reporter, decision_workers, one_thread_per_worker, worker_pool
 from .tensors import count_zeros
 
 
@@ -105,13 +105,13 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
     needed = {n for n in decisions.corrected if not plan.arch.targets[n].has_bias}
     bias_flags, new_biases = bias_switches(plan.bias_table, plan.arch.model_type, needed)
     layout = Layout(decisions.corrected, bias_flags, frozenset(new_biases), decisions.rewrite or Rewrite())
-    workers = 2 if dev.type != "cpu" else max(1, min(4, torch.get_num_threads()))
+    workers = decision_workers(dev)
     sizes = [(src / f).stat().st_size for f in plan.files]
     mine = world.pick(sizes)
     total = sum(sizes[i] for i in mine)
-    with _one_thread_per_worker(dev, workers), staged(dest, world) as tmp:
+    with one_thread_per_worker(dev, workers), staged(dest, world) as tmp:
         with world.together():                   # this rank's shards
-            with _pool(workers) as pool, _disk_full_is_an_error(dest.path, total):
+            with worker_pool(workers) as pool, _disk_full_is_an_error(dest.path, total):
                 stream = _Stream(plan, decisions, layout, pool, ahead=2 * workers)
                 with reporter.task("pruning", total=total) as advance:
                     for i in mine:
@@ -238,35 +238,6 @@ class _Stream:
                       if rw.out_key(f"{n}.bias") not in self.added and f"{n}.bias" not in self.added)
         if lost:
             raise ModelError(f"no weight found for the new bias {lost[0]}")
-
-
-@contextmanager
-def _pool(workers: int):
-    """The worker pool of one pass. On success it is shut down as usual; on any failure or interrupt the queued
-    layers are cancelled and nobody waits for the ones being solved (a layer of sparsegpt at 70B width takes
-    minutes): the staging directory is removed at once, and the CLI ends the process without joining the
-    workers (``cli.app.main``)."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="stade-prune")
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
-@contextmanager
-def _one_thread_per_worker(dev: torch.device, workers: int):
-    """On the CPU the pool already keeps every core busy: torch's own intra-op threads would oversubscribe."""
-    if dev.type != "cpu" or workers < 2:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager

@@ -68,6 +68,27 @@ def test_refine_block_lowers_the_error_and_keeps_frozen_entries_exactly():
         assert not p.requires_grad and p.grad is None
 
 
+def test_refine_block_computes_no_gradient_for_the_blocks_other_parameters():
+    """A parameter the forward pass uses but that is not one of the weights (a norm's gain, left requiring
+    gradients as a loaded model leaves it) gets no gradient and does not move, and the fit is the same as with
+    that parameter frozen."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 5, 12, generator=g)
+    y = TwoLayer(seed=1)(x).detach()
+    fits = []
+    for flag in (True, False):
+        block = TwoLayer()
+        gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 12), requires_grad=flag)
+        start = gain.detach().clone()
+        frozen = [torch.zeros_like(block.w1, dtype=torch.bool), torch.zeros_like(block.w2, dtype=torch.bool)]
+        refine_block(lambda xb: block(xb * gain), x, y, [block.w1, block.w2], frozen, steps=5, lr=1e-2, batch=4,
+                     generator=torch.Generator().manual_seed(0))
+        assert gain.grad is None and torch.equal(gain.detach(), start) and gain.requires_grad == flag
+        fits.append([block.w1.detach().clone(), block.w2.detach().clone()])
+    for a, b in zip(*fits):
+        assert torch.equal(a, b)
+
+
 def test_refine_block_without_a_fused_adam_gives_the_same_fit(monkeypatch):
     """Where this torch has no fused Adam for the device, the default one runs: the same fit to rounding."""
     import stade_cli.refine as refine_module
