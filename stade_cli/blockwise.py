@@ -1,7 +1,9 @@
 """Run a decoder block by block over all calibration (or evaluation) windows.
 
-The inputs of the first block are captured once (a forward pre-hook on a stand-in for block 0, so nothing
-raises and no block runs); then every block in turn is brought onto its execution device, runs on all the
+The inputs of the first block are captured once, with every block's own keyword arguments (stand-ins take the
+blocks' places and record what the model hands each one: models that alternate sliding-window and full attention,
+Gemma 2 and 3 among them, give each block the mask and rotary embeddings of its kind; no block runs, and the
+forward pass is stopped at the last stand-in); then every block in turn is brought onto its execution device, runs on all the
 cached hidden states, and its outputs become the next block's inputs. Only the current block and the
 cached hidden states need to be on the device, which is what lets calibrate, ``prune --sequential`` and
 eval handle models larger than the device: the model is loaded with an accelerate device map
@@ -152,8 +154,14 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class _Captured(Exception):
+    """Raised by the last stand-in once every block's arguments are recorded: the rest of the forward pass (the
+    final norm, the head) has nothing to give."""
+
+
 class _StandIn(nn.Module):
-    """Takes block 0's place while its inputs are captured: returns its input, so no block runs.
+    """Takes a block's place while the inputs are captured: returns its input, so no block runs (or, for the
+    head, replays the last hidden states).
 
     Attribute lookups it cannot answer go to the real block (models read e.g. ``layer.attention_type``).
     """
@@ -171,19 +179,19 @@ class _StandIn(nn.Module):
             return getattr(object.__getattribute__(self, "_real"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        out = self._replay() if self._replay is not None else hidden_states
+        out = self._replay() if self._replay is not None else _hidden(hidden_states)
         return (out,) if self._as_tuple else out
 
 
 @contextmanager
-def _blocks_replaced(model: nn.Module, arch: Architecture, stand_in: nn.Module):
-    """The decoder's block list temporarily cut to one stand-in module."""
+def _blocks_replaced(model: nn.Module, arch: Architecture, *stand_ins: nn.Module):
+    """The decoder's block list temporarily replaced by ``stand_ins``."""
     modules = dict(model.named_modules())
     list_name = arch.blocks[0].rsplit(".", 1)[0]                 # e.g. "model.layers"
     owner_name, _, attr = list_name.rpartition(".")
     owner = modules[owner_name] if owner_name else model
     full = getattr(owner, attr)
-    setattr(owner, attr, nn.ModuleList([stand_in]))
+    setattr(owner, attr, nn.ModuleList(stand_ins))
     try:
         yield
     finally:
@@ -207,7 +215,8 @@ class BlockRunner:
         inside = {id(m) for b in self.blocks_list for m in b.modules()}
         self.outer = [m for m in model.modules() if id(m) not in inside and _own_tensors(m)]
         self.slices = [(s, min(s + batch_size, len(windows))) for s in range(0, len(windows), batch_size)]
-        self.kwargs: list[dict] = []
+        self.block_kwargs: list[list[dict]] = [[] for _ in self.blocks_list]   # [block][window slice]
+        self.kwargs = self.block_kwargs[0]                                     # the first block's
         self.as_tuple = False
         self.cache: HiddenCache | None = None
         if (where := device_map_summary(model)) is not None:
@@ -217,28 +226,41 @@ class BlockRunner:
     # -- phase 1: the first block's inputs
     @torch.inference_mode()
     def _capture(self, spill: str, spill_dir) -> None:
-        first = self.blocks_list[0]
         dev = execution_device(self.outer, self.device)
         records: list[torch.Tensor] = []
+        last = len(self.blocks_list) - 1
 
-        def record(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            records.append(hidden)
-            self.kwargs.append(kwargs)
+        def recorder(index: int):
+            def record(module, args, kwargs):
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if index == 0:
+                    records.append(hidden)
+                self.block_kwargs[index].append(kwargs)
+                if index == last:
+                    raise _Captured
+            return record
 
-        stand_in = _StandIn(first)
-        handle = stand_in.register_forward_pre_hook(record, with_kwargs=True)
+        # each stand-in passes its input on as a 1-tuple, which both conventions of the models' loops read back
+        # (``h = layer(h)``: the next stand-in unpacks it; ``h = layer(h)[0]``)
+        stand_ins = [_StandIn(b, as_tuple=True) for b in self.blocks_list]
+        handles = [s.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, s in enumerate(stand_ins)]
         try:
-            with onloaded(self.outer, dev), _blocks_replaced(self.model, self.arch, stand_in):
+            with onloaded(self.outer, dev), _blocks_replaced(self.model, self.arch, *stand_ins):
                 for s, e in self.slices:
-                    self.model.base_model(input_ids=self.windows[s:e].to(dev), use_cache=False)
+                    try:
+                        self.model.base_model(input_ids=self.windows[s:e].to(dev), use_cache=False)
+                    except _Captured:
+                        pass
+                    else:       # pragma: no cover - a model whose loop skips its last block
+                        raise RuntimeError("the model's forward pass did not reach its last block")
                     if self.cache is None:  # sized from the first batch
                         shape = (len(self.windows), *records[0].shape[1:])
                         self.cache = self._make_cache(shape, records[0].dtype, spill, spill_dir)
                     self.cache.put(s, e, records.pop(), into_next=False)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
     def _make_cache(self, shape, dtype, spill: str, spill_dir) -> HiddenCache:
         dev = execution_device(list(self.blocks_list[0].modules()), self.device)
@@ -250,6 +272,13 @@ class BlockRunner:
         self.reporter.log(f"cached block inputs: {human_bytes(need)} ({shape[0]} × {shape[1]} × {shape[2]}, in and out) "
                           f"{where}" + ("" if spill != "auto" else f"; {human_bytes(free)} free"))
         return HiddenCache(shape, dtype, dev if not on_disk else torch.device("cpu"), on_disk, spill_dir)
+
+    def index(self, block: nn.Module) -> int:
+        """The position of ``block`` among the model's blocks."""
+        for i, b in enumerate(self.blocks_list):
+            if b is block:
+                return i
+        raise ValueError("not one of this model's blocks")
 
     # -- phase 2: the blocks
     def blocks(self, label: str = "blocks") -> Iterator[tuple[int, nn.Module, torch.device]]:
@@ -265,8 +294,9 @@ class BlockRunner:
             on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """All cached hidden states through ``block``; with ``keep`` its outputs become the next inputs.
         ``on_output(inputs, outputs)`` sees each batch's hidden states before and after the block."""
-        same = self.kwargs and device == _kw_device(self.kwargs[0], device)
-        for (s, e), kwargs in zip(self.slices, self.kwargs):
+        calls = self.block_kwargs[self.index(block)]
+        same = calls and device == _kw_device(calls[0], device)
+        for (s, e), kwargs in zip(self.slices, calls):
             x = self.cache.get(s, e).to(device)
             out = block(x, **(kwargs if same else move(kwargs, device)))
             if isinstance(out, (tuple, list)):

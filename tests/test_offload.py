@@ -124,9 +124,12 @@ def test_a_model_that_does_not_fit_is_streamed_or_refused(deep_llama, tmp_path, 
     assert "one block and the embeddings take" in r.stderr and "--dtype bfloat16" in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "mistral", "gemma", "gemma3", "gpt_oss", "mixtral",
+                                  "deepseek_v3"])
 def test_blockwise_perplexity_equals_plain_forward(tiny_factory, arch):
-    """The head replay (final hidden states through the model's own norm and LM head) is exact per architecture."""
+    """The head replay (final hidden states through the model's own norm and LM head) is exact per architecture,
+    and so is every block's input: Gemma 3 and gpt-oss alternate sliding-window and full attention (windows of 16
+    tokens here, shorter than the 24-token windows), each kind with its own mask (and rotary embeddings, Gemma 3)."""
     source = resolve_model(str(tiny_factory(arch)))
     model = load_model(source, torch.device("cpu"), torch.float32)
     windows = torch.randint(0, 384, (5, 24), generator=torch.Generator().manual_seed(0))
