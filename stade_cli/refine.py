@@ -261,6 +261,7 @@ def refine(plan, layerwise, reporter):
     import dataclasses
 
     from .arch import describe
+    from .attention import faster
     from .blockwise import BlockRunner
     from .decide import LayerDecision
     from .errors import ModelError
@@ -279,6 +280,7 @@ def refine(plan, layerwise, reporter):
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
     decisions: dict[str, LayerDecision] = {}
     errors: list[dict] = []
+    quick: list[int] = []                   # blocks that attended with attention.causal_attention
     generator = torch.Generator().manual_seed(spec.seed)
     with rt.model(placement) as model, BlockRunner(model, arch, windows, rt.device, 1, placement,
                                                    reporter) as runner:
@@ -289,15 +291,18 @@ def refine(plan, layerwise, reporter):
             raise ModelError(f"cannot find where {missing[0]} lives in the loaded model, so --refine cannot "
                              "train it", "prune without --refine, or --skip it")
         read = _checkpoint_reader(plan)
-        kwargs = _detached(runner.kwargs[0])
         dense_x = runner.cache.get(0, len(windows)).clone()
         pruned_x = dense_x                       # block 0: the pruned and the dense model's inputs are the same
         for index, block, dev in runner.blocks("refining blocks"):
             dtype = next(block.parameters()).dtype
             block.float()
-            kw = _detached(_moved(kwargs, dev))
+            kw = _detached(_moved(runner.block_kwargs[index][0], dev))   # this block's own (its kind of attention)
             dense_x = dense_x.to(dev, torch.float32)
             x = pruned_x.to(dev, torch.float32)
+            attending = contextlib.ExitStack()      # the block's faster causal attention, where it is the same
+            if attending.enter_context(faster(block, lambda: _through(block, dense_x[:2], kw, 2, products),
+                                              products, dev)):
+                quick.append(index)
             target_y = _through(block, dense_x, kw, opts.batch, products)          # the dense block on the dense inputs
             params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
             layerwise_weights: dict[str, torch.Tensor] = {}              # for a block the steps did not help
@@ -342,6 +347,7 @@ def refine(plan, layerwise, reporter):
                 pruned_x = _through(block, x, kw, opts.batch, products)
             else:
                 pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
+            attending.close()
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
     kept = [e["block"] for e in errors if e["kept"] == "layer-wise"]
@@ -358,7 +364,8 @@ def refine(plan, layerwise, reporter):
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
     facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "batch": opts.batch, "samples": len(windows),
              "precision": str(products).removeprefix("torch."),
-             "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors}
+             "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors,
+             "grouped_attention": quick}
     return dataclasses.replace(layerwise, layer=lambda target, tensor: decisions[target.name], refined=facts)
 
 

@@ -238,6 +238,8 @@ def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama,
     report = json.loads((refined / "stade_report.json").read_text())
     assert report["refine"]["steps"] == 30 and report["refine"]["samples"] == 8 and report["refine"]["seqlen"] == 32
     assert report["refine"]["precision"] == precision and report["refine"]["warmup"] == 0.2
+    # bfloat16 products on the CPU: both blocks attend with the grouped causal attention (attention.py)
+    assert report["refine"]["grouped_attention"] == ([0, 1] if precision == "bfloat16" else [])
     assert "(lr 0.003, rising over the first 20% of them)" in (refined / "README.md").read_text()
     assert all(v.dtype == a[k].dtype for k, v in b.items())       # bfloat16 products, the checkpoint's own dtype
     assert [e["block"] for e in report["refine"]["blocks"]] == [0, 1]
@@ -494,3 +496,28 @@ def test_a_pass_with_casts_cached_gives_the_same_numbers_and_leaves_the_flags_as
     with _casts_cached(block):      # a parameter replaced during the pass (as an offloading hook does)
         block[0].weight = torch.nn.Parameter(block[0].weight.detach().clone(), requires_grad=True)
     assert [p.requires_grad for p in block.parameters()] == flags
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "mistral", "gemma", "gemma3", "gpt_oss", "deepseek_v3"])
+def test_refinement_with_bfloat16_products_on_every_architecture(tiny_factory, tmp_path, arch):
+    """Every tiny architecture refines with bfloat16 products on the CPU: the layer-wise zeros stay, each block's
+    error goes down, and the blocks that attended with the grouped causal attention are the ones whose attention
+    dispatches through transformers' sdpa (the probe agreed there; elsewhere their own attention ran)."""
+    model = tiny_factory(arch)
+    stats = tmp_path / "stats"
+    run("calibrate", model, "-o", stats, "--dataset", "builtin", "--nsamples", 8, "--seqlen", 32, "--gram")
+    flags = ("--stats", stats, "--update", "admm", "--sparsity", 0.5, "--no-bias-correction")
+    run("prune", model, *flags, "-o", tmp_path / "a")
+    run("prune", model, *flags, "--refine", 10, "--refine-samples", 4, "--refine-seqlen", 32,
+        "--refine-precision", "bfloat16", "-o", tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    report = json.loads((tmp_path / "b" / "stade_report.json").read_text())
+    for name in report["layers"]:
+        key = f"{name}.weight" if f"{name}.weight" in a else name
+        if key in a:
+            assert torch.equal(a[key] == 0, b[key] == 0), key
+    assert all(e["after"] <= e["before"] for e in report["refine"]["blocks"]), report["refine"]["blocks"]
+    # Gemma 3's sliding-window blocks (0, 2) get an attention mask (its windows of 16 tokens are shorter than the
+    # 32-token ones here), its full-attention blocks none; gpt-oss attends eagerly (its sinks): theirs ran
+    expected = {"gemma3": [1, 3], "gpt_oss": []}.get(arch, [0, 1])
+    assert report["refine"]["grouped_attention"] == expected
