@@ -206,6 +206,23 @@ class Plan:
         return {n: bool(st.manifest["modules"].get(n, {}).get("reads_norm", False)) for n in self.arch.targets}
 
 
+def attention_kinds(model_dir: Path) -> list[str]:
+    """The distinct kinds of attention of the model's blocks, in order of first appearance (config.json's
+    ``layer_types``, or its text model's): ``["sliding_attention", "full_attention"]`` for Gemma 3; [] when the
+    config does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    for c in (config, config.get("text_config") or {}):
+        types = c.get("layer_types") if isinstance(c, dict) else None
+        if isinstance(types, list) and types:
+            return list(dict.fromkeys(str(t) for t in types))
+    return []
+
+
 def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float,
               world: World = World()) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
@@ -268,6 +285,12 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
     calibration = req.calibration
     if st is not None:
         st.check_model(source.fingerprint, arch.targets.values())
+        kinds = attention_kinds(source.path)
+        if len(kinds) > 1 and "block_arguments" not in st.manifest:
+            raise StatsError(f"the stats in {req.stats} were calibrated by an earlier stade, which gave every block "
+                             f"the first block's attention arguments; this model's blocks alternate "
+                             f"{' and '.join(kinds)} attention, so the statistics of the blocks of the other kind may be "
+                             "wrong", "re-run `stade calibrate` with this version")
         if needs_gram and not req.sequential and not st.has_gram:
             what = "the refit of the kept channels" if req.structure else next(m.name for m in running if m.needs_gram)
             raise StatsError(f"{what} needs Gram matrices, which the stats in {req.stats} do not hold",

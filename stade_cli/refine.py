@@ -19,7 +19,10 @@ the refinement windows are kept (on the device when they fit).
 ``--refine-precision auto`` runs the block's forward and backward passes under bfloat16 autocast where the device
 is fast at bfloat16 products (CUDA; a CPU with AMX or AVX512-BF16), keeping the weights, the optimiser's state, the
 hidden states and the loss in float32; elsewhere everything is float32. On SmolLM2 that is 1.9× faster on a CPU with
-AVX512-BF16 for the same perplexity (README, Beyond layer-wise reconstruction).
+AVX512-BF16 for the same perplexity (README, Beyond layer-wise reconstruction). On the CPU in bfloat16 a block
+attends with ``attention.causal_attention`` where a probe shows it gives sdpa's answer (sdpa's CPU kernel took a
+quarter of a step). Each block gets the keyword arguments the model hands it (``blockwise``: its own kind of
+attention, its own rotary embeddings).
 
 ``refine_block`` is the pure step (a block, its inputs and targets, the trainable weights with their masks);
 ``refine`` the producer that walks the blocks of a loaded model with ``blockwise.BlockRunner``.
@@ -372,7 +375,7 @@ def refine(plan, layerwise, reporter):
 def _decided(layerwise, targets, read, device: torch.device) -> list:
     """(target, its dense matrix, its layer-wise decision) for each of a block's ``targets``, decided on a pool of
     workers as the one-shot prune decides them (``runtime.decision_workers``: on the CPU one intra-op thread each,
-    which keeps both cores of a 2-core machine busier than one decision at a time on two threads: 19 s → 10 s for
+    which keeps both cores of a 2-core machine busier than one decision at a time on two threads: 19 s → 15 s for
     SmolLM2's 210 layers under ``--update admm --admm-gradual``). Each matrix is read from the checkpoint's own
     tensor, as one-shot does, in this thread."""
     from .runtime import decision_workers, one_thread_per_worker, worker_pool

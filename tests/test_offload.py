@@ -139,6 +139,25 @@ def test_blockwise_perplexity_equals_plain_forward(tiny_factory, arch):
     assert blocks[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
 
 
+def test_stats_from_before_each_block_had_its_own_arguments_are_refused_for_alternating_attention(tiny_factory,
+                                                                                                   tmp_path):
+    """Stats written before the fix above (no ``block_arguments`` in the manifest) are refused for a model whose
+    blocks alternate kinds of attention (Gemma 3), with the way out; a model with one kind still takes them."""
+    for arch, alternates in (("gemma3", True), ("llama", False)):
+        model, stats = tiny_factory(arch), tmp_path / f"stats-{arch}"
+        run("calibrate", model, "-o", stats, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 24)
+        manifest = json.loads((stats / "manifest.json").read_text())
+        assert manifest["block_arguments"] == "each block its own"
+        run("prune", model, "--stats", stats, "--metric", "wanda", "-o", tmp_path / f"new-{arch}")
+        del manifest["block_arguments"]
+        (stats / "manifest.json").write_text(json.dumps(manifest))
+        out = tmp_path / f"old-{arch}"
+        r = run("prune", model, "--stats", stats, "--metric", "wanda", "-o", out, code=1 if alternates else 0)
+        if alternates:
+            assert "alternate sliding_attention and full_attention attention" in r.stderr
+            assert "re-run `stade calibrate` with this version" in r.stderr and not out.exists()
+
+
 def test_spilled_inputs_equal_device_inputs(tiny_llama, tmp_path):
     model = load_model(resolve_model(str(tiny_llama)), torch.device("cpu"), torch.float32)
     arch = describe(model)

@@ -302,14 +302,14 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     flags = recipe.flags()
     assert flags == ("--metric wanda --update admm --admm-gradual --refine 40 --refine-lr 0.008 --refine-warmup 0.25 "
                      "--refine-batch 4 "
-                     "--refine-samples 64 --refine-seqlen 256")
+                     "--refine-samples 128 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
     assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
     a, b = tmp_path / "recipe", tmp_path / "flags"
     out = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--refine-samples", 4, "--refine-seqlen",
               32, "-o", a)
     assert f"recipe best: {flags} (yours instead: --refine-samples 4 --refine-seqlen 32)" in out.stderr
-    run("prune", tiny_llama, "--stats", gram_stats, *flags.replace("--refine-samples 64 --refine-seqlen 256",
+    run("prune", tiny_llama, "--stats", gram_stats, *flags.replace("--refine-samples 128 --refine-seqlen 256",
                                                                      "--refine-samples 4 --refine-seqlen 32").split(),
         "-o", b)
     ra, rb = (json.loads((d / "stade_report.json").read_text()) for d in (a, b))

@@ -114,7 +114,7 @@ def write_stats(tmp: Path, stats: Stats) -> None:
     for block, d in stats.distances.items():
         tensors[f"{BLOCKS_PREFIX}{block}"] = d.detach().cpu().to(torch.float64).contiguous()
     manifest = dict(stats.manifest, format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
-                    files=[MOMENTS_FILE])
+                    files=[MOMENTS_FILE], block_arguments="each block its own")   # (see plan.attention_kinds)
     save_file(tensors, str(tmp / MOMENTS_FILE), metadata={"format": FORMAT})
     if stats.grams:  # one file per block, so that prune can stream them (compute_stats may have written them)
         (tmp / GRAM_DIR).mkdir()
