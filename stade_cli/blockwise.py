@@ -227,40 +227,65 @@ class BlockRunner:
     @torch.inference_mode()
     def _capture(self, spill: str, spill_dir) -> None:
         dev = execution_device(self.outer, self.device)
-        records: list[torch.Tensor] = []
-        last = len(self.blocks_list) - 1
+        ways = ["tensor", "tuple", "first"]
+        for s, e in self.slices:
+            ids = self.windows[s:e].to(dev)
+            for way in list(ways):
+                try:
+                    hidden, calls = self._arguments(ids, dev, way)
+                except Exception:
+                    if way == "first":
+                        raise
+                    ways.remove(way)            # this model's loop cannot pass that on: the next way, from now on
+                    continue
+                break
+            if way == "first" and s == 0:
+                self.reporter.log("the model's forward pass could not be followed through stand-ins for every "
+                                  "block: every block gets the first block's arguments (exact unless its blocks "
+                                  "differ in kind of attention)")
+            for index, kwargs in enumerate(calls):
+                self.block_kwargs[index].append(kwargs)
+            if self.cache is None:  # sized from the first batch
+                self.cache = self._make_cache((len(self.windows), *hidden.shape[1:]), hidden.dtype, spill, spill_dir)
+            self.cache.put(s, e, hidden, into_next=False)
+
+    def _arguments(self, ids: torch.Tensor, dev: torch.device, way: str) -> tuple[torch.Tensor, list[dict]]:
+        """(block 0's hidden input, every block's keyword arguments) for the windows ``ids``.
+
+        Stand-ins take the blocks' places and record what the model hands each; none runs a block, and the last one
+        stops the pass (``_Captured``). Each passes its input on to the next as is (``way`` "tensor": the loops of
+        ``h = layer(h)``) or as a 1-tuple (``"tuple"``: those of ``h = layer(h)[0]``, older transformers; the next
+        stand-in unpacks it); ``"first"``: one stand-in for block 0 whose arguments every block gets (the pass goes
+        on to the end with its input)."""
+        records: list[tuple[torch.Tensor, dict]] = []
+        last = len(self.blocks_list) - 1 if way != "first" else None
 
         def recorder(index: int):
             def record(module, args, kwargs):
                 kwargs = dict(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                if index == 0:
-                    records.append(hidden)
-                self.block_kwargs[index].append(kwargs)
+                records.append((hidden, kwargs))
                 if index == last:
                     raise _Captured
             return record
 
-        # each stand-in passes its input on as a 1-tuple, which both conventions of the models' loops read back
-        # (``h = layer(h)``: the next stand-in unpacks it; ``h = layer(h)[0]``)
-        stand_ins = [_StandIn(b, as_tuple=True) for b in self.blocks_list]
+        blocks = self.blocks_list if way != "first" else self.blocks_list[:1]
+        stand_ins = [_StandIn(b, as_tuple=way == "tuple") for b in blocks]
         handles = [s.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, s in enumerate(stand_ins)]
         try:
             with onloaded(self.outer, dev), _blocks_replaced(self.model, self.arch, *stand_ins):
-                for s, e in self.slices:
-                    try:
-                        self.model.base_model(input_ids=self.windows[s:e].to(dev), use_cache=False)
-                    except _Captured:
-                        pass
-                    else:       # pragma: no cover - a model whose loop skips its last block
-                        raise RuntimeError("the model's forward pass did not reach its last block")
-                    if self.cache is None:  # sized from the first batch
-                        shape = (len(self.windows), *records[0].shape[1:])
-                        self.cache = self._make_cache(shape, records[0].dtype, spill, spill_dir)
-                    self.cache.put(s, e, records.pop(), into_next=False)
+                try:
+                    self.model.base_model(input_ids=ids, use_cache=False)
+                except _Captured:
+                    pass
         finally:
             for h in handles:
                 h.remove()
+        if way == "first":
+            return records[0][0], [records[0][1]] * len(self.blocks_list)
+        if len(records) != len(self.blocks_list):
+            raise RuntimeError(f"the model's forward pass reached {len(records)} of {len(self.blocks_list)} blocks")
+        return records[0][0], [kwargs for _, kwargs in records]
 
     def _make_cache(self, shape, dtype, spill: str, spill_dir) -> HiddenCache:
         dev = execution_device(list(self.blocks_list[0].modules()), self.device)

@@ -139,6 +139,47 @@ def test_blockwise_perplexity_equals_plain_forward(tiny_factory, arch):
     assert blocks[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("fails,used,logged", [((), "tensor", False), (("tensor",), "tuple", False),
+                                                 (("tensor", "tuple"), "first", True)])
+def test_block_arguments_are_captured_whichever_way_the_models_loop_passes_hidden_states_on(tiny_factory,
+                                                                                            monkeypatch, fails,
+                                                                                            used, logged):
+    """A loop that cannot take a stand-in's output as it is (``h = layer(h)[0]``, older transformers) gets it as a
+    1-tuple; one that takes neither gets block 0's arguments for every block, and the log says so. Gemma 3's
+    blocks differ in kind, so only the first two ways are exact there: the perplexity of the first is checked."""
+    from stade_cli.runtime import Reporter
+
+    model = load_model(resolve_model(str(tiny_factory("gemma3"))), torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, 384, (3, 24), generator=torch.Generator().manual_seed(0))
+    original = BlockRunner._arguments
+    tried = []
+
+    def arguments(self, ids, dev, way):
+        tried.append(way)
+        if way in fails:
+            raise TypeError("this loop cannot pass that on")
+        return original(self, ids, dev, way)
+
+    monkeypatch.setattr(BlockRunner, "_arguments", arguments)
+    lines = []
+
+    class Log(Reporter):
+        def log(self, message):
+            lines.append(message)
+
+    with BlockRunner(model, describe(model), windows, torch.device("cpu"), 1, reporter=Log()) as runner:
+        assert len(runner.block_kwargs) == 4 and all(len(k) == 3 for k in runner.block_kwargs)
+        first_sliding, first_full = runner.block_kwargs[0][0], runner.block_kwargs[1][0]
+        same = all(first_full[k] is first_sliding[k] for k in first_full)
+    assert tried == [*fails, used] + [used] * 2         # a way that failed is not tried again for the next windows
+    assert same == (used == "first")                     # the first way gives every block block 0's arguments
+    assert any("every block gets the first block's arguments" in line for line in lines) == logged
+    if used != "first":
+        plain = perplexity(model, windows, torch.device("cpu"), batch_size=1)
+        blocks = blockwise_perplexity(model, describe(model), windows, torch.device("cpu"), batch_size=1)
+        assert blocks[0] == pytest.approx(plain[0], rel=1e-6, abs=1e-7)
+
+
 def test_stats_from_before_each_block_had_its_own_arguments_are_refused_for_alternating_attention(tiny_factory,
                                                                                                    tmp_path):
     """Stats written before the fix above (no ``block_arguments`` in the manifest) are refused for a model whose
