@@ -3,9 +3,9 @@
 The inputs of the first block are captured once, with every block's own keyword arguments (stand-ins take the
 blocks' places and record what the model hands each one: models that alternate sliding-window and full attention,
 Gemma 2 and 3 among them, give each block the mask and rotary embeddings of its kind; no block runs, and the
-forward pass is stopped at the last stand-in; ``BlockRunner._arguments``); then every block in turn is brought onto its execution device, runs on all the
-cached hidden states, and its outputs become the next block's inputs. Only the current block and the
-cached hidden states need to be on the device, which is what lets calibrate, ``prune --sequential`` and
+forward pass is stopped at the last stand-in; ``BlockRunner._arguments``); then every block in turn is brought onto
+its execution device, runs on all the cached hidden states, and its outputs become the next block's inputs. Only
+the current block and the cached hidden states need to be on the device, which is what lets calibrate, ``prune --sequential`` and
 eval handle models larger than the device: the model is loaded with an accelerate device map
 (``--device-map``, ``--max-memory``, ``--offload-dir``), and ``onloaded`` takes one block at a time off
 accelerate's hooks and onto its device, then hands it back.

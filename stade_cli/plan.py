@@ -289,8 +289,8 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         if len(kinds) > 1 and "block_arguments" not in st.manifest:
             raise StatsError(f"the stats in {req.stats} were calibrated by an earlier stade, which gave every block "
                              f"the first block's attention arguments; this model's blocks alternate "
-                             f"{' and '.join(kinds)} attention, so the statistics of the blocks of the other kind may be "
-                             "wrong", "re-run `stade calibrate` with this version")
+                             f"{' and '.join(kinds)} attention, so the statistics of the blocks of the other kind "
+                             "may be wrong", "re-run `stade calibrate` with this version")
         if needs_gram and not req.sequential and not st.has_gram:
             what = "the refit of the kept channels" if req.structure else next(m.name for m in running if m.needs_gram)
             raise StatsError(f"{what} needs Gram matrices, which the stats in {req.stats} do not hold",

@@ -302,55 +302,55 @@ def refine(plan, layerwise, reporter):
             kw = _detached(_moved(runner.block_kwargs[index][0], dev))   # this block's own (its kind of attention)
             dense_x = dense_x.to(dev, torch.float32)
             x = pruned_x.to(dev, torch.float32)
-            attending = contextlib.ExitStack()      # the block's faster causal attention, where it is the same
-            if attending.enter_context(faster(block, lambda: _through(block, dense_x[:2], kw, 2, products),
-                                              products, dev)):
-                quick.append(index)
-            target_y = _through(block, dense_x, kw, opts.batch, products)          # the dense block on the dense inputs
-            params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
-            layerwise_weights: dict[str, torch.Tensor] = {}              # for a block the steps did not help
-            sub = [t for t in arch.targets.values() if t.block == index]
-            for t, original, decision in _decided(layerwise, sub, read, dev):
-                place = loaded.places[t.name]
-                weight = place.view(modules)
-                new = decision.weight_for(original)
-                with torch.no_grad():
-                    weight.copy_(new.to(weight.device, weight.dtype))
-                if decision.bias_delta is not None:
-                    _add_bias(modules[place.module], decision.bias_delta, dev)
-                key = (place.module, place.param)
-                if key not in params:
-                    params[key] = torch.ones_like(getattr(modules[place.module], place.param), dtype=torch.bool)
-                place.within(params[key]).copy_(new.to(params[key].device) == 0)
-                decisions[t.name] = decision
-                layerwise_weights[t.name] = new
-            trained = [getattr(modules[m], p) for m, p in params]
+            # the block's faster causal attention, where it is the same (put back however the block ends)
+            with faster(block, lambda: _through(block, dense_x[:2], kw, 2, products), products, dev) as grouped:
+                if grouped:
+                    quick.append(index)
+                target_y = _through(block, dense_x, kw, opts.batch, products)   # the dense block on the dense inputs
+                params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
+                layerwise_weights: dict[str, torch.Tensor] = {}              # for a block the steps did not help
+                sub = [t for t in arch.targets.values() if t.block == index]
+                for t, original, decision in _decided(layerwise, sub, read, dev):
+                    place = loaded.places[t.name]
+                    weight = place.view(modules)
+                    new = decision.weight_for(original)
+                    with torch.no_grad():
+                        weight.copy_(new.to(weight.device, weight.dtype))
+                    if decision.bias_delta is not None:
+                        _add_bias(modules[place.module], decision.bias_delta, dev)
+                    key = (place.module, place.param)
+                    if key not in params:
+                        params[key] = torch.ones_like(getattr(modules[place.module], place.param), dtype=torch.bool)
+                    place.within(params[key]).copy_(new.to(params[key].device) == 0)
+                    decisions[t.name] = decision
+                    layerwise_weights[t.name] = new
+                trained = [getattr(modules[m], p) for m, p in params]
 
-            def train(rate: float) -> tuple[list[float], list[int]]:
-                return refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained, list(params.values()),
-                                    opts.steps, rate, opts.batch, generator, products, opts.warmup)
+                def train(rate: float) -> tuple[list[float], list[int]]:
+                    return refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
+                                        list(params.values()), opts.steps, rate, opts.batch, generator, products,
+                                        opts.warmup)
 
-            def error(windows: list[int]) -> float:
-                return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
+                def error(windows: list[int]) -> float:
+                    return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
 
-            def restore() -> None:
-                with torch.no_grad():       # only the targets' entries moved (the rest are frozen, exact)
-                    for t in sub:
-                        weight = loaded.places[t.name].view(modules)
-                        weight.copy_(layerwise_weights[t.name].to(weight.device, weight.dtype))
+                def restore() -> None:
+                    with torch.no_grad():       # only the targets' entries moved (the rest are frozen, exact)
+                        for t in sub:
+                            weight = loaded.places[t.name].view(modules)
+                            weight.copy_(layerwise_weights[t.name].to(weight.device, weight.dtype))
 
-            entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
-            errors.append(entry)
-            for t in sub:
-                weight = loaded.places[t.name].view(modules)
-                decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
-                                                  bias_delta=decisions[t.name].bias_delta)
-            block.to(dtype)             # the next block sees what the checkpoint will compute
-            if dtype == torch.float32:
-                pruned_x = _through(block, x, kw, opts.batch, products)
-            else:
-                pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
-            attending.close()
+                entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
+                errors.append(entry)
+                for t in sub:
+                    weight = loaded.places[t.name].view(modules)
+                    decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
+                                                      bias_delta=decisions[t.name].bias_delta)
+                block.to(dtype)             # the next block sees what the checkpoint will compute
+                if dtype == torch.float32:
+                    pruned_x = _through(block, x, kw, opts.batch, products)
+                else:
+                    pruned_x = _through(block, x.to(dtype), _moved(kw, dev, dtype), opts.batch).float()
             dense_x = target_y
     gains = [e["after"] / e["before"] for e in errors if e["before"] > 0]
     kept = [e["block"] for e in errors if e["kept"] == "layer-wise"]
