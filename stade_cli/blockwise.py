@@ -5,9 +5,9 @@ blocks' places and record what the model hands each one: models that alternate s
 Gemma 2 and 3 among them, give each block the mask and rotary embeddings of its kind; no block runs, and the
 forward pass is stopped at the last stand-in; ``BlockRunner._arguments``); then every block in turn is brought onto
 its execution device, runs on all the cached hidden states, and its outputs become the next block's inputs. Only
-the current block and the cached hidden states need to be on the device, which is what lets calibrate, ``prune --sequential`` and
-eval handle models larger than the device: the model is loaded with an accelerate device map
-(``--device-map``, ``--max-memory``, ``--offload-dir``), and ``onloaded`` takes one block at a time off
+the current block and the cached hidden states need to be on the device, which is what lets calibrate,
+``prune --sequential`` and eval handle models larger than the device: the model is loaded with an accelerate
+device map (``--device-map``, ``--max-memory``, ``--offload-dir``), and ``onloaded`` takes one block at a time off
 accelerate's hooks and onto its device, then hands it back.
 
 The cached hidden states (windows × seqlen × hidden) stay on the device when they fit, else they are
@@ -216,7 +216,6 @@ class BlockRunner:
         self.outer = [m for m in model.modules() if id(m) not in inside and _own_tensors(m)]
         self.slices = [(s, min(s + batch_size, len(windows))) for s in range(0, len(windows), batch_size)]
         self.block_kwargs: list[list[dict]] = [[] for _ in self.blocks_list]   # [block][window slice]
-        self.kwargs = self.block_kwargs[0]                                     # the first block's
         self.as_tuple = False
         self.cache: HiddenCache | None = None
         if (where := device_map_summary(model)) is not None:
