@@ -136,6 +136,7 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **Block-wise refinement**: {refine['steps']} Adam steps per decoder block (lr "
                      f"{refine['lr']:g}{warmup}) fitted the kept weights to the dense model's block outputs on "
                      f"{refine['samples']} × {refine['seqlen']} calibration tokens"
+                     + (f" ({refine['loss']} loss)" if refine.get("loss", "mse") != "mse" else "")
                      + (f" ({refine['precision']} matrix products)" if refine.get("precision", "float32") != "float32" else "")
                      + "; the zeros stayed zeros.")
     if experts.get("removal"):

@@ -49,8 +49,8 @@ def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity
           placement=None, update: str = "none", experts: int | None = None, expert_score: str = "reap",
           expert_min_tokens: int = 128, structure: str | None = None, refine: int = 0, refine_lr: float = 1e-3,
           refine_batch: int = 4, refine_samples: int = 16, refine_seqlen: int | None = 256,
-          refine_precision: str = "auto", refine_warmup: float = 0.0, recipe: str | None = None,
-          given: set[str] | None = None) -> dict:
+          refine_precision: str = "auto", refine_warmup: float = 0.0, refine_loss: str = "mse",
+          recipe: str | None = None, given: set[str] | None = None) -> dict:
     """Prune ``model`` into the checkpoint directory ``out``; returns the report written beside it.
 
     ``options``: method options by name (``{"ria_alpha": 1.0, "init": "stade"}``; see ``stade prune --help-method NAME``
@@ -69,7 +69,8 @@ def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity
     a step, from ``refine_samples`` windows of ``refine_seqlen`` tokens of the calibration text) fit the kept
     weights of each decoder block to the dense model's block outputs, on the pruned model's inputs (``refine.py``);
     ``refine_precision``: auto (bfloat16 products where the device is fast at them), float32 or bfloat16;
-    ``refine_warmup``: the share of the steps over which the learning rate first rises linearly.
+    ``refine_warmup``: the share of the steps over which the learning rate first rises linearly;
+    ``refine_loss``: mse, or balanced (``refine.LOSSES``).
     ``recipe`` (``best``: ``recipes.py``) sets the arguments and options it stands for, except those in ``given``
     (the names the caller set; default: the arguments that differ from their defaults, and every key of
     ``options``); the report records the recipe, its flags and what the call overrode.
@@ -103,7 +104,8 @@ def _command(args: dict) -> str:
 def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction, layer_sparsity, owl_m, owl_lambda,
            sequential, options, dataset, nsamples, seqlen, seed, device, dtype, batch_size, only, skip, force,
            reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
-           refine_batch, refine_samples, refine_seqlen, refine_precision, refine_warmup, recipe, command=None) -> dict:
+           refine_batch, refine_samples, refine_seqlen, refine_precision, refine_warmup, refine_loss, recipe,
+           command=None) -> dict:
     reporter = reporter or Reporter()
     started = time.perf_counter()
     request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
@@ -112,7 +114,7 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
                            placement, update, structure=structure, experts=experts, expert_score=expert_score,
                            expert_min_tokens=expert_min_tokens,
                            refine=RefineOptions(refine, refine_lr, refine_batch, refine_samples, refine_seqlen,
-                                                refine_precision, refine_warmup),
+                                                refine_precision, refine_warmup, refine_loss),
                            recipe=recipe, command=command)
     checked = check_request(request)
     world = current()

@@ -41,7 +41,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("best", "the best composition measured (README, Beyond layer-wise reconstruction): Wanda's mask, the "
                    "gradual ADMM refit from the Gram matrix, then block-wise refinement on the calibration text",
            (("metric", "wanda"), ("update", "admm"), ("admm_gradual", True), ("refine", 40), ("refine_lr", 8e-3),
-            ("refine_warmup", 0.25), ("refine_batch", 4), ("refine_samples", 128), ("refine_seqlen", 256))),
+            ("refine_warmup", 0.25), ("refine_loss", "balanced"), ("refine_batch", 4), ("refine_samples", 128),
+            ("refine_seqlen", 256))),
 )}
 
 

@@ -8,7 +8,10 @@ earlier pruned blocks pass on. The refinement fits a whole decoder block at a ti
 
 where X_l are the calibration windows' hidden states entering block l in the *pruned* model so far (blocks
 0..l−1 already pruned and refined) and Y_l the *dense* model's hidden states leaving block l on the same
-windows. So each block also absorbs part of the error that reaches it. A block whose error on its first step's
+windows. So each block also absorbs part of the error that reaches it. ``--refine-loss balanced`` adds to that
+mean the same squared difference relative to each token's dense output size (``relative_error``: in the plain
+mean, one attention-sink position can carry nearly all of a block's error), each part divided by its value at
+the first step (``balanced``). A block whose error on its first step's
 windows did not go down (the steps overshot) is refined again at half the rate, and keeps its layer-wise
 weights if that does not lower it either (``fit_or_keep``; the report says which). The weights are optimised by a
 few Adam steps on mini-batches of windows; a pruned weight's gradient is zeroed before every step (so Adam, whose
@@ -38,6 +41,13 @@ import torch
 from torch import nn
 
 
+LOSSES = {
+    "mse": "the mean squared difference between the pruned and the dense block's outputs",
+    "balanced": "that mean squared difference plus each token's squared difference relative to its dense output's "
+                "mean square, each divided by its own value at the block's first step",
+}
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     """``--refine N`` and its options (the defaults measured on SmolLM2: bench/README.md)."""
@@ -49,6 +59,7 @@ class RefineOptions:
     seqlen: int | None = 256          # tokens per window (None: the calibration's)
     precision: str = "auto"           # auto | float32 | bfloat16: the products of the forward and backward passes
     warmup: float = 0.0               # share of the steps over which the learning rate rises linearly to lr
+    loss: str = "mse"                 # mse | balanced (``LOSSES``)
 
     def check(self) -> None:
         from .errors import UsageError
@@ -61,6 +72,9 @@ class RefineOptions:
             raise UsageError(f"--refine-warmup must be a share of the steps, from 0 up to (not including) 1 "
                              f"(got {self.warmup:g})", "a quarter of the steps is --refine-warmup 0.25"
                              + (f"; {self.warmup:g}% is {self.warmup / 100:g}" if 1 < self.warmup < 100 else ""))
+        if self.loss not in LOSSES:
+            raise UsageError(f"--refine-loss must be one of {', '.join(LOSSES)} (got {self.loss!r})",
+                             "; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
         if self.batch < 1:
             raise UsageError(f"--refine-batch must be at least 1 (got {self.batch})")
         if self.samples < 1:
@@ -105,12 +119,26 @@ def learning_rate(step: int, steps: int, warmup: float = 0.0) -> float:
     return min(1.0, (step + 1) / w) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def relative_error(squared: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of each token's squared error relative to its dense output's size: ``squared``
+    (…, tokens, hidden) divided by the mean of ``target``² over the hidden size (the error as the next RMSNorm
+    sees it; a position whose dense output is huge, such as an attention sink, counts like any other)."""
+    return (squared / (target.pow(2).mean(-1, keepdim=True) + 1e-6)).mean()
+
+
+def balanced(parts: Sequence[torch.Tensor], first: Sequence[float]) -> torch.Tensor:
+    """The sum of ``parts``, each divided by its value at the first step (``first``), so that each starts at 1
+    and neither sets the scale of the other's gradients; a part that was 0 then is added as it is."""
+    return sum(p / f if f > 0 else p for p, f in zip(parts, first))
+
+
 def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                  targets: torch.Tensor, weights: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor],
                  steps: int, lr: float, batch: int, generator: torch.Generator | None = None,
-                 products: torch.dtype = torch.float32, warmup: float = 0.0) -> tuple[list[float], list[int]]:
-    """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the loss of every
-    step (before its update) and the windows of the first step.
+                 products: torch.dtype = torch.float32, warmup: float = 0.0,
+                 loss: str = "mse") -> tuple[list[float], list[int]]:
+    """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the mean squared
+    difference of every step (before its update) and the windows of the first step.
 
     ``forward(x)`` runs the block on a batch of windows of ``inputs`` and returns its hidden states.
     ``frozen[i]`` is True where ``weights[i]`` must not change (its pruned entries, and any entry that is not a
@@ -119,8 +147,12 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
     (``generator``), one epoch after another; the learning rate decays to 0 on a cosine, after a linear rise over
     the first ``warmup`` share of the steps (``learning_rate``).
     ``products``: the dtype of the forward and backward matrix products (autocast; the weights, the optimiser's
-    state and the loss stay in their own dtype).
+    state and the loss stay in their own dtype). ``loss``: what the steps minimise (``LOSSES``): the mean squared
+    difference, or ``balanced`` with ``relative_error`` (the losses returned are the mean squared difference
+    either way, which ``fit_or_keep`` compares).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}")
     for w, m in zip(weights, frozen):
         if w.shape != m.shape:
             raise ValueError(f"mask {tuple(m.shape)} does not match weight {tuple(w.shape)}")
@@ -134,6 +166,7 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
     order: list[int] = []
     losses: list[float] = []
     first: list[int] = []
+    scale: list[float] = []             # ``balanced``: each part's value at the first step
     try:
         for _ in range(steps):
             if len(order) < min(batch, n):
@@ -143,16 +176,23 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
             idx = torch.tensor(chosen)
             with torch.enable_grad(), _products(inputs.device, products):
                 out = forward(inputs[idx])
-                loss = (out.float() - targets[idx].to(out.device, torch.float32)).pow(2).mean()
+                target = targets[idx].to(out.device, torch.float32)
+                squared = (out.float() - target).pow(2)
+                mse = squared.mean()
+                objective = mse
+                if loss == "balanced":
+                    parts = (mse, relative_error(squared, target))
+                    scale = scale or [float(p.detach()) for p in parts]
+                    objective = balanced(parts, scale)
                 # the gradients of ``weights`` only: none for the block's other parameters (its norms), nor the
                 # backward products that only they would need (the first linears' input gradients)
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                grads = torch.autograd.grad(objective, weights, allow_unused=True)
             for w, g, k in zip(weights, grads, keeps):
                 # 0 where frozen (a product: masked_fill_ is ~20× slower on the CPU); None: Adam skips it
                 w.grad = None if g is None else g.mul_(k)
             optimiser.step()        # an entry whose gradient was always zero has zero moments: Adam moves it by 0
             decay.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(mse.detach()))
     finally:
         with torch.no_grad():       # and, whatever happened (a NaN, an interrupt), the frozen entries as they were
             for w, m, v in zip(weights, frozen, start_values):
@@ -280,6 +320,7 @@ def refine(plan, layerwise, reporter):
     warm = f", rising over the first {warmup_steps(opts.steps, opts.warmup)} steps" if opts.warmup else ""
     reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}{warm}) on "
                  f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs"
+                 + (f" ({opts.loss} loss)" if opts.loss != "mse" else "")
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
     decisions: dict[str, LayerDecision] = {}
     errors: list[dict] = []
@@ -329,7 +370,7 @@ def refine(plan, layerwise, reporter):
                 def train(rate: float) -> tuple[list[float], list[int]]:
                     return refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
                                         list(params.values()), opts.steps, rate, opts.batch, generator, products,
-                                        opts.warmup)
+                                        opts.warmup, opts.loss)
 
                 def error(windows: list[int]) -> float:
                     return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
@@ -365,7 +406,7 @@ def refine(plan, layerwise, reporter):
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
-    facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "batch": opts.batch, "samples": len(windows),
+    facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "loss": opts.loss, "batch": opts.batch, "samples": len(windows),
              "precision": str(products).removeprefix("torch."),
              "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors,
              "grouped_attention": quick}

@@ -168,7 +168,7 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
 
     allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
                "expert_min_tokens", "structure", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples",
-               "refine_seqlen", "refine_precision", "refine_warmup", "recipe", "given"}
+               "refine_seqlen", "refine_precision", "refine_warmup", "refine_loss", "recipe", "given"}
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
         unknown = sorted(set(extra) - allowed)

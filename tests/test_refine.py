@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stade_cli.cli.app import app
 from stade_cli.recipes import RECIPES, apply
-from stade_cli.refine import fit_or_keep, learning_rate, refine_block
+from stade_cli.refine import balanced, fit_or_keep, learning_rate, refine_block, relative_error
 
 runner = CliRunner()
 
@@ -127,6 +127,58 @@ def test_refine_block_first_loss_is_the_unrefined_error_on_those_windows():
     losses, first = refine_block(lambda xb: pruned(xb), x, y, [pruned.w1, pruned.w2], frozen, steps=1,
                                  lr=1e-3, batch=3)
     assert losses[0] == pytest.approx(float(torch.cat([expected[i] for i in first]).mean()), rel=1e-5)
+
+
+def test_relative_error_by_hand():
+    """Two tokens of hidden size 2: dense outputs (3, 4) and (0.1, 0) (mean squares 12.5 and 0.005), squared errors
+    (1, 0) and (0.01, 0): relative 0.5 / 12.5 and 0.005 / 0.005 per token (the 1e-6 guard aside), mean of the four
+    entries' ratios."""
+    target = torch.tensor([[[3.0, 4.0], [0.1, 0.0]]])
+    squared = torch.tensor([[[1.0, 0.0], [0.01, 0.0]]])
+    expected = (1 / 12.5 + 0 + 0.01 / 0.005 + 0) / 4
+    assert float(relative_error(squared, target)) == pytest.approx(expected, rel=1e-3)
+    # the plain mean is dominated by the large token; the relative one by the small token's error
+    assert float(squared.mean()) == pytest.approx(0.2525)
+
+
+def test_balanced_divides_each_part_by_its_first_value():
+    a, b = torch.tensor(6.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+    total = balanced((a * 1, b * 1), (3.0, 0.25))
+    assert float(total.detach()) == pytest.approx(6 / 3 + 0.5 / 0.25)
+    total.backward()
+    assert float(a.grad) == pytest.approx(1 / 3) and float(b.grad) == pytest.approx(4.0)
+    assert float(balanced((a.detach(), b.detach()), (0.0, 0.5))) == pytest.approx(6 + 1)     # a part that started at 0
+
+
+def test_balanced_loss_fits_the_small_tokens_that_the_plain_mean_neglects():
+    """A target whose first token is 100× the others (an attention sink) and follows another map than they do, so
+    that no weight fits both: the plain mean squared difference fits the large token and leaves the others' error;
+    ``balanced`` weighs every token relative to its size and fits the five small ones better. The returned losses
+    are the plain mean squared difference either way."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 6, 5, generator=g)
+    small, sink = torch.randn(5, 5, generator=g), torch.randn(5, 5, generator=g)
+    y = x @ small.T
+    x[:, 0] *= 100
+    y[:, 0] = x[:, 0] @ sink.T
+    fits = {}
+    for loss in ("mse", "balanced"):
+        w = torch.nn.Parameter(torch.zeros(5, 5), requires_grad=False)
+        losses, _ = refine_block(lambda xb: xb @ w.T, x, y, [w], [torch.zeros(5, 5, dtype=torch.bool)],
+                                 steps=60, lr=0.05, batch=8, loss=loss)
+        assert losses[0] == pytest.approx(float(y.pow(2).mean()), rel=1e-5)     # the plain mean at w = 0
+        with torch.no_grad():
+            fits[loss] = (float(relative_error((x[:, 1:] @ w.T - y[:, 1:]).pow(2), y[:, 1:])),
+                          float(relative_error((x[:, :1] @ w.T - y[:, :1]).pow(2), y[:, :1])))
+    assert fits["balanced"][0] < 0.5 * fits["mse"][0], fits      # the small tokens: better fitted
+    assert fits["mse"][1] < fits["balanced"][1], fits            # the sink: what the plain mean buys
+
+
+def test_refine_block_refuses_an_unknown_loss():
+    w = torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+    with pytest.raises(ValueError, match="unknown loss 'huber'"):
+        refine_block(lambda xb: xb @ w.T, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), [w],
+                     [torch.zeros(2, 2, dtype=torch.bool)], steps=1, lr=0.1, batch=1, loss="huber")
 
 
 def test_learning_rate_rises_then_follows_the_cosine():
@@ -264,6 +316,23 @@ def test_refinement_lowers_the_block_output_error_and_keeps_the_mask(tiny_llama,
         assert err["refined"] < err["layerwise"], err
 
 
+def test_refine_loss_balanced_from_the_command_line(tiny_llama, gram_stats, tmp_path):
+    """--refine-loss balanced: said in the log, the report and the card; the masks stay the layer-wise fit's and
+    each block's (plain) output error still goes down."""
+    layerwise, refined = tmp_path / "layerwise", tmp_path / "refined"
+    common = ("--stats", gram_stats, "--metric", "wanda", "--update", "admm", "--sparsity", 0.6)
+    run("prune", tiny_llama, *common, "-o", layerwise)
+    out = run("prune", tiny_llama, *common, "--refine", 20, "--refine-lr", 3e-3, "--refine-samples", 8,
+              "--refine-seqlen", 32, "--refine-loss", "balanced", "-o", refined)
+    assert "to the dense model's outputs (balanced loss)" in out.stderr
+    report = json.loads((refined / "stade_report.json").read_text())
+    assert report["refine"]["loss"] == "balanced"
+    assert all(e["after"] < e["before"] for e in report["refine"]["blocks"])
+    assert "calibration tokens (balanced loss)" in (refined / "README.md").read_text()
+    a, b = load_file(layerwise / "model.safetensors"), load_file(refined / "model.safetensors")
+    assert all(torch.equal(a[f"{n}.weight"] == 0, b[f"{n}.weight"] == 0) for n in report["layers"])
+
+
 def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("prune", tiny_llama, "--stats", gram_stats, "--update", "admm", "-o", a)
@@ -282,6 +351,7 @@ def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     (("--refine", 2, "--refine-warmup", 25), "(a quarter of the steps is --refine-warmup 0.25; 25% is 0.25)"),
     (("--refine", 2, "--refine-warmup", -0.1), "--refine-warmup must be a share of the steps"),
     (("--refine", 2, "--refine-samples", 0), "--refine-samples must be at least 1"),
+    (("--refine", 2, "--refine-loss", "huber"), "--refine-loss must be one of mse, balanced (got 'huber')"),
     (("--refine", 2, "--refine-seqlen", 1), "--refine-seqlen must be at least 2"),
     (("--refine", 2, "--refine-precision", "half"), "--refine-precision must be one of auto, float32, bfloat16"),
     (("--refine", 2, "--structure", "channels", "--sparsity", 0.2), "--refine does not combine with --structure"),
@@ -301,8 +371,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     recipe = RECIPES["best"]
     flags = recipe.flags()
     assert flags == ("--metric wanda --update admm --admm-gradual --refine 40 --refine-lr 0.008 --refine-warmup 0.25 "
-                     "--refine-batch 4 "
-                     "--refine-samples 128 --refine-seqlen 256")
+                     "--refine-loss balanced --refine-batch 4 --refine-samples 128 --refine-seqlen 256")
     helptext = " ".join(run("prune", "--help").stdout.replace("│", " ").split())
     assert " ".join(f"best: the best measured composition, i.e. {flags}".split()) in helptext
     a, b = tmp_path / "recipe", tmp_path / "flags"
@@ -322,7 +391,7 @@ def test_recipe_best_is_exactly_the_flags_it_names(tiny_llama, gram_stats, tmp_p
     assert {k: v for k, v in ra["refine"].items() if k != "blocks"} == {
         k: v for k, v in rb["refine"].items() if k != "blocks"}
     assert ra["refine"]["steps"] == 40 and ra["refine"]["lr"] == 8e-3 and ra["refine"]["warmup"] == 0.25
-    assert ra["refine"]["batch"] == 4
+    assert ra["refine"]["batch"] == 4 and ra["refine"]["loss"] == "balanced"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)            # the same run
 

@@ -42,6 +42,7 @@ def prune(
     refine: Annotated[int, typer.Option(help="Adam steps per decoder block fitting its kept weights to the dense block's outputs (0: off).")] = 0,
     refine_lr: Annotated[float, typer.Option(help="Refinement: peak learning rate (cosine decay to 0).")] = 1e-3,
     refine_warmup: Annotated[float, typer.Option(help="Refinement: share of the steps over which the learning rate first rises linearly to --refine-lr.")] = 0.0,
+    refine_loss: Annotated[str, typer.Option(help="Refinement: mse (the mean squared difference from the dense block's outputs) or balanced (plus the same relative to each token's size, each part scaled to 1 at the first step).")] = "mse",
     refine_batch: Annotated[int, typer.Option(help="Refinement: calibration windows per step.")] = 4,
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
@@ -87,7 +88,8 @@ def prune(
                          experts=experts, expert_score=expert_score, expert_min_tokens=expert_min_tokens,
                          structure=structure, refine=refine, refine_lr=refine_lr, refine_batch=refine_batch,
                          refine_samples=refine_samples, refine_seqlen=refine_seqlen,
-                         refine_precision=refine_precision, refine_warmup=refine_warmup, recipe=recipe, given=given,
+                         refine_precision=refine_precision, refine_warmup=refine_warmup, refine_loss=refine_loss,
+                         recipe=recipe, given=given,
                          reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
     if report is None:      # another rank than 0 under a launcher: rank 0 reports
         return
@@ -166,8 +168,8 @@ def summary_lines(report: dict, output) -> list[str]:
 _GROUPS = {
     "Model and output": ("output", "stats", "force", "json_out", "quiet"),
     "Sparsity": ("recipe", "metric", "sparsity", "pattern", "group", "layer_sparsity", "owl_m", "owl_lambda", "only",
-                 "skip", "update", "sequential", "refine", "refine_lr", "refine_warmup", "refine_batch", "refine_samples",
-                 "refine_seqlen", "refine_precision", "structure", "experts", "expert_score", "expert_min_tokens"),
+                 "skip", "update", "sequential", "refine", "refine_lr", "refine_warmup", "refine_loss", "refine_batch",
+                 "refine_samples", "refine_seqlen", "refine_precision", "structure", "experts", "expert_score", "expert_min_tokens"),
     "Bias correction": ("bias_correction",),
     "Calibration (without --stats, or for --sequential)": ("dataset", "nsamples", "seqlen", "seed", "dtype",
                                                            "batch_size"),
@@ -178,8 +180,8 @@ _PANELS = {name: panel for panel, names in _GROUPS.items() for name in names}
 # Shown by `stade prune --help-method NAME`, not in --help (which then fits about two screens): each method's own
 # options (from the registry) and the details of the stages that are not methods.
 _STAGES = {
-    "refine": ("refine", "refine_lr", "refine_warmup", "refine_batch", "refine_samples", "refine_seqlen",
-               "refine_precision"),
+    "refine": ("refine", "refine_lr", "refine_warmup", "refine_loss", "refine_batch", "refine_samples",
+               "refine_seqlen", "refine_precision"),
     "owl": ("layer_sparsity", "owl_m", "owl_lambda"),
     "experts": ("experts", "expert_score", "expert_min_tokens"),
 }
