@@ -97,3 +97,32 @@ def prune_memory(largest_shard: int, arch: Architecture | None = None, gram: boo
         per_block = gram_bytes_per_block(arch)
         need += workers * 2 * widest * widest * 4 + 2 * max(per_block.values(), default=0)
     return need
+
+
+# --refine: bytes per trained weight of a block while it is refined: the float32 weight, its gradient, Adam's two
+# moments, its value before the steps, the frozen-entry masks (bool and uint8) and the layer-wise fit kept in case
+# the steps do not help (the checkpoint's dtype; 2 bytes for bfloat16)
+REFINE_BYTES_PER_WEIGHT = 4 + 4 + 8 + 4 + 1 + 1 + 2
+
+
+@dataclass(frozen=True)
+class RefineNeeds:
+    block: int             # one block's trained weights, with gradients, Adam's state and the copies
+    hidden: int            # the windows' hidden states: dense inputs, pruned inputs, dense outputs, next inputs
+    activations: int       # what one step's backward pass keeps, for a batch of windows
+
+    @property
+    def total(self) -> int:
+        return self.block + self.hidden + self.activations
+
+
+def refine_needs(block_weights: int, hidden: int, intermediate: int, heads: int, samples: int, seqlen: int,
+                 batch: int) -> RefineNeeds:
+    """What ``--refine`` holds on its device beyond the model's weights (``refine.py``): the largest block's
+    ``block_weights`` trained weights at ``REFINE_BYTES_PER_WEIGHT``; four float32 hidden-state tensors of
+    ``samples`` × ``seqlen`` × ``hidden``; and per step, for ``batch`` windows, about 8 hidden-size and 4
+    intermediate-size float32 values a token and the attention scores (``heads`` × ``seqlen`` a token, twice)."""
+    tokens = samples * seqlen
+    per_token = 8 * hidden + 4 * intermediate + 2 * heads * seqlen
+    return RefineNeeds(block_weights * REFINE_BYTES_PER_WEIGHT, 4 * tokens * hidden * 4,
+                       batch * seqlen * per_token * 4)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 from .checkpoint import weight_files
 from .decide import one_shot
 from .distributed import World, claimed, current
-from .loading import CalibrationSpec, resolve_for, run_inputs
+from .loading import CalibrationSpec, Placement, resolve_for, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
 from .runtime import Reporter
@@ -35,8 +36,41 @@ def _needs(plan) -> str:
     gram = plan.needs_gram and not plan.request.sequential
     memory = prune_memory(max(sizes), plan.arch, gram, workers=1 if plan.device.type != "cpu" else 2)
     where = "" if plan.device.type == "cpu" else f" (and the layers in flight on {plan.device})"
-    return (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
+    line = (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
             + (" (Gram matrices read one block at a time)" if gram else ""))
+    if plan.request.refine.on:
+        r = _refine_needs(plan)
+        line += (f"; the refinement about {human_bytes(r.total)} more on {plan.device.type} ({human_bytes(r.block)} for "
+                 f"a block's weights in float32 with Adam's state, {human_bytes(r.hidden)} for the windows' hidden "
+                 f"states), beside the model's weights (streamed a block at a time where they take more than half "
+                 f"of the memory) and the refined weights until written (on disk where they would take more than "
+                 f"half)")
+    return line
+
+
+def _refine_needs(plan):
+    """``estimate.refine_needs`` for this plan: the largest block's targets, the hidden size (the width most
+    targets read), the widest output (the MLP's), the attention heads from the config."""
+    from collections import Counter
+
+    from .estimate import refine_needs
+
+    targets = list(plan.arch.targets.values())
+    per_block: dict[int, int] = {}
+    for t in targets:
+        per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
+    hidden = Counter(t.in_features for t in targets).most_common(1)[0][0] if targets else 0
+    import json
+
+    try:
+        config = json.loads((plan.source.path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config.get("text_config") or config
+    heads = int(config.get("num_attention_heads") or max(hidden // 64, 1))
+    opts, windows = plan.request.refine, plan.refine_windows
+    return refine_needs(max(per_block.values(), default=0), hidden, max((t.out_features for t in targets), default=0),
+                        heads, opts.samples, windows.seqlen or 2048, opts.batch)
 
 
 def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,
@@ -141,14 +175,18 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
             reporter.log(f"{world.size} ranks share the {len(plan.files)} weight shard(s), balanced by bytes"
                          + (f"; {idle} rank(s) have no shard to write" if idle else ""))
         decisions = (sequential_decisions if sequential else one_shot)(plan, reporter)
-        if request.refine.on:
-            from .refine import refine as refined
+        with contextlib.ExitStack() as held:
+            if request.refine.on:
+                from .refine import RefinedWeights, refine as refined
 
-            decisions = refined(plan, decisions, reporter)
-        if sequential and world.several:
-            # every rank made the same decisions (from the sums over all ranks' windows): rank 0 writes them
-            if not world.main:
-                return None
-            reporter.log("the forward passes were shared by the ranks; rank 0 writes the checkpoint")
-            plan = dataclasses.replace(plan, world=World())
-        return write(plan, decisions, dest, reporter)
+                # the refined weights wait for the writer in memory or, past half of it, in files removed here
+                spill = placement or Placement()
+                store = held.enter_context(RefinedWeights(spill.spill, spill.offload_dir))
+                decisions = refined(plan, decisions, reporter, store)
+            if sequential and world.several:
+                # every rank made the same decisions (from the sums over all ranks' windows): rank 0 writes them
+                if not world.main:
+                    return None
+                reporter.log("the forward passes were shared by the ranks; rank 0 writes the checkpoint")
+                plan = dataclasses.replace(plan, world=World())
+            return write(plan, decisions, dest, reporter)

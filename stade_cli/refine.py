@@ -294,8 +294,80 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
 
-def refine(plan, layerwise, reporter):
+class RefinedWeights:
+    """The refined blocks' weights until the writer takes them, in the checkpoint's dtype (what the writer would
+    write: ``LayerDecision.weight_for`` casts to it): in memory, or, when they would take more than half of the
+    memory available (``--spill auto``; ``disk``: always), one safetensors file a block in a temp dir (under
+    ``spill_dir``), read back one matrix at a time. ``close`` removes the files (``refine``'s caller, once the
+    checkpoint is written or the run failed). Kept in float32 in memory they were 4 bytes a weight for the whole
+    model: 26 GB for Llama-2-7B."""
+
+    def __init__(self, spill: str = "auto", spill_dir=None):
+        self.spill, self.spill_dir = spill, spill_dir
+        self.on_disk: bool | None = None                     # decided by ``open``
+        self.dir = None
+        self._memory: dict[str, torch.Tensor] = {}
+        self._files: dict[str, tuple[str, str]] = {}        # target name → (file, key in it)
+
+    def open(self, total_bytes: int, reporter=None) -> None:
+        """Where the weights go, now that their size is known (``total_bytes`` in the checkpoint's dtype)."""
+        import tempfile
+        from pathlib import Path
+
+        from .runtime import available_bytes, human_bytes
+
+        free = available_bytes(torch.device("cpu"))
+        self.on_disk = self.spill == "disk" or (self.spill == "auto" and total_bytes > free // 2)
+        if self.on_disk:
+            base = Path(self.spill_dir).expanduser() if self.spill_dir else None
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix="stade-refined-", dir=base))
+        if reporter is not None:
+            reporter.log(f"refined weights: {human_bytes(total_bytes)} until written, "
+                         + (f"on disk ({self.dir})" if self.on_disk else "in memory")
+                         + ("" if self.spill != "auto" else f"; {human_bytes(free)} free"))
+
+    def put(self, block: int, weights: dict[str, torch.Tensor]) -> None:
+        """A block's refined matrices, by target name (already in the checkpoint's dtype)."""
+        if not self.on_disk:
+            self._memory.update({n: w.cpu() for n, w in weights.items()})
+            return
+        from safetensors.torch import save_file
+
+        path = str(self.dir / f"block{block}.safetensors")
+        keys = {n: f"t{i}" for i, n in enumerate(weights)}      # target names may hold characters keys do not
+        save_file({keys[n]: w.contiguous().cpu() for n, w in weights.items()}, path)
+        self._files.update({n: (path, keys[n]) for n in weights})
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._memory:
+            return self._memory[name]
+        from safetensors import safe_open
+
+        path, key = self._files[name]
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __enter__(self) -> "RefinedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import shutil
+
+        self._memory.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     """The layer-wise ``Decisions`` with every target's kept weights refined block by block (module docstring).
+    The refined matrices go to ``store`` (``RefinedWeights``; default: one in memory), which the returned
+    decisions read: the caller closes it once they are written (and in any case).
 
     Block l's targets are decided by ``layerwise.layer`` from the dense weights (or looked up, after
     ``--sequential``), written into the loaded model, refined, and recorded as new weights; the refined block
@@ -323,6 +395,8 @@ def refine(plan, layerwise, reporter):
                  + (f" ({opts.loss} loss)" if opts.loss != "mse" else "")
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
     decisions: dict[str, LayerDecision] = {}
+    dtypes: dict[str, torch.dtype] = {}     # each target's dtype in the checkpoint
+    store = store if store is not None else RefinedWeights("device")    # no files that nobody would remove
     errors: list[dict] = []
     quick: list[int] = []                   # blocks that attended with attention.causal_attention
     generator = torch.Generator().manual_seed(spec.seed)
@@ -365,6 +439,7 @@ def refine(plan, layerwise, reporter):
                     place.within(params[key]).copy_(new.to(params[key].device) == 0)
                     decisions[t.name] = decision
                     layerwise_weights[t.name] = new
+                    dtypes[t.name] = original.dtype
                 trained = [getattr(modules[m], p) for m, p in params]
 
                 def train(rate: float) -> tuple[list[float], list[int]]:
@@ -383,10 +458,12 @@ def refine(plan, layerwise, reporter):
 
                 entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
                 errors.append(entry)
-                for t in sub:
-                    weight = loaded.places[t.name].view(modules)
-                    decisions[t.name] = LayerDecision(weight=weight.detach().float().cpu().clone(),
-                                                      bias_delta=decisions[t.name].bias_delta)
+                if sub and store.on_disk is None:       # every target's matrix, in the checkpoint's dtype
+                    store.open(sum(t.in_features * t.out_features for t in arch.targets.values())
+                               * dtypes[sub[0].name].itemsize, reporter)
+                if sub:
+                    store.put(index, {t.name: loaded.places[t.name].view(modules).detach().to(
+                        "cpu", dtypes[t.name], copy=True) for t in sub})
                 block.to(dtype)             # the next block sees what the checkpoint will compute
                 if dtype == torch.float32:
                     pruned_x = _through(block, x, kw, opts.batch, products)
@@ -410,7 +487,11 @@ def refine(plan, layerwise, reporter):
              "precision": str(products).removeprefix("torch."),
              "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors,
              "grouped_attention": quick}
-    return dataclasses.replace(layerwise, layer=lambda target, tensor: decisions[target.name], refined=facts)
+
+    def layer(target, tensor) -> LayerDecision:
+        return LayerDecision(weight=store.get(target.name), bias_delta=decisions[target.name].bias_delta)
+
+    return dataclasses.replace(layerwise, layer=layer, refined=facts)
 
 
 def _decided(layerwise, targets, read, device: torch.device) -> list:

@@ -93,3 +93,33 @@ def test_calibrate_holds_one_block_of_gram_matrices(tiny_factory, tmp_path, monk
     assert seen == [[], ["block_0000.safetensors"], ["block_0000.safetensors", "block_0001.safetensors"],
                     ["block_0000.safetensors", "block_0001.safetensors", "block_0002.safetensors"]]
     shutil.rmtree(tmp_path / "s")
+
+
+def test_refine_needs_by_hand():
+    """Llama-2-7B's block (202,375,168 trained weights), hidden 4096, MLP 11008, 32 heads, the recipe's 128 × 256
+    windows, 4 a step: 24 bytes a weight, four float32 hidden-state tensors, and a step's activations."""
+    from stade_cli.estimate import REFINE_BYTES_PER_WEIGHT, refine_needs
+
+    r = refine_needs(202_375_168, 4096, 11008, 32, 128, 256, 4)
+    assert REFINE_BYTES_PER_WEIGHT == 24
+    assert r.block == 202_375_168 * 24
+    assert r.hidden == 4 * 128 * 256 * 4096 * 4 == 2 * 2**30
+    assert r.activations == 4 * 256 * (8 * 4096 + 4 * 11008 + 2 * 32 * 256) * 4
+    assert r.total == r.block + r.hidden + r.activations
+
+
+def test_prune_with_refine_says_what_the_refinement_needs(tiny_llama, tmp_path):
+    """The line before the work gives the refinement's figure, the one ``refine_needs`` computes from the tiny
+    model's shapes (2 blocks of hidden 64) and the run's windows."""
+    from stade_cli.estimate import refine_needs
+    from stade_cli.runtime import human_bytes
+
+    arch = describe(meta_model(load_config(tiny_llama)), disk=tensor_shapes(tiny_llama))
+    block = sum(t.in_features * t.out_features for t in arch.targets.values() if t.block == 0)
+    config = json.loads((tiny_llama / "config.json").read_text())
+    expected = refine_needs(block, config["hidden_size"], config["intermediate_size"],
+                            config["num_attention_heads"], 4, 16, 2)
+    r = run("prune", tiny_llama, "--metric", "magnitude", "--refine", 1, "--refine-samples", 4, "--refine-seqlen", 16,
+            "--refine-batch", 2, *DATA, "-o", tmp_path / "a")
+    line = next(l for l in r.stderr.splitlines() if l.startswith("needs about"))
+    assert f"; the refinement about {human_bytes(expected.total)} more on cpu ({human_bytes(expected.block)} for" in line

@@ -333,6 +333,60 @@ def test_refine_loss_balanced_from_the_command_line(tiny_llama, gram_stats, tmp_
     assert all(torch.equal(a[f"{n}.weight"] == 0, b[f"{n}.weight"] == 0) for n in report["layers"])
 
 
+def test_refined_weights_in_memory_and_on_disk(tmp_path):
+    """The store gives back each matrix as put (dtype and values, names with brackets as expert slices have), and
+    on disk leaves nothing once closed."""
+    from stade_cli.refine import RefinedWeights
+
+    g = torch.Generator().manual_seed(3)
+    block = {"model.layers.0.mlp.down_proj": torch.randn(4, 6, generator=g).to(torch.bfloat16),
+             "model.layers.0.mlp.experts.gate_up_proj[1]": torch.randn(3, 2, generator=g)}
+    for spill in ("device", "disk"):
+        with RefinedWeights(spill, tmp_path / "spill") as store:
+            store.open(100)
+            assert store.on_disk == (spill == "disk")
+            store.put(0, block)
+            store.put(1, {"model.layers.1.mlp.down_proj": torch.ones(2, 2)})
+            if spill == "disk":
+                assert sorted(p.name for p in store.dir.iterdir()) == ["block0.safetensors", "block1.safetensors"]
+            for name, w in block.items():
+                assert store.get(name).dtype == w.dtype and torch.equal(store.get(name), w), name
+            assert torch.equal(store.get("model.layers.1.mlp.down_proj"), torch.ones(2, 2))
+    assert list((tmp_path / "spill").iterdir()) == []
+    with RefinedWeights("auto") as store:              # auto: on disk only past half of the available memory
+        store.open(1 << 60)
+        assert store.on_disk
+        spilled = store.dir
+    assert not spilled.exists()
+
+
+def test_refined_weights_spilled_to_disk_give_the_same_checkpoint(tiny_llama, gram_stats, tmp_path, monkeypatch):
+    """--spill disk: the refined weights wait for the writer in files (the log says where), the checkpoint is the
+    one kept in memory gives, bit for bit, and the files are gone after the run, and after a failed one."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    common = ("--stats", gram_stats, "--metric", "wanda", "--update", "admm", "--sparsity", 0.5, "--refine", 4,
+              "--refine-samples", 4, "--refine-seqlen", 16)
+    memory = run("prune", tiny_llama, *common, "--spill", "device", "-o", tmp_path / "memory")
+    assert "refined weights: " in memory.stderr and "until written, in memory" in memory.stderr
+    disk = run("prune", tiny_llama, *common, "--spill", "disk", "-o", tmp_path / "disk")
+    assert f"until written, on disk ({tmp_path / 'tmp'}/stade-refined-" in disk.stderr
+    a, b = load_file(tmp_path / "memory" / "model.safetensors"), load_file(tmp_path / "disk" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "tmp").glob("stade-refined-*"))
+
+    import stade_cli.pruning as pruning
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pruning, "write", broken)
+    run("prune", tiny_llama, *common, "--spill", "disk", "-o", tmp_path / "failed", code=1)
+    assert not list((tmp_path / "tmp").glob("stade-refined-*"))
+
+
 def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("prune", tiny_llama, "--stats", gram_stats, "--update", "admm", "-o", a)
