@@ -394,7 +394,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                  f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs"
                  + (f" ({opts.loss} loss)" if opts.loss != "mse" else "")
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
-    decisions: dict[str, LayerDecision] = {}
+    biases: dict[str, torch.Tensor | None] = {}        # each target's layer-wise bias change (its weight: the store)
     dtypes: dict[str, torch.dtype] = {}     # each target's dtype in the checkpoint
     store = store if store is not None else RefinedWeights("device")    # no files that nobody would remove
     errors: list[dict] = []
@@ -437,7 +437,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                     if key not in params:
                         params[key] = torch.ones_like(getattr(modules[place.module], place.param), dtype=torch.bool)
                     place.within(params[key]).copy_(new.to(params[key].device) == 0)
-                    decisions[t.name] = decision
+                    biases[t.name] = decision.bias_delta
                     layerwise_weights[t.name] = new
                     dtypes[t.name] = original.dtype
                 trained = [getattr(modules[m], p) for m, p in params]
@@ -489,7 +489,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
              "grouped_attention": quick}
 
     def layer(target, tensor) -> LayerDecision:
-        return LayerDecision(weight=store.get(target.name), bias_delta=decisions[target.name].bias_delta)
+        return LayerDecision(weight=store.get(target.name), bias_delta=biases[target.name])
 
     return dataclasses.replace(layerwise, layer=layer, refined=facts)
 
