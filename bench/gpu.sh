@@ -4,7 +4,8 @@
 #   2. `pytest -m cuda`: CUDA against the CPU on tiny models (tests/test_cuda.py) and the other cuda tests;
 #   3. bench/scale.py on the Llama-2-7B shape with --device cuda: calibrate 128 × 2048 with and without --gram,
 #      prune from the stats (magnitude, wanda, stade, sparsegpt, wanda + admm plain and gradual), eval, and the
-#      prefill tokens/s of a 2:4 checkpoint's linears dense against torch.sparse.to_sparse_semi_structured.
+#      prefill tokens/s of a 2:4 checkpoint's linears dense against torch.sparse.to_sparse_semi_structured, and
+#      last `prune --recipe best` (the gradual ADMM refit and the block-wise refinement on 128 × 256 tokens).
 # Results (scale.json, scale.md, pytest.txt, versions.txt) go to $OUT (default bench/results/gpu), named with the
 # GPU and the software versions inside.
 #

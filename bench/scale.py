@@ -15,8 +15,9 @@ mean something, never a perplexity.
 peak of ``torch.cuda.max_memory_allocated``), beside two baselines measured in the same run: a safetensors round
 trip of the shards (prune's) and a plain block-by-block forward of the same windows with no hooks (calibrate's
 and eval's). Steps: ``calibrate``, ``calibrate-gram``, ``prune:METHOD`` for magnitude, wanda, stade, sparsegpt,
-wanda + admm (plain and gradual), ``eval``, and on CUDA ``sparse24`` (prefill tokens/s of a block's linears dense
-against ``torch.sparse.to_sparse_semi_structured``). Writes OUT/scale.json and OUT/scale.md after every step.
+wanda + admm (plain and gradual), ``eval``, on CUDA ``sparse24`` (prefill tokens/s of a block's linears dense
+against ``torch.sparse.to_sparse_semi_structured``), and ``prune:recipe`` (``--recipe best`` at 50%: the
+block-wise refinement on 128 windows of the calibration text, last because it is the longest). Writes OUT/scale.json and OUT/scale.md after every step.
 """
 from __future__ import annotations
 
@@ -223,9 +224,12 @@ def step(argv: list[str]) -> int:
         from stade_cli.pruning import prune
 
         options = {"admm_gradual": True} if a.gradual else {}
-        prune(a.model, a.out, metric=a.metric, sparsity=None if ":" in a.pattern else 0.5, pattern=a.pattern,
-              stats=a.stats, device=a.device, update=a.update, options=options, bias_correction=False
-              if a.metric == "stade" and a.update == "none" else None, reporter=reporter)
+        if a.metric == "recipe":        # --recipe best: wanda, the gradual ADMM refit, then the refinement
+            prune(a.model, a.out, recipe="best", sparsity=0.5, stats=a.stats, device=a.device, reporter=reporter)
+        else:
+            prune(a.model, a.out, metric=a.metric, sparsity=None if ":" in a.pattern else 0.5, pattern=a.pattern,
+                  stats=a.stats, device=a.device, update=a.update, options=options, bias_correction=False
+                  if a.metric == "stade" and a.update == "none" else None, reporter=reporter)
     elif a.what == "eval":
         from stade_cli.evaluate import evaluate
 
@@ -318,7 +322,7 @@ def sparse24(model: str, tokens: int, device: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- run
 STEPS = ["roundtrip", "forward", "calibrate", "calibrate-gram", "prune:magnitude", "prune:wanda", "prune:stade",
-         "prune:sparsegpt", "prune:wanda+admm", "prune:wanda+admm-gradual", "eval", "sparse24"]
+         "prune:sparsegpt", "prune:wanda+admm", "prune:wanda+admm-gradual", "eval", "sparse24", "prune:recipe"]
 BASELINE = {"calibrate": "forward", "calibrate-gram": "forward", "eval": "forward"}
 RESULTS = ResultFiles("bench/scale.py", "scale", ("settings", "checkpoint", "steps"), ("scale.md",))
 

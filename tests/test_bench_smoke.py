@@ -140,6 +140,18 @@ def test_scale_smoke(tokenizer_dir, text_file, tmp_path):
     assert "| calibrate |" in proc.stdout and not (work / "pruned").exists()
 
 
+def test_scale_recipe_smoke(tokenizer_dir, text_file, tmp_path):
+    """bench/scale.py's ``prune:recipe`` step (``--recipe best``, the refinement included) from the Gram stats."""
+    out, work = tmp_path / "scale", tmp_path / "work"
+    _run(["bench/scale.py", "run", "--shape", "tiny", "--work", str(work), "--calib", str(text_file), "--tokenizer",
+          str(tokenizer_dir), "--nsamples", "2", "--seqlen", "16", "--steps", "calibrate-gram,prune:recipe", "--out",
+          str(out)], timeout=300)
+    steps = {s["step"]: s for s in json.loads((out / "scale.json").read_text())["steps"]}
+    assert list(steps) == ["calibrate-gram", "prune:recipe"]
+    assert steps["prune:recipe"]["rc"] == 0 and _finite(steps["prune:recipe"]["seconds"]), steps
+    assert steps["prune:recipe"]["baseline"] == "roundtrip"
+
+
 def test_structured_smoke(tiny_llama, text_file, tmp_path):
     from typer.testing import CliRunner
 
