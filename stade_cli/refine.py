@@ -319,9 +319,12 @@ class RefinedWeights:
         free = available_bytes(torch.device("cpu"))
         self.on_disk = self.spill == "disk" or (self.spill == "auto" and total_bytes > free // 2)
         if self.on_disk:
+            from .outputs import check_space
+
             base = Path(self.spill_dir).expanduser() if self.spill_dir else None
             if base is not None:
                 base.mkdir(parents=True, exist_ok=True)
+            check_space(base or Path(tempfile.gettempdir()), total_bytes)    # before the first block, not after
             self.dir = Path(tempfile.mkdtemp(prefix="stade-refined-", dir=base))
         if reporter is not None:
             reporter.log(f"refined weights: {human_bytes(total_bytes)} until written, "
@@ -378,6 +381,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     from .arch import describe
     from .attention import faster
     from .blockwise import BlockRunner
+    from .checkpoint import checkpoint_dtype
     from .decide import LayerDecision
     from .errors import ModelError
     from .loading import Runtime
@@ -409,6 +413,9 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
             raise ModelError(f"cannot find where {missing[0]} lives in the loaded model, so --refine cannot "
                              "train it", "prune without --refine, or --skip it")
         read = _checkpoint_reader(plan)
+        if store.on_disk is None:       # every target's matrix, in the checkpoint's dtype
+            store.open(sum(t.in_features * t.out_features for t in arch.targets.values())
+                       * checkpoint_dtype(rt.config).itemsize, reporter)
         dense_x = runner.cache.get(0, len(windows)).clone()
         pruned_x = dense_x                       # block 0: the pruned and the dense model's inputs are the same
         for index, block, dev in runner.blocks("refining blocks"):
@@ -458,9 +465,6 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
 
                 entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
                 errors.append(entry)
-                if sub and store.on_disk is None:       # every target's matrix, in the checkpoint's dtype
-                    store.open(sum(t.in_features * t.out_features for t in arch.targets.values())
-                               * dtypes[sub[0].name].itemsize, reporter)
                 if sub:
                     store.put(index, {t.name: loaded.places[t.name].view(modules).detach().to(
                         "cpu", dtypes[t.name], copy=True) for t in sub})

@@ -353,11 +353,16 @@ def test_refined_weights_in_memory_and_on_disk(tmp_path):
                 assert store.get(name).dtype == w.dtype and torch.equal(store.get(name), w), name
             assert torch.equal(store.get("model.layers.1.mlp.down_proj"), torch.ones(2, 2))
     assert list((tmp_path / "spill").iterdir()) == []
-    with RefinedWeights("auto") as store:              # auto: on disk only past half of the available memory
-        store.open(1 << 60)
-        assert store.on_disk
-        spilled = store.dir
-    assert not spilled.exists()
+    import stade_cli.runtime as runtime
+
+    for available, on_disk in ((1000, False), (199, True)):   # auto: on disk past half of the available memory
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(runtime, "available_bytes", lambda device: available)
+            with RefinedWeights("auto") as store:
+                store.open(100)
+                assert store.on_disk == on_disk
+                spilled = store.dir
+        assert spilled is None or not spilled.exists()
 
 
 def test_refined_weights_spilled_to_disk_give_the_same_checkpoint(tiny_llama, gram_stats, tmp_path, monkeypatch):
@@ -385,6 +390,21 @@ def test_refined_weights_spilled_to_disk_give_the_same_checkpoint(tiny_llama, gr
     monkeypatch.setattr(pruning, "write", broken)
     run("prune", tiny_llama, *common, "--spill", "disk", "-o", tmp_path / "failed", code=1)
     assert not list((tmp_path / "tmp").glob("stade-refined-*"))
+    monkeypatch.undo()
+
+    import stade_cli.outputs as outputs                 # a temp dir that cannot hold them: refused before block 0
+    real = outputs.check_space
+
+    def small_tmp(path, needed):
+        if str(path).startswith(str(tmp_path / "tmp")):
+            raise outputs.OutputError(f"not enough disk space for {path}: {needed:,} bytes needed, 10 free")
+        return real(path, needed)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(outputs, "check_space", small_tmp)
+    r = run("prune", tiny_llama, *common, "--spill", "disk", "-o", tmp_path / "full", code=1)
+    assert "not enough disk space for " + str(tmp_path / "tmp") in r.stderr
+    assert "refining blocks" not in r.stderr and not (tmp_path / "full").exists()
 
 
 def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
