@@ -473,11 +473,12 @@ def run(argv: list[str]) -> int:
 def needs(names: list[str], nsamples: int = 128, seqlen: int = 2048) -> str:
     """"What it takes", from the shapes alone (``stade_cli.estimate``, the figures calibrate and prune print)."""
     from stade_cli.arch import describe
-    from stade_cli.estimate import gram_bytes, gram_bytes_per_block, moments_bytes, prune_memory
+    from stade_cli.estimate import gram_bytes, gram_bytes_per_block, moments_bytes, prune_memory, refine_needs
 
     rows = ["| model | weights (bf16) | a block in float32 (CPU) / bf16 (GPU) | cached block inputs, 128 × 2048 "
-            "(float32 / bf16) | stats | stats with --gram | Gram of one block | prune from stats, memory |",
-            "|---|---|---|---|---|---|---|---|"]
+            "(float32 / bf16) | stats | stats with --gram | Gram of one block | prune from stats, memory | "
+            "`--recipe best`'s refinement, on its device |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         shape = SHAPES[name]
         arch = describe(_meta(shape))
@@ -491,8 +492,22 @@ def needs(names: list[str], nsamples: int = 128, seqlen: int = 2048) -> str:
                     f"{moments_bytes(arch) / GB:.3f} GB | {(moments_bytes(arch) + gram_bytes(arch)) / GB:.1f} GB | "
                     f"{max(gram_bytes_per_block(arch).values()) / GB:.2f} GB | "
                     f"{prune_memory(int(shard)) / GB:.1f} GB (sparsegpt, admm: "
-                    f"{prune_memory(int(shard), arch, True, 2) / GB:.1f} GB) |")
+                    f"{prune_memory(int(shard), arch, True, 2) / GB:.1f} GB) | {_refine_needs(arch, shape) / GB:.1f} GB |")
     return "\n".join(rows) + "\n"
+
+
+def _refine_needs(arch, shape: dict) -> int:
+    """``estimate.refine_needs`` with the recipe's windows (128 × 256, 4 a step): the largest block's targets (a
+    mixture's: all its experts)."""
+    from stade_cli.estimate import refine_needs
+
+    per_block: dict[int, int] = {}
+    for t in arch.targets.values():
+        per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
+    config = shape["config"]
+    return refine_needs(max(per_block.values()), config["hidden_size"],
+                        max(t.out_features for t in arch.targets.values()), config["num_attention_heads"], 128, 256,
+                        4).total
 
 
 def _meta(shape: dict):
