@@ -39,29 +39,32 @@ def _needs(plan) -> str:
     line = (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
             + (" (Gram matrices read one block at a time)" if gram else ""))
     if plan.request.refine.on:
-        r = _refine_needs(plan)
-        line += (f"; the refinement about {human_bytes(r.total)} more on {plan.device.type} ({human_bytes(r.block)} for "
-                 f"a block's weights in float32 with Adam's state, {human_bytes(r.hidden)} for the windows' hidden "
-                 f"states), beside the model's weights (streamed a block at a time where they take more than half "
-                 f"of the memory) and the refined weights until written (on disk where they would take more than "
-                 f"half)")
+        parts = _refine_parts(plan)
+        line += (f"; the refinement about {human_bytes(sum(parts.values()))} in all on {plan.device.type}: "
+                 + ", ".join(f"{what} {human_bytes(n)}" for what, n in parts.items() if n))
     return line
 
 
-def _refine_needs(plan):
-    """``estimate.refine_needs`` for this plan: the largest block's targets, the hidden size (the width most
-    targets read), the widest output (the MLP's), the attention heads from the config."""
+def _refine_parts(plan) -> dict[str, int]:
+    """What ``--refine`` holds, part by part (``estimate.refine_needs`` for the largest block's targets, the hidden
+    size most targets read, the widest output, the config's attention heads), with the model's weights as it loads
+    them (a block at a time where they take more than half of the memory), the runner's cached hidden states, and
+    the refined weights where they stay in memory."""
+    import json
     from collections import Counter
 
+    import torch
+
+    from .checkpoint import checkpoint_dtype
     from .estimate import refine_needs
+    from .loading import Runtime
+    from .runtime import available_bytes
 
     targets = list(plan.arch.targets.values())
     per_block: dict[int, int] = {}
     for t in targets:
         per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
     hidden = Counter(t.in_features for t in targets).most_common(1)[0][0] if targets else 0
-    import json
-
     try:
         config = json.loads((plan.source.path / "config.json").read_text())
     except (OSError, ValueError):
@@ -69,8 +72,21 @@ def _refine_needs(plan):
     config = config.get("text_config") or config
     heads = int(config.get("num_attention_heads") or max(hidden // 64, 1))
     opts, windows = plan.request.refine, plan.refine_windows
-    return refine_needs(max(per_block.values(), default=0), hidden, max((t.out_features for t in targets), default=0),
-                        heads, opts.samples, windows.seqlen or 2048, opts.batch)
+    seqlen = windows.seqlen or 2048
+    r = refine_needs(max(per_block.values(), default=0), hidden, max((t.out_features for t in targets), default=0),
+                     heads, opts.samples, seqlen, opts.batch)
+    rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
+    weights = rt.footprint()
+    free = available_bytes(plan.device)
+    loaded = weights.total if weights.total <= free // 2 else weights.block + weights.rest
+    refined = sum(t.in_features * t.out_features for t in targets) * checkpoint_dtype(rt.config).itemsize
+    return {f"the model's weights in {str(rt.dtype).removeprefix('torch.')}"
+            + ("" if loaded == weights.total else ", a block at a time"): loaded,
+            "a block's weights in float32 with Adam's state": r.block,
+            "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
+            "a step's activations": r.activations,
+            "the refined weights until written (on disk past half of the memory)":
+                refined if refined <= available_bytes(torch.device("cpu")) // 2 else 0}
 
 
 def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,

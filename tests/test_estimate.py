@@ -109,8 +109,8 @@ def test_refine_needs_by_hand():
 
 
 def test_prune_with_refine_says_what_the_refinement_needs(tiny_llama, tmp_path):
-    """The line before the work gives the refinement's figure, the one ``refine_needs`` computes from the tiny
-    model's shapes (2 blocks of hidden 64) and the run's windows."""
+    """The line before the work gives the refinement's figures, part by part, those ``refine_needs`` computes from
+    the tiny model's shapes (2 blocks of hidden 64) and the run's windows, and their sum."""
     from stade_cli.estimate import refine_needs
     from stade_cli.runtime import human_bytes
 
@@ -122,4 +122,7 @@ def test_prune_with_refine_says_what_the_refinement_needs(tiny_llama, tmp_path):
     r = run("prune", tiny_llama, "--metric", "magnitude", "--refine", 1, "--refine-samples", 4, "--refine-seqlen", 16,
             "--refine-batch", 2, *DATA, "-o", tmp_path / "a")
     line = next(l for l in r.stderr.splitlines() if l.startswith("needs about"))
-    assert f"; the refinement about {human_bytes(expected.total)} more on cpu ({human_bytes(expected.block)} for" in line
+    parts = line.split("; the refinement about ", 1)[1]
+    assert f"a block's weights in float32 with Adam's state {human_bytes(expected.block)}" in parts
+    assert f"a step's activations {human_bytes(expected.activations)}" in parts
+    assert "the model's weights in float32 " in parts and "the refined weights until written" in parts
