@@ -39,17 +39,18 @@ def _needs(plan) -> str:
     line = (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
             + (" (Gram matrices read one block at a time)" if gram else ""))
     if plan.request.refine.on:
-        parts = _refine_parts(plan)
+        parts, spilled = _refine_parts(plan)
         line += (f"; the refinement about {human_bytes(sum(parts.values()))} in all on {plan.device.type}: "
-                 + ", ".join(f"{what} {human_bytes(n)}" for what, n in parts.items() if n))
+                 + ", ".join(f"{what} {human_bytes(n)}" for what, n in parts.items())
+                 + (f" (the refined weights wait for the writer on disk: {human_bytes(spilled)})" if spilled else ""))
     return line
 
 
-def _refine_parts(plan) -> dict[str, int]:
+def _refine_parts(plan) -> tuple[dict[str, int], int]:
     """What ``--refine`` holds, part by part (``estimate.refine_needs`` for the largest block's targets, the hidden
     size most targets read, the widest output, the config's attention heads), with the model's weights as it loads
     them (a block at a time where they take more than half of the memory), the runner's cached hidden states, and
-    the refined weights where they stay in memory."""
+    the refined weights where they stay in memory; and the bytes of those that go to disk instead (0 if none)."""
     import json
     from collections import Counter
 
@@ -80,13 +81,16 @@ def _refine_parts(plan) -> dict[str, int]:
     free = available_bytes(plan.device)
     loaded = weights.total if weights.total <= free // 2 else weights.block + weights.rest
     refined = sum(t.in_features * t.out_features for t in targets) * checkpoint_dtype(rt.config).itemsize
-    return {f"the model's weights in {str(rt.dtype).removeprefix('torch.')}"
-            + ("" if loaded == weights.total else ", a block at a time"): loaded,
-            "a block's weights in float32 with Adam's state": r.block,
-            "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
-            "a step's activations": r.activations,
-            "the refined weights until written (on disk past half of the memory)":
-                refined if refined <= available_bytes(torch.device("cpu")) // 2 else 0}
+    spill = plan.request.placement.spill if plan.request.placement else "auto"      # as RefinedWeights.open
+    on_disk = spill == "disk" or (spill == "auto" and refined > available_bytes(torch.device("cpu")) // 2)
+    parts = {f"the model's weights in {str(rt.dtype).removeprefix('torch.')}"
+             + ("" if loaded == weights.total else ", a block at a time"): loaded,
+             "a block's weights in float32 with Adam's state": r.block,
+             "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
+             "a step's activations": r.activations}
+    if not on_disk:
+        parts["the refined weights until written"] = refined
+    return parts, refined if on_disk else 0
 
 
 def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,

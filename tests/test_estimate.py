@@ -126,3 +126,7 @@ def test_prune_with_refine_says_what_the_refinement_needs(tiny_llama, tmp_path):
     assert f"a block's weights in float32 with Adam's state {human_bytes(expected.block)}" in parts
     assert f"a step's activations {human_bytes(expected.activations)}" in parts
     assert "the model's weights in float32 " in parts and "the refined weights until written" in parts
+    r = run("prune", tiny_llama, "--metric", "magnitude", "--refine", 1, "--refine-samples", 4, "--refine-seqlen", 16,
+            "--spill", "disk", *DATA, "-o", tmp_path / "b")
+    line = next(l for l in r.stderr.splitlines() if l.startswith("needs about"))
+    assert "the refined weights until written" not in line and "(the refined weights wait for the writer on disk: " in line
