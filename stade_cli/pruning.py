@@ -39,18 +39,23 @@ def _needs(plan) -> str:
     line = (f"needs about {human_bytes(memory)} of memory{where} and {human_bytes(sum(sizes))} of disk for the output"
             + (" (Gram matrices read one block at a time)" if gram else ""))
     if plan.request.refine.on:
-        parts, spilled = _refine_parts(plan)
+        parts, refined, on_disk = _refine_parts(plan)
+        where = "on disk" if on_disk else "in host memory"
+        if not on_disk and plan.device.type == "cpu":
+            parts["the refined weights until written"] = refined
+            where = ""
         line += (f"; the refinement about {human_bytes(sum(parts.values()))} in all on {plan.device.type}: "
                  + ", ".join(f"{what} {human_bytes(n)}" for what, n in parts.items())
-                 + (f" (the refined weights wait for the writer on disk: {human_bytes(spilled)})" if spilled else ""))
+                 + (f" (the refined weights wait for the writer {where}: {human_bytes(refined)})" if where else ""))
     return line
 
 
-def _refine_parts(plan) -> tuple[dict[str, int], int]:
-    """What ``--refine`` holds, part by part (``estimate.refine_needs`` for the largest block's targets, the hidden
-    size most targets read, the widest output, the config's attention heads), with the model's weights as it loads
-    them (a block at a time where they take more than half of the memory), the runner's cached hidden states, and
-    the refined weights where they stay in memory; and the bytes of those that go to disk instead (0 if none)."""
+def _refine_parts(plan) -> tuple[dict[str, int], int, bool]:
+    """What ``--refine`` holds on its device, part by part (``estimate.refine_needs`` for the largest block's
+    targets, the hidden size most targets read, the widest output, the config's attention heads), with the model's
+    weights as it loads them (a block at a time where they take more than half of the memory) and the runner's
+    cached hidden states; then the refined weights' bytes until written (in the host's memory), and whether they go
+    to disk instead (``RefinedWeights.open``'s rule)."""
     import json
     from collections import Counter
 
@@ -88,9 +93,7 @@ def _refine_parts(plan) -> tuple[dict[str, int], int]:
              "a block's weights in float32 with Adam's state": r.block,
              "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
              "a step's activations": r.activations}
-    if not on_disk:
-        parts["the refined weights until written"] = refined
-    return parts, refined if on_disk else 0
+    return parts, refined, on_disk
 
 
 def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,
