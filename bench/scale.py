@@ -497,17 +497,10 @@ def needs(names: list[str], nsamples: int = 128, seqlen: int = 2048) -> str:
 
 
 def _refine_needs(arch, shape: dict) -> int:
-    """``estimate.refine_needs`` with the recipe's windows (128 × 256, 4 a step): the largest block's targets (a
-    mixture's: all its experts)."""
-    from stade_cli.estimate import refine_needs
+    """``estimate.refine_needs_of`` with the recipe's windows (128 × 256, 4 a step)."""
+    from stade_cli.estimate import refine_needs_of
 
-    per_block: dict[int, int] = {}
-    for t in arch.targets.values():
-        per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
-    config = shape["config"]
-    return refine_needs(max(per_block.values()), config["hidden_size"],
-                        max(t.out_features for t in arch.targets.values()), config["num_attention_heads"], 128, 256,
-                        4).total
+    return refine_needs_of(arch, shape["config"]["num_attention_heads"], 128, 256, 4).total
 
 
 def _meta(shape: dict):

@@ -27,7 +27,7 @@ from torch import nn
 
 from .arch import Architecture
 from .loading import Placement, check_batch_size
-from .runtime import Reporter, available_bytes, human_bytes
+from .runtime import Reporter, available_bytes, human_bytes, to_disk
 
 
 
@@ -290,7 +290,7 @@ class BlockRunner:
         dev = execution_device(list(self.blocks_list[0].modules()), self.device)
         need = HiddenCache.nbytes(shape, dtype)
         free = available_bytes(dev)
-        on_disk = spill == "disk" or (spill == "auto" and need > free // 2)
+        on_disk = to_disk(spill, need, free)
         where = (f"memory-mapped on disk ({spill_dir or tempfile.gettempdir()})" if on_disk
                  else f"kept on {dev}")
         self.reporter.log(f"cached block inputs: {human_bytes(need)} ({shape[0]} × {shape[1]} × {shape[2]}, in and out) "

@@ -116,6 +116,25 @@ class RefineNeeds:
         return self.block + self.hidden + self.activations
 
 
+def hidden_width(arch: Architecture) -> int:
+    """The hidden size: the input width most targets read (q/k/v, the MLP's or experts' gate and up)."""
+    from collections import Counter
+
+    widths = Counter(t.in_features for t in arch.targets.values())
+    return widths.most_common(1)[0][0] if widths else 0
+
+
+def refine_needs_of(arch: Architecture, heads: int, samples: int, seqlen: int, batch: int) -> RefineNeeds:
+    """``refine_needs`` for ``arch``: its largest block's targets (a mixture's: every expert), its
+    ``hidden_width`` and its widest output (the MLP's)."""
+    per_block: dict[int, int] = {}
+    for t in arch.targets.values():
+        per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
+    return refine_needs(max(per_block.values(), default=0), hidden_width(arch),
+                        max((t.out_features for t in arch.targets.values()), default=0), heads, samples, seqlen,
+                        batch)
+
+
 def refine_needs(block_weights: int, hidden: int, intermediate: int, heads: int, samples: int, seqlen: int,
                  batch: int) -> RefineNeeds:
     """What ``--refine`` holds on its device beyond the model's weights (``refine.py``): the largest block's

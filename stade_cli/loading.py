@@ -18,7 +18,8 @@ from .arch import context_length
 from .checkpoint import ModelSource, checkpoint_dtype, load_config, local_path, resolve_model
 from .data import calibration_windows, check_seqlen, load_corpus, local_paths
 from .errors import ModelError, UsageError
-from .runtime import Reporter, available_bytes, human_bytes, resolve_device, resolve_dtype, silence_transformers
+from .runtime import (Reporter, available_bytes, fits, human_bytes, resolve_device, resolve_dtype,
+                      silence_transformers)
 
 SPILL_MODES = ("auto", "device", "disk")
 STREAM = "stream"     # --device-map stream: the blocks read from the checkpoint's shards one at a time
@@ -256,7 +257,7 @@ class Runtime:
         free = available_bytes(self.device)
         where = "GPU" if self.device.type == "cuda" else "memory"
         if not placement.dispatched:
-            if need.total <= free // 2:
+            if fits(need.total, free):
                 return placement
             reporter.log(f"the weights take {human_bytes(need.total)} in {self.dtype_name} and {human_bytes(free)} of {where} are free: "
                          f"the blocks are read from the checkpoint one at a time ({human_bytes(need.block)} each; "

@@ -51,49 +51,34 @@ def _needs(plan) -> str:
 
 
 def _refine_parts(plan) -> tuple[dict[str, int], int, bool]:
-    """What ``--refine`` holds on its device, part by part (``estimate.refine_needs`` for the largest block's
-    targets, the hidden size most targets read, the widest output, the config's attention heads), with the model's
-    weights as it loads them (a block at a time where they take more than half of the memory) and the runner's
-    cached hidden states; then the refined weights' bytes until written (in the host's memory), and whether they go
-    to disk instead (``RefinedWeights.open``'s rule)."""
-    import json
-    from collections import Counter
-
+    """What ``--refine`` holds on its device, part by part (``estimate.refine_needs_of``, with the config's
+    attention heads), with the model's weights as it loads them (a block at a time where they would not fit) and
+    the runner's cached hidden states; then the refined weights' bytes until written (in the host's memory), and
+    whether they go to disk instead (``RefinedWeights.open``'s rule)."""
     import torch
 
     from .checkpoint import checkpoint_dtype
-    from .estimate import refine_needs
+    from .estimate import hidden_width, refine_needs_of
     from .loading import Runtime
-    from .runtime import available_bytes
+    from .runtime import available_bytes, fits, to_disk
 
-    targets = list(plan.arch.targets.values())
-    per_block: dict[int, int] = {}
-    for t in targets:
-        per_block[t.block] = per_block.get(t.block, 0) + t.in_features * t.out_features
-    hidden = Counter(t.in_features for t in targets).most_common(1)[0][0] if targets else 0
-    try:
-        config = json.loads((plan.source.path / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    config = config.get("text_config") or config
-    heads = int(config.get("num_attention_heads") or max(hidden // 64, 1))
-    opts, windows = plan.request.refine, plan.refine_windows
-    seqlen = windows.seqlen or 2048
-    r = refine_needs(max(per_block.values(), default=0), hidden, max((t.out_features for t in targets), default=0),
-                     heads, opts.samples, seqlen, opts.batch)
     rt = Runtime.of(plan.source, plan.device, plan.request.dtype)
+    text = getattr(rt.config, "text_config", None) or rt.config
+    hidden = hidden_width(plan.arch)
+    heads = int(getattr(text, "num_attention_heads", None) or max(hidden // 64, 1))
+    opts, seqlen = plan.request.refine, plan.refine_windows.seqlen or 2048
+    r = refine_needs_of(plan.arch, heads, opts.samples, seqlen, opts.batch)
     weights = rt.footprint()
-    free = available_bytes(plan.device)
-    loaded = weights.total if weights.total <= free // 2 else weights.block + weights.rest
-    refined = sum(t.in_features * t.out_features for t in targets) * checkpoint_dtype(rt.config).itemsize
-    spill = plan.request.placement.spill if plan.request.placement else "auto"      # as RefinedWeights.open
-    on_disk = spill == "disk" or (spill == "auto" and refined > available_bytes(torch.device("cpu")) // 2)
+    loaded = weights.total if fits(weights.total, available_bytes(plan.device)) else weights.block + weights.rest
+    refined = sum(t.in_features * t.out_features for t in plan.arch.targets.values()) \
+        * checkpoint_dtype(rt.config).itemsize
+    spill = plan.request.placement.spill if plan.request.placement else "auto"
     parts = {f"the model's weights in {str(rt.dtype).removeprefix('torch.')}"
              + ("" if loaded == weights.total else ", a block at a time"): loaded,
              "a block's weights in float32 with Adam's state": r.block,
              "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
              "a step's activations": r.activations}
-    return parts, refined, on_disk
+    return parts, refined, to_disk(spill, refined, available_bytes(torch.device("cpu")))
 
 
 def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,

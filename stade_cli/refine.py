@@ -314,10 +314,10 @@ class RefinedWeights:
         import tempfile
         from pathlib import Path
 
-        from .runtime import available_bytes, human_bytes
+        from .runtime import available_bytes, human_bytes, to_disk
 
         free = available_bytes(torch.device("cpu"))
-        self.on_disk = self.spill == "disk" or (self.spill == "auto" and total_bytes > free // 2)
+        self.on_disk = to_disk(self.spill, total_bytes, free)
         if self.on_disk:
             from .outputs import check_space
 
@@ -399,7 +399,6 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                  + (f" ({opts.loss} loss)" if opts.loss != "mse" else "")
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))
     biases: dict[str, torch.Tensor | None] = {}        # each target's layer-wise bias change (its weight: the store)
-    dtypes: dict[str, torch.dtype] = {}     # each target's dtype in the checkpoint
     store = store if store is not None else RefinedWeights("device")    # no files that nobody would remove
     errors: list[dict] = []
     quick: list[int] = []                   # blocks that attended with attention.causal_attention
@@ -446,7 +445,6 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                     place.within(params[key]).copy_(new.to(params[key].device) == 0)
                     biases[t.name] = decision.bias_delta
                     layerwise_weights[t.name] = new
-                    dtypes[t.name] = original.dtype
                 trained = [getattr(modules[m], p) for m, p in params]
 
                 def train(rate: float) -> tuple[list[float], list[int]]:
@@ -465,9 +463,9 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
 
                 entry = {"block": index, **fit_or_keep(train, error, restore, opts.lr)}
                 errors.append(entry)
-                if sub:
+                if sub:     # in the checkpoint's dtype, the layer-wise fit's (``weight_for``)
                     store.put(index, {t.name: loaded.places[t.name].view(modules).detach().to(
-                        "cpu", dtypes[t.name], copy=True) for t in sub})
+                        "cpu", layerwise_weights[t.name].dtype, copy=True) for t in sub})
                 block.to(dtype)             # the next block sees what the checkpoint will compute
                 if dtype == torch.float32:
                     pruned_x = _through(block, x, kw, opts.batch, products)
@@ -487,8 +485,8 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     if gains:
         reporter.log(f"refinement: each block's output error × {min(gains):.2f}–{max(gains):.2f} of the layer-wise "
                      f"fit's (median × {sorted(gains)[len(gains) // 2]:.2f}, on its first step's windows)")
-    facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "loss": opts.loss, "batch": opts.batch, "samples": len(windows),
-             "precision": str(products).removeprefix("torch."),
+    facts = {"steps": opts.steps, "lr": opts.lr, "warmup": opts.warmup, "loss": opts.loss, "batch": opts.batch,
+             "samples": len(windows), "precision": str(products).removeprefix("torch."),
              "seqlen": int(windows.shape[1]), "dataset": spec.dataset, "seed": spec.seed, "blocks": errors,
              "grouped_attention": quick}
 

@@ -136,6 +136,17 @@ def one_thread_per_worker(device: "torch.device", workers: int):
         torch.set_num_threads(previous)
 
 
+def fits(need: int, free: int) -> bool:
+    """The rule of every memory-or-elsewhere choice (loading the model whole, keeping hidden states or refined
+    weights in memory): ``need`` bytes stay when they take at most half of the ``free`` ones."""
+    return need <= free // 2
+
+
+def to_disk(spill: str, need: int, free: int) -> bool:
+    """``--spill``: ``disk`` always, ``device`` never, ``auto`` where ``need`` does not ``fits`` in ``free``."""
+    return spill == "disk" or (spill == "auto" and not fits(need, free))
+
+
 def available_bytes(device: "torch.device") -> int:
     """Free memory on ``device``: CUDA's free memory, or the RAM the kernel reports as available."""
     import os

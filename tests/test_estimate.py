@@ -130,3 +130,25 @@ def test_prune_with_refine_says_what_the_refinement_needs(tiny_llama, tmp_path):
             "--spill", "disk", *DATA, "-o", tmp_path / "b")
     line = next(l for l in r.stderr.splitlines() if l.startswith("needs about"))
     assert "the refined weights until written" not in line and "(the refined weights wait for the writer on disk: " in line
+
+
+def test_the_half_of_free_memory_rule_by_hand():
+    """One rule for what stays in memory (the model whole, cached hidden states, refined weights): at most half."""
+    from stade_cli.runtime import fits, to_disk
+
+    assert fits(100, 200) and not fits(100, 199)
+    assert not to_disk("auto", 100, 200) and to_disk("auto", 100, 199)
+    assert to_disk("disk", 1, 10**12) and not to_disk("device", 10**12, 1)
+
+
+def test_refine_needs_of_a_mixture_counts_every_expert(tiny_factory):
+    """The largest block's targets, all experts included; the hidden size is the width most targets read."""
+    from stade_cli.estimate import hidden_width, refine_needs, refine_needs_of
+
+    model = tiny_factory("mixtral")
+    arch = describe(meta_model(load_config(model)), disk=tensor_shapes(model))
+    config = json.loads((model / "config.json").read_text())
+    block = sum(t.in_features * t.out_features for t in arch.targets.values() if t.block == 0)
+    assert hidden_width(arch) == config["hidden_size"]
+    assert refine_needs_of(arch, 4, 8, 16, 2) == refine_needs(block, config["hidden_size"],
+                                                             config["intermediate_size"], 4, 8, 16, 2)
