@@ -47,7 +47,7 @@ def prune(
     refine_samples: Annotated[int, typer.Option(help="Refinement: calibration windows (from the stats' text and seed).")] = 16,
     refine_seqlen: Annotated[int, typer.Option(help="Refinement: tokens per window.")] = 256,
     refine_precision: Annotated[str, typer.Option(help="Refinement: auto (bfloat16 products where the device is fast at them: CUDA, AMX, AVX512-BF16), float32 or bfloat16.")] = "auto",
-    recipe: Annotated[Optional[str], typer.Option(help="best: the best measured composition, i.e. " + _RECIPE_FLAGS + "; flags you give win.", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="best: the best measured composition, i.e. " + _RECIPE_FLAGS + "; flags you give win (more quality for more time: raise --refine and --refine-samples together).", show_default=False)] = None,
     stats: Annotated[Optional[Path], typer.Option(help="STATS directory from `stade calibrate` \\[default: calibrate now].", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option(help="Regex: prune only the linears it matches.", show_default=False)] = None,
     skip: Annotated[Optional[str], typer.Option(help="Regex: keep the linears it matches dense.", show_default=False)] = None,
