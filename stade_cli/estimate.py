@@ -135,6 +135,12 @@ def refine_needs_of(arch: Architecture, heads: int, samples: int, seqlen: int, b
                         batch)
 
 
+def refined_bytes(arch: Architecture, itemsize: int) -> int:
+    """The refined weights waiting for the writer (``refine.RefinedWeights``): every target's matrix, at
+    ``itemsize`` bytes a weight (the checkpoint's dtype)."""
+    return sum(t.in_features * t.out_features for t in arch.targets.values()) * itemsize
+
+
 def refine_needs(block_weights: int, hidden: int, intermediate: int, heads: int, samples: int, seqlen: int,
                  batch: int) -> RefineNeeds:
     """What ``--refine`` holds on its device beyond the model's weights (``refine.py``): the largest block's

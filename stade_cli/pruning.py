@@ -58,7 +58,8 @@ def _refine_parts(plan) -> tuple[dict[str, int], int, bool]:
     import torch
 
     from .checkpoint import checkpoint_dtype
-    from .estimate import hidden_width, refine_needs_of
+    from .blockwise import HiddenCache
+    from .estimate import hidden_width, refine_needs_of, refined_bytes
     from .loading import Runtime
     from .runtime import available_bytes, fits, to_disk
 
@@ -70,13 +71,12 @@ def _refine_parts(plan) -> tuple[dict[str, int], int, bool]:
     r = refine_needs_of(plan.arch, heads, opts.samples, seqlen, opts.batch)
     weights = rt.footprint()
     loaded = weights.total if fits(weights.total, available_bytes(plan.device)) else weights.block + weights.rest
-    refined = sum(t.in_features * t.out_features for t in plan.arch.targets.values()) \
-        * checkpoint_dtype(rt.config).itemsize
+    refined = refined_bytes(plan.arch, checkpoint_dtype(rt.config).itemsize)
     spill = plan.request.placement.spill if plan.request.placement else "auto"
     parts = {f"the model's weights in {str(rt.dtype).removeprefix('torch.')}"
              + ("" if loaded == weights.total else ", a block at a time"): loaded,
              "a block's weights in float32 with Adam's state": r.block,
-             "the windows' hidden states": r.hidden + 2 * opts.samples * seqlen * hidden * rt.dtype.itemsize,
+             "the windows' hidden states": r.hidden + HiddenCache.nbytes((opts.samples, seqlen, hidden), rt.dtype),
              "a step's activations": r.activations}
     return parts, refined, to_disk(spill, refined, available_bytes(torch.device("cpu")))
 

@@ -384,6 +384,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     from .checkpoint import checkpoint_dtype
     from .decide import LayerDecision
     from .errors import ModelError
+    from .estimate import refined_bytes
     from .loading import Runtime
 
     opts: RefineOptions = plan.request.refine
@@ -413,8 +414,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                              "train it", "prune without --refine, or --skip it")
         read = _checkpoint_reader(plan)
         if store.on_disk is None:       # every target's matrix, in the checkpoint's dtype
-            store.open(sum(t.in_features * t.out_features for t in arch.targets.values())
-                       * checkpoint_dtype(rt.config).itemsize, reporter)
+            store.open(refined_bytes(arch, checkpoint_dtype(rt.config).itemsize), reporter)
         dense_x = runner.cache.get(0, len(windows)).clone()
         pruned_x = dense_x                       # block 0: the pruned and the dense model's inputs are the same
         for index, block, dev in runner.blocks("refining blocks"):
