@@ -120,7 +120,9 @@ class Unstructured:
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
-            raise MethodError(f"{{sparsity}} must be in [0, 1) (got {self.sparsity})")
+            raise MethodError(f"{{sparsity}} must be in [0, 1) (got {self.sparsity:g})",
+                              f"{self.sparsity:g}% is {{sparsity}} {self.sparsity / 100:g}"
+                              if 1 <= self.sparsity < 100 else "the fraction of weights to zero, e.g. 0.5")
         if self.group not in ("row", "layer"):
             raise MethodError(f"{{group}} must be row or layer (got {self.group})")
 

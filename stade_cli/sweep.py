@@ -95,7 +95,9 @@ def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
         elif pat.strip().lower() == "unstructured":
             for s in sparsities:
                 if not 0 <= s < 1:
-                    raise UsageError(f"sparsity {s:g} is not in [0, 1)", "e.g. --sparsities 0.5,0.6,0.7")
+                    raise UsageError(f"sparsity {s:g} is not in [0, 1)",
+                                     f"{s:g}% is {s / 100:g}; e.g. --sparsities 0.5,0.6,0.7" if 1 <= s < 100
+                                     else "e.g. --sparsities 0.5,0.6,0.7")
                 cells.append({"label": f"{s * 100:g}%", "pattern": "unstructured", "sparsity": s,
                               "implied_sparsity": s})
         else:

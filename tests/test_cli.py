@@ -158,6 +158,8 @@ def test_usage_errors(tiny_llama, llama_stats, tmp_path):
     assert "unknown metric" in r.stderr and "wanda" in r.stderr
     r = run("prune", tiny_llama, "--stats", llama_stats, "--sparsity", 1.5, "-o", tmp_path / "x", code=2)
     assert "[0, 1)" in r.stderr
+    r = run("prune", tiny_llama, "--stats", llama_stats, "--sparsity", 70, "-o", tmp_path / "x", code=2)
+    assert "--sparsity must be in [0, 1) (got 70)" in r.stderr and "70% is --sparsity 0.7" in r.stderr
     r = run("prune", tiny_llama, "--stats", llama_stats, "--pattern", "2:4", "--sparsity", 0.7, "-o", tmp_path / "x",
             code=2)
     assert "contradicts" in r.stderr

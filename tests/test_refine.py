@@ -430,6 +430,11 @@ def test_refine_zero_is_the_layerwise_prune(tiny_llama, gram_stats, tmp_path):
     (("--refine", 2, "--refine-precision", "half"), "--refine-precision must be one of auto, float32, bfloat16"),
     (("--refine", 2, "--structure", "channels", "--sparsity", 0.2), "--refine does not combine with --structure"),
     (("--recipe", "fastest"), "unknown recipe 'fastest'"),
+    # the recipe's --refine is not a flag the user typed: the message names the recipe
+    (("--recipe", "best", "--structure", "channels", "--sparsity", 0.2),
+     "--recipe best (its --refine 40) does not combine with --structure"),
+    (("--recipe", "best", "--experts", 2), "--recipe best (its --refine 40) does not combine with --experts"),
+    (("--recipe", "best", "--experts", 2), "then prune M-K with --recipe best"),
 ])
 def test_refine_and_recipe_mistakes_are_refused_before_any_work(tiny_llama, gram_stats, tmp_path, args, message):
     out = tmp_path / "out"

@@ -119,6 +119,7 @@ def test_sweep_refuses_before_any_work(tiny_llama, tmp_path):
     assert "Gram" in gram.stderr and "stade calibrate" in gram.stderr and "--gram" in gram.stderr
     assert "unknown option 'foo'" in run(*base, "--metrics", "wanda:foo=1", code=2).stderr
     assert "[0, 1)" in run(*base, "--sparsities", "0.5,1.5", code=2).stderr
+    assert "50% is 0.5" in run(*base, "--sparsities", "50,60", code=2).stderr
     picture = tmp_path / "mine.png"
     picture.write_bytes(b"\x89PNG\r\n\x1a\n not stade's")
     if "matplotlib" in sys.modules or _has_matplotlib():
