@@ -300,13 +300,15 @@ class Output:
     the staging directory, and the earlier output at the path stays as it was.
     """
 
-    def __init__(self, path: str | Path, kind: str, force: bool = False, log: Callable[[str], None] | None = None):
+    def __init__(self, path: str | Path, kind: str, force: bool = False, log: Callable[[str], None] | None = None,
+                 says_replaced: bool = True):
         if kind not in KINDS:
             raise ValueError(f"unknown output kind {kind!r}")
         self.given = str(path)
         self.path = Path(os.path.abspath(Path(path).expanduser()))   # absolute; the leaf itself not resolved
         self.kind, self.force = kind, force
         self.log = log or (lambda message: None)
+        self.says_replaced = says_replaced      # False: the caller says what changed (eval --record amends it)
         self.published = False
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
@@ -483,6 +485,10 @@ class Output:
                 remove_tree(self._trash)
                 self._trash = None
 
+    def _said_replaced(self) -> None:
+        if self.says_replaced:
+            self.log(f"replaced the earlier output at {self.given}")
+
     def _publish(self, tmp: Path) -> None:
         (tmp / STAGING_MARKER).unlink()
         _write_marker(tmp, self.kind)
@@ -494,7 +500,7 @@ class Output:
                                   f"{': ' + reason if reason else ''}; it was left as it is",
                                   "choose another path, or move it yourself and run again")
             if exchange(tmp, self.path):
-                self.log(f"replaced the earlier output at {self.given}")
+                self._said_replaced()
             else:  # two renames; a kill between them is undone by the next run (see _recover)
                 aside = self.path.parent / aside_name(self.path.name)
                 os.rename(self.path, aside)
@@ -504,7 +510,7 @@ class Output:
                     os.rename(aside, self.path)
                     raise
                 self._trash = aside
-                self.log(f"replaced the earlier output at {self.given}")
+                self._said_replaced()
         else:
             try:
                 rename_noreplace(tmp, self.path)

@@ -48,7 +48,8 @@ def record_into(model: str, log: Callable[[str], None] | None = None) -> Iterato
         # the record replaces the folder in one exchange: a shell inside it would be left in the old one
         raise UsageError(f"--record cannot rewrite {model}: it is (or holds) the current directory",
                          f"run it from outside: cd {path.resolve().parent} && stade eval {path.resolve().name} --record")
-    with Output(path, "checkpoint", force=True, log=log) as out:
+    # the folder is exchanged for its amended copy; "recorded in …" says what changed, not "replaced"
+    with Output(path, "checkpoint", force=True, log=log, says_replaced=False) as out:
 
         def commit(result: dict) -> dict:
             report = json.loads((path / REPORT_NAME).read_text())

@@ -160,7 +160,9 @@ def test_eval_record_adds_the_result_atomically_and_keeps_the_output_ours(tiny_l
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     plain = run("--json", "eval", out, "--dataset", "builtin", "--seqlen", 32)       # read-only without --record
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--record")
+    first = run("eval", out, "--dataset", "builtin", "--seqlen", 32, "--record")
+    # it says what it added, not that the checkpoint was replaced (only its card and report changed)
+    assert f"recorded in {out}" in first.stderr and "replaced" not in first.stderr
     run("eval", out, "--dataset", "builtin", "--seqlen", 16, "--record")
     report = json.loads((out / "stade_report.json").read_text())
     rows = report["evaluations"]
