@@ -45,6 +45,8 @@ print(f"gpu: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); trans
       f"accelerate {accelerate.__version__}; safetensors {safetensors.__version__}; stade {stade_cli.__version__}; "
       f"python {platform.python_version()}")
 PY
+# the 7B shape's files need about 55 GB at once (model, Gram stats, one pruned output): say what the disk has
+df -h "$(dirname "${WORK:-/tmp/stade-scale}")" | tee -a "$OUT/versions.txt"
 if [[ ${PYTEST:-1} != 0 ]]; then
     python3 -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tail -40 | tee "$OUT/pytest.txt" || true
 fi
