@@ -21,6 +21,12 @@ class StadeError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+def as_percent(value: float, name: str = "") -> str | None:
+    """For a share given as a percentage by mistake (1 < value < 100): ``"70% is 0.7"`` (``name`` before the
+    fraction: ``"70% is --sparsity 0.7"``); else None."""
+    return f"{value:g}% is {name + ' ' if name else ''}{value / 100:g}" if 1 < value < 100 else None
+
+
 class UsageError(StadeError):
     """Options that contradict each other or are out of range (exit code 2)."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MethodError
+from .errors import MethodError, as_percent
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,8 +121,7 @@ class Unstructured:
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise MethodError(f"{{sparsity}} must be in [0, 1) (got {self.sparsity:g})",
-                              f"{self.sparsity:g}% is {{sparsity}} {self.sparsity / 100:g}"
-                              if 1 <= self.sparsity < 100 else "the fraction of weights to zero, e.g. 0.5")
+                              as_percent(self.sparsity, "{sparsity}") or "the fraction of weights to zero, e.g. 0.5")
         if self.group not in ("row", "layer"):
             raise MethodError(f"{{group}} must be row or layer (got {self.group})")
 

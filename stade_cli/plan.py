@@ -99,14 +99,15 @@ def check_request(req: PruneRequest) -> Checked:
     req.refine.check()
     if req.refine.on:
         if req.experts is not None or req.structure is not None:
-            other = "--experts" if req.experts is not None else "--structure"
             # a recipe's --refine is not a flag the user typed: name the recipe
-            what = (f"--recipe {req.recipe['name']} (its --refine {req.refine.steps})" if req.recipe
-                    else "--refine")
-            hint = ("remove the experts first (stade prune M --experts K -o M-K), then prune M-K with "
-                    + ("--recipe " + req.recipe["name"] if req.recipe else "--refine")
-                    if req.experts is not None else
-                    "--structure removes whole channels or blocks; refit what it keeps with --update admm")
+            refining = f"--recipe {req.recipe['name']}" if req.recipe else "--refine"
+            if req.experts is not None:
+                other, hint = "--experts", (f"remove the experts first (stade prune M --experts K -o M-K), then "
+                                            f"prune M-K with {refining}")
+            else:
+                other, hint = "--structure", ("--structure removes whole channels or blocks; refit what it keeps "
+                                              "with --update admm")
+            what = f"{refining} (its --refine {req.refine.steps})" if req.recipe else refining
             raise UsageError(f"{what} does not combine with {other}: it refines the kept weights of zeroed "
                              "(unstructured or N:M) layers", hint)
         if not req.unstructured:

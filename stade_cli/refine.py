@@ -62,7 +62,7 @@ class RefineOptions:
     loss: str = "mse"                 # mse | balanced (``LOSSES``)
 
     def check(self) -> None:
-        from .errors import UsageError
+        from .errors import UsageError, as_percent
 
         if self.steps < 0:
             raise UsageError(f"--refine must be a number of steps per block, 0 or more (got {self.steps})")
@@ -71,7 +71,7 @@ class RefineOptions:
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--refine-warmup must be a share of the steps, from 0 up to (not including) 1 "
                              f"(got {self.warmup:g})", "a quarter of the steps is --refine-warmup 0.25"
-                             + (f"; {self.warmup:g}% is {self.warmup / 100:g}" if 1 < self.warmup < 100 else ""))
+                             + (f"; {as_percent(self.warmup)}" if as_percent(self.warmup) else ""))
         if self.loss not in LOSSES:
             raise UsageError(f"--refine-loss must be one of {', '.join(LOSSES)} (got {self.loss!r})",
                              "; ".join(f"{name}: {what}" for name, what in LOSSES.items()))

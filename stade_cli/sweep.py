@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UsageError
+from .errors import UsageError, as_percent
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -96,8 +96,7 @@ def cell_specs(sparsities: list[float], patterns: list[str]) -> list[dict]:
             for s in sparsities:
                 if not 0 <= s < 1:
                     raise UsageError(f"sparsity {s:g} is not in [0, 1)",
-                                     f"{s:g}% is {s / 100:g}; e.g. --sparsities 0.5,0.6,0.7" if 1 <= s < 100
-                                     else "e.g. --sparsities 0.5,0.6,0.7")
+                                     "; ".join(filter(None, (as_percent(s), "e.g. --sparsities 0.5,0.6,0.7"))))
                 cells.append({"label": f"{s * 100:g}%", "pattern": "unstructured", "sparsity": s,
                               "implied_sparsity": s})
         else:
