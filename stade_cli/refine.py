@@ -69,9 +69,9 @@ class RefineOptions:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--refine-lr must be positive (got {self.lr})")
         if not 0 <= self.warmup < 1:
+            hints = ["a quarter of the steps is --refine-warmup 0.25", as_percent(self.warmup)]
             raise UsageError(f"--refine-warmup must be a share of the steps, from 0 up to (not including) 1 "
-                             f"(got {self.warmup:g})", "a quarter of the steps is --refine-warmup 0.25"
-                             + (f"; {as_percent(self.warmup)}" if as_percent(self.warmup) else ""))
+                             f"(got {self.warmup:g})", "; ".join(h for h in hints if h))
         if self.loss not in LOSSES:
             raise UsageError(f"--refine-loss must be one of {', '.join(LOSSES)} (got {self.loss!r})",
                              "; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
