@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _WRAPPER = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
 out, cmd = sys.argv[1], sys.argv[2:]
 pid = os.fork()
 if pid == 0:
@@ -28,6 +29,7 @@ if pid == 0:
         os.execvp(cmd[0], cmd)
     finally:
         os._exit(127)
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))    # passed on: the command ends itself
 anon = 0                    # the peak of RssAnon: memory of the process's own, without the files it maps
 while True:
     done, status, usage = os.wait4(pid, os.WNOHANG)
@@ -48,20 +50,36 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
-    """Run ``cmd``; its wall time, CPU time, exit code, peak RSS in bytes and the tail of its stderr."""
+def run_child(cmd: list[str], env: dict | None = None, stop_after: float | None = None, grace: float = 30.0) -> dict:
+    """Run ``cmd``; its wall time, CPU time, exit code, peak RSS in bytes and the tail of its stderr.
+
+    ``stop_after`` seconds: the command is sent SIGTERM then (as a batch scheduler sends it at the end of a job's
+    time) and killed ``grace`` seconds later if it has not ended; the figures then carry ``stopped``: the seconds
+    at which it was told to stop."""
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".usage") as usage:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _WRAPPER, usage.name, *cmd],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                              timeout=timeout)
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WRAPPER, usage.name, *cmd],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                start_new_session=True)
+        stopped = None
+        try:
+            proc.wait(timeout=stop_after)
+        except subprocess.TimeoutExpired:
+            stopped = time.perf_counter() - t0
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)     # the wrapper and the command: their own session
+                proc.wait()
         seconds = time.perf_counter() - t0
         err.seek(0)
         tail = err.read().decode(errors="replace")[-3000:]
         text = Path(usage.name).read_text().strip()
     got = json.loads(text) if text else {"maxrss_kb": 0, "cpu": 0.0}
-    return {"seconds": seconds, "cpu": got["cpu"], "rc": proc.returncode, "maxrss": int(got["maxrss_kb"]) * 1024,
-            "anon": int(got.get("anon_kb", 0)) * 1024, "stderr": tail}
+    figures = {"seconds": seconds, "cpu": got["cpu"], "rc": proc.returncode, "maxrss": int(got["maxrss_kb"]) * 1024,
+               "anon": int(got.get("anon_kb", 0)) * 1024, "stderr": tail}
+    return figures if stopped is None else {**figures, "stopped": round(stopped, 1)}
 
 
 def child_env() -> dict:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU path, run on a GPU, in one call of about 8 minutes:
+# The GPU path, run on a GPU, in one call that ends within BUDGET seconds (default 480):
 #   1. stade from this working tree (no install: PYTHONPATH), and whatever the machine lacks from carried wheels;
 #   2. `pytest -m cuda`: CUDA against the CPU on tiny models (tests/test_cuda.py) and the other cuda tests;
-#   3. bench/scale.py on the Llama-2-7B shape with --device cuda: calibrate 128 × 2048 with and without --gram,
-#      prune from the stats (magnitude, wanda, stade, sparsegpt, wanda + admm plain and gradual), eval, and the
-#      prefill tokens/s of a 2:4 checkpoint's linears dense against torch.sparse.to_sparse_semi_structured, and
-#      last `prune --recipe best` (the gradual ADMM refit and the block-wise refinement on 128 × 256 tokens).
+#   3. bench/scale.py on the Llama-2-7B shape with --device cuda, the steps with targets first: the baselines, calibrate
+#      128 × 2048 without and with --gram, prune from the stats with wanda and stade, eval, the prefill tokens/s of a
+#      2:4 checkpoint's linears dense against torch.sparse.to_sparse_semi_structured, wanda + admm (plain, gradual),
+#      sparsegpt, and last `prune --recipe best` (the gradual ADMM refit and the block-wise refinement).
+#      What the budget leaves no time for is listed as skipped, and a step still running when it ends is sent
+#      SIGTERM and listed as stopped, so the results always come back written.
 # Results (scale.json, scale.md, pytest.txt, versions.txt) go to $OUT (default bench/results/gpu), named with the
 # GPU and the software versions inside.
 #
@@ -13,7 +15,7 @@
 #                            .gpu/ (ignored by git; carry it: run(carry=[".gpu"]))
 #   bench/gpu.sh             there (or here with DEVICE=cpu SHAPE=tiny NSAMPLES=2 SEQLEN=64 to try the script)
 #
-# STEPS (default: every step of bench/scale.py), SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (16),
+# STEPS (default: the order above), BUDGET, SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (16),
 # DEVICE (cuda), WORK (/tmp/stade-scale) change the run; PYTEST=0 skips step 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +50,13 @@ PY
 # the 7B shape's files need about 55 GB at once (model, Gram stats, one pruned output): say what the disk has
 df -h "$(dirname "${WORK:-/tmp/stade-scale}")" | tee -a "$OUT/versions.txt"
 if [[ ${PYTEST:-1} != 0 ]]; then
-    python3 -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tail -40 | tee "$OUT/pytest.txt" || true
+    # at most a third of the budget: the 7B steps are what only this machine can measure
+    timeout -s INT $(( ${BUDGET:-480} / 3 )) python3 -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 \
+        | tail -40 | tee "$OUT/pytest.txt" || true
 fi
+STEPS=${STEPS:-roundtrip,forward,calibrate,calibrate-gram,prune:wanda,prune:stade,eval,sparse24,prune:wanda+admm,prune:wanda+admm-gradual,prune:sparsegpt,prune:recipe}
 calib=${CALIB:-$here/.gpu/calib.txt}
 tokenizer=${TOKENIZER:-$here/.gpu/tokenizer}
 python3 bench/scale.py run --shape "${SHAPE:-llama2-7b}" --work "${WORK:-/tmp/stade-scale}" --calib "$calib" \
     --tokenizer "$tokenizer" --device "$DEVICE" --nsamples "${NSAMPLES:-128}" --seqlen "${SEQLEN:-2048}" \
-    --max-windows "${WINDOWS:-16}" ${STEPS:+--steps "$STEPS"} --out "$OUT"
+    --max-windows "${WINDOWS:-16}" --steps "$STEPS" --deadline $(( ${BUDGET:-480} - SECONDS )) --out "$OUT"

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -133,8 +134,10 @@ def cut_tokenizer(src: Path, dst: Path, vocab: int) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2) -> dict:
-    """Write the random checkpoint of shape ``name`` into the new directory ``out``, one tensor in memory at a time."""
+def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2, device: str = "cpu") -> dict:
+    """Write the random checkpoint of shape ``name`` into the new directory ``out``, one tensor in memory at a time.
+    The values are drawn on ``device`` (a GPU draws Llama-2-7B's 6.7e9 in seconds, a CPU's one generator in minutes),
+    so the same seed gives other values there: they are random either way."""
     import torch
 
     from stade_cli.checkpoint import ShardWriter
@@ -151,7 +154,7 @@ def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2) -> dic
     itemsize = torch.empty((), dtype=dtype).element_size()
     code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[shape["dtype"]]
     shards = _shards.split(tensors(shape), itemsize, shape["shard_gb"] * GB)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -161,7 +164,7 @@ def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2) -> dic
                 if key.endswith("norm.weight"):
                     t = torch.ones(dims, dtype=dtype)
                 else:
-                    t = torch.randn(dims, generator=g).mul_(0.02).to(dtype)
+                    t = torch.randn(dims, generator=g, device=device).mul_(0.02).to(dtype).cpu()
                 writer.write(key, t.contiguous().reshape(-1).view(torch.uint8).numpy())
                 weight_map[key] = fname
                 total += t.numel() * itemsize
@@ -173,15 +176,25 @@ def build(name: str, out: Path, seed: int = 0, tokenizer: Path = SMOLLM2) -> dic
     config = dict(shape["config"], architectures=[arch_name], model_type=model_type, torch_dtype=shape["dtype"],
                   tie_word_embeddings=False, use_cache=True)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "random-weights.json").write_text(json.dumps({"seed": seed, "drawn_on": torch.device(device).type}) + "\n")
     cut_tokenizer(tokenizer, tmp, shape["config"]["vocab_size"])
     os.replace(tmp, out)
     return describe_checkpoint(out)
 
 
+def build_device(device: str) -> str:
+    """Where ``build`` draws a run's values: the GPU the run uses, else the CPU."""
+    import torch
+
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def describe_checkpoint(path: Path) -> dict:
     files = sorted(path.glob("*.safetensors"))
+    drawn = path / "random-weights.json"
     return {"path": str(path), "shards": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "largest_shard": max(f.stat().st_size for f in files)}
+            "largest_shard": max(f.stat().st_size for f in files),
+            **(json.loads(drawn.read_text()) if drawn.is_file() else {})}
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -298,7 +311,9 @@ def sparse24(model: str, tokens: int, device: str) -> dict:
                 if k.startswith("model.layers.0.") and k.endswith("proj.weight"):
                     weights[k] = r.get_tensor(k).to("cuda", torch.float16)
     x = torch.randn(tokens, next(iter(weights.values())).shape[1], device="cuda", dtype=torch.float16)
-    out = {}
+    out = {"backend": "cuSPARSELt" if torch.backends.cusparselt.is_available() else "CUTLASS"}
+    # cuSPARSELt where this torch has it (its default), else the CUTLASS kernels every CUDA build has
+    torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS = out["backend"] == "CUTLASS"
     for sparse in (False, True):
         mats = {k: (torch.sparse.to_sparse_semi_structured(w) if sparse else w) for k, w in weights.items()}
         inputs = {k: (x if w.shape[1] == x.shape[1] else torch.randn(tokens, w.shape[1], device="cuda",
@@ -338,6 +353,10 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     by = {s["step"]: s for s in result["steps"]}
     for s in result["steps"]:
+        if s.get("stopped"):
+            lines.append(f"| {s['step']} | stopped at the deadline after {s['stopped']:.0f} s (ended "
+                         f"{s['seconds'] - s['stopped']:.1f} s later, exit {s['rc']}) | | | | | | | |")
+            continue
         if s.get("rc"):
             lines.append(f"| {s['step']} | failed (exit {s['rc']}) | | | | | | | |")
             continue
@@ -351,7 +370,7 @@ def markdown(result: dict) -> str:
             ratio = f"({windows} windows against {nsamples})"
         gpu = f"{s['cuda_peak'] / 2**30:.1f} GiB" if s.get("cuda_peak") else ""
         disk = f"{s['stats_bytes'] / GB:.2f} GB" if s.get("stats_bytes") else ""
-        note = f" ({s['speedup']:.2f}× dense)" if s.get("speedup") else ""
+        note = f" ({s['speedup']:.2f}× dense{', ' + s['backend'] if s.get('backend') else ''})" if s.get("speedup") else ""
         anon = f"{s['anon'] / 2**30:.2f} GiB" if s.get("anon") else ""
         lines.append(f"| {s['step']}{note} | {s['seconds']:.1f} | {s['cpu']:.1f} | {s['maxrss'] / 2**30:.2f} GiB | "
                      f"{anon} | {gpu} | {s.get('baseline') or ''} | {ratio} | {disk} |")
@@ -364,8 +383,10 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "cpus": os.cpu_count(), "machine": platform.machine()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+    if torch.cuda.is_available():      # asked in a child: this process holds no CUDA context while the steps run
+        name = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                              capture_output=True, text=True)
+        env["gpu"] = name.stdout.strip() or "unknown GPU"
         env["cuda"] = torch.version.cuda
     return env
 
@@ -401,6 +422,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from {','.join(STEPS)}")
     p.add_argument("--tokenizer", default=str(SMOLLM2))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale"))
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds from now: no step starts after it, and the one running then is sent SIGTERM (and "
+                        "recorded as stopped), so that a run with a time limit still ends with its results written")
     a = p.parse_args(argv)
     steps = [s for s in a.steps.split(",") if s]
     unknown = sorted(set(steps) - set(STEPS))
@@ -412,7 +436,12 @@ def run(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = work / a.shape
     t0 = time.perf_counter()
-    checkpoint = build(a.shape, model, tokenizer=Path(a.tokenizer).expanduser())
+    left = (lambda: a.deadline - (time.perf_counter() - t0)) if a.deadline is not None else (lambda: None)
+    if not (model / "config.json").is_file():      # in a child: on a GPU it draws the values there
+        subprocess.run([sys.executable, str(Path(__file__)), "build", "--shape", a.shape, "--out", str(model),
+                        "--tokenizer", str(Path(a.tokenizer).expanduser()), "--device", build_device(a.device)],
+                       check=True, stdout=subprocess.DEVNULL, env=_measure.child_env())
+    checkpoint = describe_checkpoint(model)
     built = round(time.perf_counter() - t0, 1)
     result = {"settings": {**vars(a), "started": _dt.datetime.now().isoformat(timespec="seconds")},
               "environment": environment(), "checkpoint": {**checkpoint, "build_seconds": built}, "steps": []}
@@ -425,6 +454,10 @@ def run(argv: list[str]) -> int:
     env = _measure.child_env()
     stats, gram = work / f"{a.shape}-stats", work / f"{a.shape}-stats-gram"
     for name in steps:
+        if left() is not None and left() < 1:
+            result["steps"].append({"step": name, "skipped": "out of time (--deadline)"})
+            RESULTS.write(out, result, {"scale.md": markdown(result)})
+            continue
         args, baseline, cleanup = [], BASELINE.get(name), None
         if name == "roundtrip":
             args, cleanup = ["--out", str(work / "roundtrip")], work / "roundtrip"
@@ -445,9 +478,15 @@ def run(argv: list[str]) -> int:
         elif name == "sparse24":
             pruned = work / "pruned-2-4"
             if not (pruned / "config.json").exists():
-                _measure.run_child([sys.executable, str(Path(__file__)), "step", "prune", *common, "--metric", "wanda",
-                                    "--pattern", "2:4", "--stats", str(stats), "--out", str(pruned), "--report",
-                                    str(work / "ignored.json")], env)
+                made = _measure.run_child([sys.executable, str(Path(__file__)), "step", "prune", *common, "--metric",
+                                           "wanda", "--pattern", "2:4", "--stats", str(stats if (
+                                               stats / "manifest.json").exists() else gram), "--out", str(pruned),
+                                           "--report", str(work / "ignored.json")], env, stop_after=left())
+                if made["rc"]:
+                    result["steps"].append({"step": name, "rc": made["rc"], "stderr": made["stderr"],
+                                            "skipped": "its 2:4 checkpoint (wanda from the stats) was not made"})
+                    RESULTS.write(out, result, {"scale.md": markdown(result)})
+                    continue
             common_model = ["--model", str(pruned)]
             # removed after the step: a 7B checkpoint beside the model, its Gram stats and the next prune's output
             # would not fit a 64 GiB disk (13.5 + 26.5 + 13.5 + 13.5 GB)
@@ -457,9 +496,11 @@ def run(argv: list[str]) -> int:
         report.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__)), "step", what, *common, *args, "--report", str(report)]
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
-        figures = _measure.run_child(cmd, env)
+        figures = _measure.run_child(cmd, env, stop_after=left())
         entry = {"step": name, "baseline": baseline, **{k: v for k, v in figures.items() if k != "stderr"}}
-        if figures["rc"]:
+        if figures.get("stopped"):
+            entry["stderr"] = figures["stderr"]
+        elif figures["rc"]:
             entry["stderr"] = figures["stderr"]
             print(figures["stderr"], file=sys.stderr)
         elif report.is_file():
@@ -529,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tokenizer", default=str(SMOLLM2))
+        p.add_argument("--device", default="cpu", help="where the random values are drawn (cuda: in seconds)")
         a = p.parse_args(argv[1:])
-        print(json.dumps(build(a.shape, Path(a.out).expanduser(), a.seed, Path(a.tokenizer).expanduser())))
+        print(json.dumps(build(a.shape, Path(a.out).expanduser(), a.seed, Path(a.tokenizer).expanduser(),
+                               a.device)))
         return 0
     return run(argv[1:]) if argv[0] == "run" else step(argv[1:])
 

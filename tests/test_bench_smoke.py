@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,6 +140,60 @@ def test_scale_smoke(tokenizer_dir, text_file, tmp_path):
         assert s["rc"] == 0 and _finite(s["seconds"]) and s["maxrss"] > 0 and _finite(s["cpu"]), s
     assert steps["calibrate"]["baseline"] == "forward" and steps["prune:wanda"]["baseline"] == "roundtrip"
     assert "| calibrate |" in proc.stdout and not (work / "pruned").exists()
+
+
+def test_scale_deadline_lists_what_it_had_no_time_for(tokenizer_dir, text_file, tmp_path):
+    """A run past its ``--deadline`` starts no step: each is listed as skipped, and the results are written."""
+    out, work = tmp_path / "scale", tmp_path / "work"
+    proc = _run(["bench/scale.py", "run", "--shape", "tiny", "--work", str(work), "--calib", str(text_file),
+                 "--tokenizer", str(tokenizer_dir), "--steps", "roundtrip,calibrate", "--deadline", "0", "--out",
+                 str(out)])
+    steps = json.loads((out / "scale.json").read_text())["steps"]
+    assert steps == [{"step": "roundtrip", "skipped": "out of time (--deadline)"},
+                     {"step": "calibrate", "skipped": "out of time (--deadline)"}]
+    assert "| calibrate | skipped: out of time (--deadline) |" in proc.stdout
+    assert json.loads((work / "tiny" / "random-weights.json").read_text()) == {"seed": 0, "drawn_on": "cpu"}
+
+
+@pytest.mark.cuda
+def test_scale_builds_on_the_gpu(tokenizer_dir, tmp_path):
+    """On a GPU the random values are drawn there (Llama-2-7B's in seconds): same shapes, dtype and shards."""
+    proc = _run(["bench/scale.py", "build", "--shape", "tiny", "--out", str(tmp_path / "m"), "--tokenizer",
+                 str(tokenizer_dir), "--device", "cuda"])
+    assert json.loads(proc.stdout)["shards"] == 3 and json.loads(proc.stdout)["drawn_on"] == "cuda"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model-00001-of-00003.safetensors"), "pt") as f:
+        t = f.get_tensor("model.embed_tokens.weight")
+    assert t.shape == (1000, 64) and str(t.dtype) == "torch.bfloat16" and 0.015 < t.float().std() < 0.025
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is not: it ended, and where PID 1 does not reap, it stays listed)."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+    return "zombie" not in state
+
+
+def test_measured_child_is_stopped_as_a_scheduler_stops_it(tmp_path):
+    """``_measure.run_child(stop_after=…)``: SIGTERM reaches the command itself (through the measuring wrapper),
+    which ends as it chooses; a command that ignores it is killed after the grace period; none is left running."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _measure
+
+    pidfile = tmp_path / "pid"
+    ends = [sys.executable, "-c", f"import os, signal, sys, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\ntime.sleep(600)"]
+    ignores = ["sh", "-c", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 600"]
+    for cmd, code in ((ends, 3), (ignores, -9)):
+        pidfile.unlink(missing_ok=True)
+        figures = _measure.run_child(cmd, stop_after=2.0, grace=1.0)
+        assert figures["stopped"] >= 2.0 and figures["seconds"] < 60, figures
+        assert figures["rc"] == code, figures
+        assert not _alive(int(pidfile.read_text()))
+    assert "stopped" not in _measure.run_child([sys.executable, "-c", "pass"], stop_after=60)
 
 
 def test_scale_recipe_smoke(tokenizer_dir, text_file, tmp_path):
