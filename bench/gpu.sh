@@ -15,8 +15,9 @@
 #                            .gpu/ (ignored by git; carry it: run(carry=[".gpu"]))
 #   bench/gpu.sh             there (or here with DEVICE=cpu SHAPE=tiny NSAMPLES=2 SEQLEN=64 to try the script)
 #
-# STEPS (default: the order above), BUDGET, SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (16),
-# DEVICE (cuda), WORK (/tmp/stade-scale) change the run; PYTEST=0 skips step 2.
+# STEPS (default: the order above), BUDGET, SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (eval's
+# windows; default NSAMPLES, so that eval and its baseline, the plain forward, run the same tokens), DEVICE (cuda),
+# WORK (/tmp/stade-scale) change the run; PYTEST=0 skips step 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$PWD
@@ -59,4 +60,4 @@ calib=${CALIB:-$here/.gpu/calib.txt}
 tokenizer=${TOKENIZER:-$here/.gpu/tokenizer}
 python3 bench/scale.py run --shape "${SHAPE:-llama2-7b}" --work "${WORK:-/tmp/stade-scale}" --calib "$calib" \
     --tokenizer "$tokenizer" --device "$DEVICE" --nsamples "${NSAMPLES:-128}" --seqlen "${SEQLEN:-2048}" \
-    --max-windows "${WINDOWS:-16}" --steps "$STEPS" --deadline $(( ${BUDGET:-480} - SECONDS )) --out "$OUT"
+    --max-windows "${WINDOWS:-${NSAMPLES:-128}}" --steps "$STEPS" --deadline $(( ${BUDGET:-480} - SECONDS )) --out "$OUT"
