@@ -12,7 +12,7 @@
 # GPU and the software versions inside.
 #
 #   bench/gpu.sh prepare     here, before the call: puts SmolLM2's tokenizer and the Austen calibration text in
-#                            .gpu/ (ignored by git; carry it: run(carry=[".gpu"]))
+#                            .gpu/ (ignored by git; copy it to the GPU machine with the tree)
 #   bench/gpu.sh             there (or here with DEVICE=cpu SHAPE=tiny NSAMPLES=2 SEQLEN=64 to try the script)
 #
 # STEPS (default: the order above), BUDGET, SHAPE (llama2-7b), NSAMPLES (128), SEQLEN (2048), WINDOWS (eval's
