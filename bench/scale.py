@@ -358,7 +358,8 @@ def markdown(result: dict) -> str:
                          f"{s['seconds'] - s['stopped']:.1f} s later, exit {s['rc']}) | | | | | | | |")
             continue
         if s.get("rc"):
-            lines.append(f"| {s['step']} | failed (exit {s['rc']}) | | | | | | | |")
+            why = f": {s['why']}" if s.get("why") else ""
+            lines.append(f"| {s['step']} | failed (exit {s['rc']}){why} | | | | | | | |")
             continue
         if s.get("skipped"):
             lines.append(f"| {s['step']} | skipped: {s['skipped']} | | | | | | | |")
@@ -484,7 +485,7 @@ def run(argv: list[str]) -> int:
                                            "--report", str(work / "ignored.json")], env, stop_after=left())
                 if made["rc"]:
                     result["steps"].append({"step": name, "rc": made["rc"], "stderr": made["stderr"],
-                                            "skipped": "its 2:4 checkpoint (wanda from the stats) was not made"})
+                                            "why": "its 2:4 checkpoint (wanda from the stats) was not made"})
                     RESULTS.write(out, result, {"scale.md": markdown(result)})
                     continue
             common_model = ["--model", str(pruned)]
