@@ -27,14 +27,21 @@ if [[ ${1:-} == prepare ]]; then
     mkdir -p .gpu/tokenizer
     cp "$assets"/tokenizer.json "$assets"/tokenizer_config.json .gpu/tokenizer/
     cat "$austen"/emma.txt "$austen"/mansfieldpark.txt "$austen"/sensesensibility.txt > .gpu/calib.txt
+    # the CLI's own pure-Python needs at the versions tested here (a GPU image may hold older ones, or none); the
+    # rest (torch, transformers, accelerate, safetensors, rich, pyyaml) is what such an image has
+    rm -rf .gpu/wheels
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels \
+        "typer==$(python3 -c 'import importlib.metadata as m; print(m.version("typer"))')" \
+        "click==$(python3 -c 'import importlib.metadata as m; print(m.version("click"))')"
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     du -sh .gpu
     exit 0
 fi
 OUT=${OUT:-$here/bench/results/gpu}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu/wheels/*.whl
     export PYTHONPATH=/tmp/site:$here
 else
     export PYTHONPATH=$here
@@ -42,10 +49,11 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 python3 - <<'PY' | tee "$OUT/versions.txt"
-import platform, torch, transformers, accelerate, safetensors, stade_cli
+import platform, torch, transformers, accelerate, safetensors, typer, stade_cli
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"gpu: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); transformers {transformers.__version__}; "
-      f"accelerate {accelerate.__version__}; safetensors {safetensors.__version__}; stade {stade_cli.__version__}; "
+      f"accelerate {accelerate.__version__}; safetensors {safetensors.__version__}; typer {typer.__version__}; "
+      f"stade {stade_cli.__version__}; "
       f"python {platform.python_version()}")
 PY
 # the 7B shape's files need about 55 GB at once (model, Gram stats, one pruned output): say what the disk has
