@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path, run on a GPU, in one call that ends within BUDGET seconds (default 480):
-#   1. stade from this working tree (no install: PYTHONPATH), and whatever the machine lacks from carried wheels;
+#   1. stade from this working tree (no install: PYTHONPATH), and the CLI's typer and click from .gpu/wheels;
 #   2. `pytest -m cuda`: CUDA against the CPU on tiny models (tests/test_cuda.py) and the other cuda tests;
 #   3. bench/scale.py on the Llama-2-7B shape with --device cuda, the steps with targets first: the baselines, calibrate
 #      128 × 2048 without and with --gram, prune from the stats with wanda and stade, eval, the prefill tokens/s of a
