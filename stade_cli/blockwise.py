@@ -105,6 +105,20 @@ def move(obj, device: torch.device):
     return obj
 
 
+
+def for_windows(obj, n: int):
+    """A block call's keyword arguments recorded for one window, for a batch of ``n``: every tensor of two or more
+    dimensions whose first (the batch) is 1 expanded to ``n`` (a view, no copy), inside tuples/lists/dicts. Masks,
+    position ids and rotary tables broadcast in most attentions, but some check that the mask's batch is the
+    hidden states' (OPT's in transformers 4.x: "Attention mask should be of size (4, 1, 32, 32)")."""
+    if isinstance(obj, torch.Tensor):
+        return obj.expand(n, *obj.shape[1:]) if obj.dim() >= 2 and obj.shape[0] == 1 and n != 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(for_windows(o, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: for_windows(v, n) for k, v in obj.items()}
+    return obj
+
 # ------------------------------------------------------------------------------------------- hidden states
 class HiddenCache:
     """Hidden states [windows, seqlen, hidden] for a block's inputs and outputs, on the device or on disk.

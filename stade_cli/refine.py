@@ -285,9 +285,13 @@ def _casts_cached(module: nn.Module):
 def _through(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int,
              products: torch.dtype = torch.float32) -> torch.Tensor:
     """``block`` on every window of ``x``, ``batch`` windows at a time, without gradients, in ``x``'s dtype
-    (matrix products in ``products``, each weight converted once: ``_casts_cached``)."""
+    (matrix products in ``products``, each weight converted once: ``_casts_cached``). ``kwargs``: recorded for one
+    window, expanded to each batch's (``for_windows``)."""
+    from .blockwise import for_windows
+
     with torch.no_grad(), _products(x.device, products), _casts_cached(block):
-        return torch.cat([_output(block(x[s:s + batch], **kwargs)).to(x.dtype) for s in range(0, len(x), batch)])
+        return torch.cat([_output(block(x[s:s + batch], **for_windows(kwargs, len(x[s:s + batch])))).to(x.dtype)
+                          for s in range(0, len(x), batch)])
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -380,7 +384,7 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
 
     from .arch import describe
     from .attention import faster
-    from .blockwise import BlockRunner
+    from .blockwise import BlockRunner, for_windows
     from .checkpoint import checkpoint_dtype
     from .decide import LayerDecision
     from .errors import ModelError
@@ -448,9 +452,9 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                 trained = [getattr(modules[m], p) for m, p in params]
 
                 def train(rate: float) -> tuple[list[float], list[int]]:
-                    return refine_block(lambda xb: _output(block(xb, **kw)), x, target_y, trained,
-                                        list(params.values()), opts.steps, rate, opts.batch, generator, products,
-                                        opts.warmup, opts.loss)
+                    return refine_block(lambda xb: _output(block(xb, **for_windows(kw, len(xb)))), x, target_y,
+                                        trained, list(params.values()), opts.steps, rate, opts.batch, generator,
+                                        products, opts.warmup, opts.loss)
 
                 def error(windows: list[int]) -> float:
                     return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
