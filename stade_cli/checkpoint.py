@@ -368,7 +368,7 @@ def load_bin(path: Path) -> dict:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)   # a str: torch 2.2 maps no Path
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"cannot read weight shard {path} safely: {first}",

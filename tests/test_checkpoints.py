@@ -124,6 +124,26 @@ def test_bin_checkpoints_prune_like_safetensors(tiny_llama, tmp_path):
         run("inspect", model)                                     # reading .bin for inspect works too
 
 
+def test_a_bin_shard_is_memory_mapped_from_a_string_path(tmp_path, monkeypatch):
+    """torch 2.2, the oldest torch supported, memory-maps only a file named by a str (a Path fails with "f must be
+    a string filename in order to use mmap argument"): ``load_bin`` hands it one, and gets the tensors back."""
+    from stade_cli.checkpoint import load_bin
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(6.0).view(2, 3)}, path)
+    seen = []
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        seen.append((type(f), kwargs.get("mmap"), kwargs.get("weights_only")))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    state = load_bin(path)
+    assert seen == [(str, True, True)]
+    assert torch.equal(state["w"], torch.arange(6.0).view(2, 3))
+
+
 def test_a_bin_that_runs_code_is_refused(tiny_llama, tmp_path):
     import shutil
 
