@@ -67,7 +67,11 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
         if not isinstance(exc, Exception):
             raise
         first = (str(exc).splitlines() or [type(exc).__name__])[0]   # truncated shards, bad configs, ...
-        raise ModelError(f"cannot load the model from {source.path}: {first}") from None
+        hint = None
+        if "offload the whole model to the disk" in first:         # transformers 4.x: a map with nothing in memory
+            hint = ("the --max-memory budgets hold none of the model's modules; raise the CPU's (e.g. cpu=2GiB), or "
+                    "pass --device-map stream, which keeps only the decoder blocks on disk")
+        raise ModelError(f"cannot load the model from {source.path}: {first}", hint) from None
     if offload_tmp is not None:  # whatever accelerate wrote there goes when the model does, or on release_model
         import shutil
         import weakref

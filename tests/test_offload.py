@@ -301,3 +301,22 @@ def test_offload_dir_keeps_a_users_files(deep_llama, tmp_path):
     assert (od / "index.json").read_text() == '{"mine": true}'
     run("calibrate", deep_llama, "-o", od, "--force", *DATA, "--offload-dir", od, code=2)   # an input, not an output
     assert sorted(p.name for p in od.iterdir()) == ["index.json"]
+
+
+def test_a_budget_that_holds_nothing_says_what_to_pass(tiny_llama, monkeypatch):
+    """transformers 4.x refuses a device map with every module on disk ("use the `disk_offload` function", which a
+    stade user cannot call): the error says which flags would do."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("You are trying to offload the whole model to the disk. Please use the `disk_offload` "
+                         "function instead.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    from stade_cli.errors import ModelError
+
+    with pytest.raises(ModelError) as caught:
+        load_model(resolve_model(str(tiny_llama)), torch.device("cpu"), torch.float32,
+                   Placement(max_memory="cpu=100KB"))
+    assert "offload the whole model to the disk" in caught.value.message
+    assert "--device-map stream" in caught.value.hint and "cpu=" in caught.value.hint
