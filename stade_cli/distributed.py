@@ -264,12 +264,16 @@ def _start(world: World) -> None:
 
 def _stop() -> None:  # pragma: no cover - at interpreter exit
     """Every rank leaves together: under torch 2.2 a rank's ``destroy_process_group`` could wait forever (gloo) when
-    it came while another rank was still at work (half the runs of a 2-rank prune, after the output was written)."""
+    it came while another rank was still at work (half the runs of a 2-rank prune, after the output was written).
+    A rank stopped by a signal leaves at once: the others may be inside a collective that it will not join."""
     import torch.distributed as dist
 
+    from .errors import signal_received
+
     if dist.is_initialized():
-        try:
-            dist.barrier()          # every rank at its exit (a rank that is gone: an error, at once)
-        except Exception:           # noqa: BLE001 - leaving anyway
-            pass
+        if signal_received() is None:
+            try:
+                dist.barrier()      # every rank at its exit (a rank that is gone: an error, at once)
+            except Exception:       # noqa: BLE001 - leaving anyway
+                pass
         dist.destroy_process_group()
