@@ -105,7 +105,6 @@ def move(obj, device: torch.device):
     return obj
 
 
-
 def for_windows(obj, n: int):
     """A block call's keyword arguments recorded for one window, for a batch of ``n``: every tensor of two or more
     dimensions whose first (the batch) is 1 expanded to ``n`` (a view, no copy), inside tuples/lists/dicts. Masks,
@@ -118,6 +117,7 @@ def for_windows(obj, n: int):
     if isinstance(obj, dict):
         return {k: for_windows(v, n) for k, v in obj.items()}
     return obj
+
 
 # ------------------------------------------------------------------------------------------- hidden states
 class HiddenCache:

@@ -368,7 +368,8 @@ def load_bin(path: Path) -> dict:
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)   # a str: torch 2.2 maps no Path
+        # a str: torch 2.2 memory-maps no Path
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"cannot read weight shard {path} safely: {first}",
