@@ -28,7 +28,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs 
 # Where the model runs; for models larger than the device, accelerate's device map, run block by block (see
 # stade_cli/blockwise.py).
 _BIG = "Placement"
-DeviceMap = Annotated[Optional[str], typer.Option(help="auto | balanced | sequential: dispatch with accelerate; blocks run one at a time, the rest on CPU or disk. stream: every block read from the checkpoint's shards as it runs, the rest on the device.", rich_help_panel=_BIG, show_default=False)]
+DeviceMap = Annotated[Optional[str], typer.Option(help="auto | balanced | sequential | stream: blocks run one at a time, the rest on CPU or disk (stream: read as they run).", rich_help_panel=_BIG, show_default=False)]
 MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget per device for the device map, e.g. 0=20GiB,cpu=64GiB (implies --device-map auto).", rich_help_panel=_BIG, show_default=False)]
 OffloadDir = Annotated[Optional[Path], typer.Option(help="Where offloaded weights and spilled block inputs go \\[default: a temp dir].", rich_help_panel=_BIG, show_default=False)]
 Spill = Annotated[str, typer.Option(help="Cached block inputs: auto (on the device if they fit, else on disk) | device | disk.", rich_help_panel=_BIG)]
