@@ -290,8 +290,7 @@ def _through(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int,
     from .blockwise import for_windows
 
     with torch.no_grad(), _products(x.device, products), _casts_cached(block):
-        return torch.cat([_output(block(x[s:s + batch], **for_windows(kwargs, len(x[s:s + batch])))).to(x.dtype)
-                          for s in range(0, len(x), batch)])
+        return torch.cat([_output(block(xb, **for_windows(kwargs, len(xb)))).to(x.dtype) for xb in x.split(batch)])
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
