@@ -76,10 +76,15 @@ class World:
     def sum_(self, tensor):
         """Sum ``tensor`` over the ranks in place (a CPU tensor; float64 for exact-enough sums)."""
         if self.several:
+            import torch
             import torch.distributed as dist
 
-            with _peers_gone(self):
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with _collective(self):
+                buf = tensor.clone() if tensor.is_inference() else tensor
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            if buf is not tensor:
+                with torch.inference_mode():
+                    tensor.copy_(buf)
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
@@ -89,7 +94,7 @@ class World:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.size
-        with _peers_gone(self):
+        with _collective(self):
             dist.all_gather_object(out, obj)
         return out
 
@@ -100,7 +105,7 @@ class World:
         import torch.distributed as dist
 
         box = [obj if self.main else None]
-        with _peers_gone(self):
+        with _collective(self):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -184,6 +189,17 @@ def staged(dest, world: World):
 
 
 @contextmanager
+def _collective(world: World) -> Iterator[None]:
+    """Where a collective runs: outside inference mode, whose tensors gloo's own threads may not write into (torch
+    2.2 refused with "Inplace update to inference tensor outside InferenceMode": a rank inside a pass decorated
+    with ``torch.inference_mode`` could not agree with the others), and with a dead peer told as such."""
+    import torch
+
+    with torch.inference_mode(False), _peers_gone(world):
+        yield
+
+
+@contextmanager
 def _peers_gone(world: World) -> Iterator[None]:
     """A collective whose peer died (killed, out of memory, a crash before it could say why) is a RankFailed."""
     try:
@@ -263,17 +279,42 @@ def _start(world: World) -> None:
 
 
 def _stop() -> None:  # pragma: no cover - at interpreter exit
-    """Every rank leaves together: under torch 2.2 a rank's ``destroy_process_group`` could wait forever (gloo) when
-    it came while another rank was still at work (half the runs of a 2-rank prune, after the output was written).
-    A rank stopped by a signal leaves at once: the others may be inside a collective that it will not join."""
+    """The process group of a run that did not leave through ``leave`` (the library under a launcher)."""
     import torch.distributed as dist
 
+    if dist.is_initialized():
+        _meet(dist)
+        dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """Under a launcher, end this process with ``code`` once every rank is done, without destroying the process
+    group: under torch 2.2 ``destroy_process_group`` could deadlock in gloo, holding the interpreter's lock, after
+    the work was done and the output written (3 of 6 two-rank prunes without a barrier before it, still 2 of 40
+    two-rank calibrations with one), and so could the group's teardown at the interpreter's exit. What that exit
+    would run (``atexit``: e.g. an offload folder's removal) runs first, then the process ends at once. One process
+    returns: the normal exit follows."""
+    dist = sys.modules.get("torch.distributed")     # one process never imports it for this
+    if dist is None or not dist.is_initialized():
+        return
+    import atexit
+
+    _meet(dist)
+    atexit.unregister(_stop)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _meet(dist) -> None:
+    """Every rank at its exit waits for the others, so that none leaves while another still needs it; a rank
+    stopped by a signal does not (the others may be inside a collective it will not join), and a rank already
+    gone makes the barrier fail at once."""
     from .errors import signal_received
 
-    if dist.is_initialized():
-        if signal_received() is None:
-            try:
-                dist.barrier()      # every rank at its exit (a rank that is gone: an error, at once)
-            except Exception:       # noqa: BLE001 - leaving anyway
-                pass
-        dist.destroy_process_group()
+    if signal_received() is None:
+        try:
+            dist.barrier()
+        except Exception:       # noqa: BLE001 - leaving anyway
+            pass

@@ -55,6 +55,59 @@ def test_the_launchers_environment():
         launched({"WORLD_SIZE": "2", "RANK": "2"})
 
 
+def _on_a_thread(fn):
+    """Run ``fn`` on another thread, as gloo writes a collective's results from its own (where no inference mode
+    is set), and re-raise what it raised."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def test_collectives_agree_from_inside_an_inference_pass(monkeypatch):
+    """`--sequential` meets the other ranks inside a pass run under `torch.inference_mode`. Under torch 2.2 gloo
+    wrote a collective's results from its own threads, into tensors made in that mode, and torch refused ("Inplace
+    update to inference tensor outside InferenceMode"): every two-rank `--sequential` prune failed. The fakes below
+    do what gloo did: write from another thread into the tensors the collective made (or was given)."""
+    import torch.distributed as dist
+
+    def all_reduce(tensor, op=None):
+        _on_a_thread(lambda: tensor.mul_(2))                  # two ranks that hold the same values
+
+    def all_gather_object(out, obj):
+        sizes = torch.zeros(len(out), dtype=torch.long)       # as torch's own: the objects' sizes, gathered first
+        _on_a_thread(lambda: sizes.add_(1))
+        out[:] = [obj] * len(out)
+
+    def broadcast_object_list(box, src=0):
+        size = torch.zeros(1, dtype=torch.long)
+        _on_a_thread(lambda: size.add_(1))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    w = World(0, 2)
+    with torch.inference_mode():
+        moments = torch.ones(3, dtype=torch.float64)          # made in the pass: an inference tensor
+        assert w.sum_(moments) is moments and moments.tolist() == [2.0, 2.0, 2.0]
+        assert w.gather("fine") == ["fine", "fine"]
+        assert w.broadcast("y") == "y"
+        w.check(None)
+    normal = torch.ones(2, dtype=torch.float64)                # outside the pass: summed where it is
+    assert w.sum_(normal) is normal and normal.tolist() == [2.0, 2.0]
+
+
 def test_one_process_is_one_process(tiny_llama, tmp_path):
     """Without a launcher nothing starts a process group, and the collectives are the identity."""
     import torch.distributed as dist
@@ -158,12 +211,21 @@ def test_calibrate_with_a_device_map_on_two_ranks(sharded, stats_pair, tmp_path)
     assert not list((tmp_path / "off").iterdir())          # each rank's offload folder removed
 
 
+def _free_port() -> str:
+    """A port nothing listens on now (port 0, "any", never started under torch 2.2 with accelerate 0.30)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def test_accelerate_launch_is_the_same_engine(sharded, stats_pair, tmp_path):
     """`accelerate launch` starts torchrun's workers with the same environment: the same stats."""
     pytest.importorskip("accelerate")
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
            "-m", "stade_cli", "calibrate", str(sharded), "-o", str(out), *map(str, CAL)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -404,3 +466,45 @@ def test_a_rank_leaves_after_meeting_the_others(monkeypatch, peer_gone):
     monkeypatch.setattr(errors, "_RECEIVED", [15])
     distributed._stop()
     assert calls == ["destroy"]
+
+
+@pytest.mark.parametrize("signalled", [False, True])
+def test_a_rank_leaves_with_its_code_without_destroying_the_group(monkeypatch, signalled):
+    """Under torch 2.2 `destroy_process_group` could deadlock holding the interpreter's lock (2 of 40 two-rank
+    calibrations, after the barrier, the output written), and so could the group's teardown at exit: a rank meets
+    the others, runs what the exit would run, and ends with its code, the group left to the operating system."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from stade_cli import distributed, errors
+
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(("exit", code))
+        raise Exited
+
+    def destroy():
+        raise AssertionError("the process group must not be destroyed on the way out")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    if signalled:
+        monkeypatch.setattr(errors, "_RECEIVED", [15])
+    with pytest.raises(Exited):
+        distributed.leave(3)
+    assert calls == ([] if signalled else ["barrier"]) + ["atexit", ("exit", 3)]
+
+
+def test_one_process_leaves_without_the_distributed_package():
+    code = ("import sys; from stade_cli.distributed import leave; leave(0); "
+            "print('torch.distributed' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr

@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
+from ..distributed import leave
 from ..errors import Interrupted, note_signal
 from ..runtime import StderrReporter
 from . import calibrate, demo, eval as eval_cmd, inspect, prune, sweep
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    leave(code)      # under a launcher: ends the process here, once every rank is done
     sys.exit(code)
 
 
