@@ -206,8 +206,17 @@ def _peers_gone(world: World) -> Iterator[None]:
         yield
     except RuntimeError as exc:      # gloo: "Connection closed by peer", "Timed out waiting ..."
         said = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(exc))[:100]      # gloo's source location dropped
-        raise RankFailed(f"another of the {world.size} ranks stopped without saying why ({said})",
-                         "it was killed or crashed: its stderr, or the launcher's log, tells which") from None
+        if _PEER_GONE.search(said):
+            raise RankFailed(f"another of the {world.size} ranks stopped without saying why ({said})",
+                             "it was killed or crashed: its stderr, or the launcher's log, tells which") from None
+        # not a peer's death: this rank's own failure at the collective (e.g. torch 2.2's inference tensors)
+        raise RankFailed(f"a collective with the other ranks failed on {world}: {said}",
+                         "--debug shows where; if another rank was killed, its stderr or the launcher's log says so"
+                         ) from exc
+
+
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|broken pipe|connection refused|timed out|timeout|"
+                        r"end of file|\beof\b", re.IGNORECASE)
 
 
 def share(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -108,6 +108,26 @@ def test_collectives_agree_from_inside_an_inference_pass(monkeypatch):
     assert w.sum_(normal) is normal and normal.tolist() == [2.0, 2.0]
 
 
+@pytest.mark.parametrize("gloo_said, told", [
+    ("[../gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:4242", "stopped without saying why"),
+    ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv", "stopped without saying why"),
+    ("Inplace update to inference tensor outside InferenceMode is not allowed.", "failed on rank 0 of 2"),
+])
+def test_a_collective_failure_says_whether_a_peer_is_gone(monkeypatch, gloo_said, told):
+    """A peer's death is told as such; a failure of this rank's own at a collective is not blamed on the others."""
+    import torch.distributed as dist
+
+    from stade_cli.distributed import RankFailed
+
+    def all_gather_object(out, obj):
+        raise RuntimeError(gloo_said)
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    with pytest.raises(RankFailed, match=told) as failed:
+        World(0, 2).gather("x")
+    assert "gloo/" not in str(failed.value)          # gloo's source location dropped
+
+
 def test_one_process_is_one_process(tiny_llama, tmp_path):
     """Without a launcher nothing starts a process group, and the collectives are the identity."""
     import torch.distributed as dist
