@@ -192,18 +192,13 @@ def staged(dest, world: World):
 def _collective(world: World) -> Iterator[None]:
     """Where a collective runs: outside inference mode, whose tensors gloo's own threads may not write into (torch
     2.2 refused with "Inplace update to inference tensor outside InferenceMode": a rank inside a pass decorated
-    with ``torch.inference_mode`` could not agree with the others), and with a dead peer told as such."""
+    with ``torch.inference_mode`` could not agree with the others); a peer that died (killed, out of memory, a
+    crash before it could say why) is a RankFailed that says so, and any other failure one that says it was here."""
     import torch
 
-    with torch.inference_mode(False), _peers_gone(world):
-        yield
-
-
-@contextmanager
-def _peers_gone(world: World) -> Iterator[None]:
-    """A collective whose peer died (killed, out of memory, a crash before it could say why) is a RankFailed."""
     try:
-        yield
+        with torch.inference_mode(False):
+            yield
     except RuntimeError as exc:      # gloo: "Connection closed by peer", "Timed out waiting ..."
         said = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(exc))[:100]      # gloo's source location dropped
         if _PEER_GONE.search(said):
