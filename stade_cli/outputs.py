@@ -434,17 +434,23 @@ class Output:
                           "choose another path, or move or remove it yourself")
 
     def check_inputs(self, inputs: Iterable[tuple[str, "str | Path | None"]]) -> None:
-        """Refuse when the output is, or holds, one of the run's inputs ((label, path) pairs; paths compared
-        resolved, so a symbolic link or a relative path such as ``.`` is seen for what it names)."""
+        """Refuse when the output is, holds, or lies inside one of the run's inputs ((label, path) pairs; paths
+        compared resolved, so a symbolic link or a relative path such as ``.`` is seen for what it names). Inside a
+        model, stats or data folder, an output would become part of that input: read by the next run that reads
+        the folder, uploaded with the model, and counted as a stranger's file by ``--force`` on the folder."""
         out = self.path.resolve()
         for label, value in inputs:
-            if value is None:
+            if value is None or not str(value):
                 continue
             real = Path(value).expanduser().resolve()
             if is_or_holds(out, real):
                 how = "is" if real == out else "holds"
                 raise UsageError(f"output {self.given} {how} {label} ({value}), an input of this run",
                                  "choose another output path: stade never writes over its inputs")
+            if real.is_dir() and is_or_holds(real, out):
+                raise UsageError(f"output {self.given} is inside {label} ({value}), an input of this run",
+                                 f"choose a path outside it, such as {real.parent / (real.name + '-' + out.name)}: stade "
+                                 "never writes into its inputs")
 
     def release(self) -> None:
         if self._trash is not None:

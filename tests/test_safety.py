@@ -239,6 +239,16 @@ def test_inputs_are_never_outputs(tiny_llama, stats, tmp_path):
     ]
     for args, text in cases:
         refused(*args, code=2, contains=(text, "never writes over its inputs"))
+    # inside an input: the output would become part of it (read with it, uploaded with it, a stranger to --force)
+    inside = [
+        prune_args(model, my_stats, model / "pruned"),
+        ["calibrate", model, "-o", model / "stats", *calib],
+        prune_args(model, my_stats, my_stats / "pruned"),
+        ["calibrate", model, "-o", data / "stats", "--dataset", data, *calib[2:]],
+        ["prune", model, "--metric", "wanda", "-o", data / "deeper" / "pruned", "--dataset", data, *calib[2:]],
+    ]
+    for args in inside:
+        refused(*args, code=2, contains=("is inside", "never writes into its inputs"))
     # the same through a relative path, as a tired user types it in the model's own folder
     proc = cli("prune", ".", "--metric", "magnitude", "-o", ".", "--force", cwd=model)
     assert proc.returncode == 2 and "is the model directory" in proc.stderr, proc.stderr
