@@ -58,8 +58,21 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
             Path(base).mkdir(parents=True, exist_ok=True)
         kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **dtype_kwarg(dtype), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, **dtype_kwarg(dtype), output_loading_info=True,
+                                                           **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:     # transformers would fill them with random values, and every number after would be noise
+            raise ModelError(f"cannot load the model from {source.path}: its config asks for weights its files do "
+                             f"not hold ({_few(missing)}), which transformers would fill with random values",
+                             "the config and the weights disagree: was the folder edited, or written by another "
+                             "version of a tool?")
     except BaseException as exc:
+        if isinstance(exc, ModelError):
+            if offload_tmp is not None:
+                import shutil
+
+                shutil.rmtree(offload_tmp, ignore_errors=True)
+            raise
         if offload_tmp is not None:
             import shutil
 
@@ -80,6 +93,10 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
     if kwargs.get("device_map") is not None:
         return model.eval()
     return model.to(device).eval()
+
+
+def _few(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def streaming_map(config, device: torch.device) -> dict:

@@ -8,6 +8,7 @@ config with per-layer types; refusals.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -201,6 +202,41 @@ def test_blocks_with_per_layer_types(gram_stats, tmp_path):
     ids = AutoTokenizer.from_pretrained(out)("The model", return_tensors="pt").input_ids
     assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     assert "2 of 4 blocks kept" in run("inspect", out, "--summary").stdout
+
+
+@pytest.mark.parametrize("arch,overrides,key", [
+    ("deepseek_v3", dict(num_hidden_layers=4, first_k_dense_replace=1), "first_k_dense_replace"),
+    ("qwen2_moe", dict(num_hidden_layers=4, decoder_sparse_step=2), "decoder_sparse_step"),
+])
+def test_blocks_keep_which_blocks_have_experts(tiny_factory, tmp_path, arch, overrides, key):
+    """A config that states by a rule which blocks have experts (the first k dense; every second one) states it
+    again for the blocks kept, so every block loads its own weights: none missing, none left over."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, stats = tiny_factory(arch, **overrides), tmp_path / "s"
+    run("calibrate", model, "-o", stats, *DATA)
+    moe = {0: [False, True, True, True], 1: [False, True, False, True]}[key == "decoder_sparse_step"]
+    for fraction in (0.25, 0.5):
+        out = tmp_path / f"out{fraction}"
+        run("prune", model, "--stats", stats, "--structure", "blocks", "--sparsity", fraction, "-o", out)
+        kept = json.loads((out / "stade_report.json").read_text())["structure"]["kept"]
+        loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (fraction, kept, info)
+        names = loaded.state_dict()
+        for new, old in enumerate(kept):
+            assert any(f"layers.{new}.mlp.experts." in k or f"layers.{new}.mlp.experts" in k for k in names) == moe[old]
+        assert AutoConfig.from_pretrained(out).num_hidden_layers == len(kept)
+
+
+def test_eval_refuses_a_checkpoint_whose_config_wants_weights_it_lacks(tiny_llama, tmp_path):
+    """A folder whose config and weights disagree would load with random weights where they are missing: every
+    command refuses it with one line instead of measuring noise."""
+    broken = shutil.copytree(tiny_llama, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    r = run("eval", broken, "--dataset", "builtin", "--seqlen", 32, "--max-windows", 2, code=None)
+    assert r.exit_code != 0 and "its files do not hold" in r.stderr and "model.layers.2." in r.stderr, r.stderr
 
 
 def test_sweep_takes_structured_entries(gram_stats, tmp_path):

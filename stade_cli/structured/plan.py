@@ -220,7 +220,33 @@ def plan_blocks(arch: Architecture, config: Mapping[str, Any], distances: Mappin
                 entries[prefix + key] = [v for i, v in enumerate(value) if i in new_index]
             elif key in INDEX_LISTS and isinstance(value, list):
                 entries[prefix + key] = [new_index[i] for i in value if i in new_index]
+    entries.update(_mlp_layout(config, [b in arch.experts for b in kept]))
     facts = {"kind": "blocks", "blocks": total, "removed": removed, "kept": kept,
              "distance": {str(b): distances.get(b) for b in range(total)}}
     return Rewrite("blocks", frozenset(drop), rename, config=entries, facts=facts)
+
+
+def _mlp_layout(config: Mapping[str, Any], moe: list[bool]) -> dict[str, Any]:
+    """The config entries that say again which of the kept blocks (in their new order; ``moe[i]``: block i's MLP is
+    a mixture of experts) have experts, where the config states it by a rule rather than a list per block: Qwen2/3-MoE's
+    ``decoder_sparse_step`` (every step-th block, but those in ``mlp_only_layers``) becomes a step of 1 and the list
+    of the dense ones; DeepSeek's ``first_k_dense_replace`` (the first k blocks dense) the kept dense blocks' count,
+    which still come first. A layout no key can state is refused."""
+    entries: dict[str, Any] = {}
+    dense = [i for i, m in enumerate(moe) if not m]
+    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(part, dict):
+            continue
+        if part.get("decoder_sparse_step") is not None:
+            entries[prefix + "decoder_sparse_step"] = 1
+            entries[prefix + "mlp_only_layers"] = dense
+        if part.get("first_k_dense_replace") is not None:
+            freq = part.get("moe_layer_freq", 1)
+            if dense != list(range(len(dense))) or (freq != 1 and any(moe)):
+                raise UsageError("the blocks that would stay cannot be described by this model's config "
+                                 f"(first_k_dense_replace{', moe_layer_freq' if freq != 1 else ''}): its dense and "
+                                 "expert blocks would no longer follow its rule", "remove experts (--experts K) or "
+                                 "channels instead, or fewer blocks")
+            entries[prefix + "first_k_dense_replace"] = len(dense)
+    return entries
 
