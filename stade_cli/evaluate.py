@@ -6,6 +6,7 @@ remainder dropped); ppl = exp(mean next-token NLL over all predicted tokens of a
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -91,6 +92,7 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     With a ``placement`` that has a device map the model is dispatched by accelerate and run block by block.
     """
     reporter = reporter or Reporter()
+    model, dataset = os.fspath(model), dataset and os.fspath(dataset)     # a Path is as good as a string
     check_batch_size(batch_size)
     rt = Runtime.of(model, device, dtype)
     placement = rt.settle(placement, reporter)

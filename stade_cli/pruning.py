@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,7 +82,7 @@ def _refine_parts(plan) -> tuple[dict[str, int], int, bool]:
     return parts, refined, to_disk(spill, refined, available_bytes(torch.device("cpu")))
 
 
-def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity: float | None = 0.5,
+def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: float | None = None,
           pattern: str = "unstructured", group: str = "row", stats: str | Path | None = None,
           bias_correction: bool | None = None, layer_sparsity: str = "uniform", owl_m: float = 5.0,
           owl_lambda: float = 0.08, sequential: bool = False, options: Mapping[str, Any] | None = None,
@@ -123,24 +124,36 @@ def prune(model: str, out: str | Path, *, metric: str | None = "wanda", sparsity
     decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
-    command = _command({**args, "recipe": recipe})
-    record = None
+    args["model"], args["dataset"] = os.fspath(model), dataset and os.fspath(dataset)   # a Path is as good as a string
+    record, keep = None, set()
     if recipe is not None:
-        from .recipes import apply_to_call
+        from .recipes import apply_to_call, get_recipe
 
+        # what the caller set against the recipe stays on the card's command even where it is the general default
+        keep = {k for k, v in get_recipe(recipe).values if given and k in given
+                and (args["options"] or {}).get(k, args.get(k)) != v}
+    command = _command({**args, "recipe": recipe}, keep)
+    if recipe is not None:
         args, record = apply_to_call(prune, args, recipe, given)
+    # the defaults that depend on the rest: 50% unless an N:M pattern, --experts or --structure says otherwise;
+    # Wanda's scores, but --structure has its own default (stade, or wanda where no bias can hold the mean)
+    if args["sparsity"] is None and ":" not in args["pattern"] and args["experts"] is None and args["structure"] is None:
+        args["sparsity"] = 0.5
+    if args["metric"] is None and args["structure"] is None:
+        args["metric"] = "wanda"
     return _prune(**args, recipe=record, command=command)
 
 
-def _command(args: dict) -> str:
-    """The ``stade prune`` command line of this call (for the model card)."""
+def _command(args: dict, keep: set[str] = frozenset()) -> str:
+    """The ``stade prune`` command line of this call (for the model card); ``keep``: names shown even at their
+    default (a recipe's value the caller overrode with it)."""
     import inspect
 
     from .card import command_line
     from .metrics import option_specs
 
-    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items()}
-    return command_line(args, defaults, {name: spec.default for name, spec in option_specs().items()})
+    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items() if k not in keep}
+    return command_line(args, defaults, {name: spec.default for name, spec in option_specs().items() if name not in keep})
 
 
 def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction, layer_sparsity, owl_m, owl_lambda,

@@ -196,6 +196,7 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
     """
     verbose = bool(getattr(reporter, "bars", False))  # lm_eval's tqdm bars only where stade draws its own
     reporter = reporter or Reporter()
+    model = os.fspath(model)        # a Path is as good as a string
     names = parse_tasks(tasks)
     if num_fewshot < 0:
         raise UsageError(f"--num-fewshot must be 0 or more (got {num_fewshot})")

@@ -253,3 +253,35 @@ def test_the_cards_commands_reproduce_the_checkpoint(tiny_llama, tmp_path):
         run(*words)
     assert "--admm-iterations 5" in block[1] and "--sparsity 0.6" in block[1]
     assert (tmp_path / "out2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_the_card_keeps_what_overrode_a_recipe_even_at_the_general_default(tiny_llama, tmp_path):
+    """``--recipe best --update none``: none is prune's own default, but it overrode the recipe's admm, so the card's
+    command must say it; run again, that command writes the same weights."""
+    import re
+    import shlex
+
+    stats, out = tmp_path / "stats", tmp_path / "out"
+    run("calibrate", tiny_llama, "-o", stats, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32)
+    run("prune", tiny_llama, "--stats", stats, "--recipe", "best", "--update", "none", "--refine", 2,
+        "--refine-samples", 2, "--refine-seqlen", 16, "-o", out)
+    line = re.search(r"```sh\n(.*?)\n```", (out / "README.md").read_text(), re.S).group(1).splitlines()[-1]
+    assert "--update none" in line and "--recipe best" in line, line
+    words = [str(tmp_path / "out2") if w == str(out) else w for w in shlex.split(line)[1:]]
+    run(*words)
+    assert (tmp_path / "out2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_the_python_defaults_are_the_command_lines(tiny_llama, tmp_path):
+    """``prune(M, OUT, structure="channels", sparsity=…)`` ranks channels as ``stade prune --structure channels``
+    does (stade, its mean folded), ``structure="blocks"`` needs no ``metric=None``, and a Path is a model."""
+    from stade_cli import calibrate, prune
+
+    stats = calibrate(tiny_llama, tmp_path / "stats", dataset="builtin", nsamples=4, seqlen=32)
+    channels = prune(tiny_llama, tmp_path / "ch", structure="channels", sparsity=0.5, stats=stats)
+    assert channels["structure"]["metric"] == "stade" and channels["structure"]["folded"]
+    assert "--metric" not in (tmp_path / "ch" / "README.md").read_text().split("stade prune")[-1].split("\n")[0]
+    blocks = prune(tiny_llama, tmp_path / "bl", structure="blocks", sparsity=0.5, stats=stats)
+    assert len(blocks["structure"]["removed"]) == 1
+    plain = prune(tiny_llama, tmp_path / "p", stats=stats)
+    assert plain["method"] == "wanda" and plain["target_sparsity"] == 0.5

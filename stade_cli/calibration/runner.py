@@ -7,6 +7,7 @@ and shared, and the groups are recorded in the manifest.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from pathlib import Path
 
@@ -344,6 +345,7 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
     ``force`` replaces an empty directory or stats that stade wrote, never anything else (``outputs.py``).
     """
     reporter = reporter or Reporter()
+    model, dataset = os.fspath(model), dataset and os.fspath(dataset)     # a Path is as good as a string
     world = current()
     out = Path(out).expanduser()
     dest = Output(out, "stats", force, reporter.log)

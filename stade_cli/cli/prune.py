@@ -71,15 +71,11 @@ def prune(
     st = state(ctx, json_out, quiet)
     from ..pruning import prune as prune_model  # lazy: keeps `stade --help` fast
 
-    if sparsity is None and ":" not in pattern and experts is None and structure is None:
-        sparsity = 0.5
     given = None
     if recipe is not None:      # the flags typed on the command line win over the recipe's
         given = {name for name in ctx.params       # typer may carry its own click: the source's name, not its class
                  if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
         method_options = {k: v for k, v in method_options.items() if k in given}
-    elif metric is None and structure is None:
-        metric = "wanda"
     report = prune_model(model, output, metric=metric, sparsity=sparsity, pattern=pattern, group=group,
                          stats=stats, bias_correction=bias_correction, layer_sparsity=layer_sparsity, owl_m=owl_m,
                          owl_lambda=owl_lambda, sequential=sequential, options=method_options,
