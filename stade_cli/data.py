@@ -54,6 +54,9 @@ def load_corpus(spec: str, split: str) -> Corpus:
     if name == "c4":
         return _c4(split)
     parts = [p.strip() for p in name.split(",")]
+    if not all(parts):  # "a.txt," would read "" (the current directory) too
+        raise DataError(f"dataset {spec!r} has an empty entry in its comma-separated list",
+                        "name each file or folder once, without a stray comma")
     if len(parts) > 1:  # several local files or directories, joined in the order given
         return Corpus([doc for part in parts for doc in load_corpus(part, split).documents])
     path = Path(name).expanduser()
@@ -75,13 +78,30 @@ def _read_local(path: Path) -> list[str]:
         if path.suffix == ".txt":
             return [path.read_text(encoding="utf-8", errors="replace")]
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return [r["text"] if isinstance(r, dict) else str(r) for r in rows]
+            return _read_jsonl(path)
         import pyarrow.parquet as pq
 
         return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"cannot read dataset file {path}: {exc}") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """The ``text`` field of every line (a line that is a bare JSON string is its own text)."""
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"cannot read dataset file {path}: line {number} is not JSON ({exc})") from None
+        if isinstance(row, dict) and "text" not in row:
+            raise DataError(f"cannot read dataset file {path}: line {number} has no \"text\" field "
+                            f"(it has {', '.join(map(str, list(row)[:5])) or 'none'})",
+                            "each line must be an object with the text under \"text\"")
+        docs.append(row["text"] if isinstance(row, dict) else str(row))
+    return docs
 
 
 def _builtin(split: str) -> Corpus:

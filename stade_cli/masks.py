@@ -154,8 +154,9 @@ class NM:
     m: int
 
     def __post_init__(self):
-        if self.m < 1 or self.n < 0 or self.n >= self.m:
-            raise MethodError(f"N:M pattern needs 0 <= N < M and M >= 1 (got {self.n}:{self.m})")
+        if self.n < 1 or self.n >= self.m:      # 0:M would zero every weight, M:M none
+            raise MethodError(f"an N:M pattern keeps N of every M weights and needs 0 < N < M (got {self.n}:{self.m})",
+                              "e.g. 2:4 or 4:8")
 
     @property
     def name(self) -> str:

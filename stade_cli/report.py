@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from .arch import Architecture, coverage, describe, meta_model
 from .calibration.store import MANIFEST, load_stats, stats_summary
 from .checkpoint import ShardReader, load_config, read_report, resolve_model, tensor_shapes, weight_files
-from .errors import ModelError, StadeError
+from .errors import ModelError, StadeError, UsageError
 from .masks import parse_pattern
 
 
@@ -202,9 +202,14 @@ def inspect(path: str | Path, pattern: str | None = None, against: str | Path | 
     """A STATS dir (has manifest.json) or a checkpoint dir (has config.json), summarised; or two checkpoints compared."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise StadeError(f"{path} does not exist")
+        raise ModelError(f"{path} does not exist", "give a checkpoint directory or a STATS directory")
+    if pattern is not None:
+        parse_pattern(pattern, None if ":" in pattern else 0.5)     # refuses what prune would refuse
+        if against is not None or (p / MANIFEST).is_file():
+            raise UsageError("--pattern checks a checkpoint's rows; it does not apply to "
+                             + ("a comparison" if against is not None else "a STATS directory"), "drop --pattern")
     if against is not None:
         return compare_checkpoints(p, Path(against).expanduser())
     if (p / MANIFEST).is_file():
         return stats_report(p)
-    return checkpoint_summary(p, pattern)
+    return checkpoint_summary(p, pattern if pattern is None or ":" in pattern else None)

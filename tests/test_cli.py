@@ -97,6 +97,10 @@ def test_nm_pattern_and_inspect(tiny_llama, llama_stats, tmp_path):
         assert layer["zeros"] == report["layers"][name]["zeros"]
     text = run("inspect", out).stdout
     assert "model.layers.1.mlp.down_proj" in text and "2:4" in text
+    # a pattern inspect cannot check is refused as prune refuses it, and a STATS directory has no rows to check
+    assert "unknown pattern '2-4'" in run("inspect", out, "--pattern", "2-4", code=2).stderr
+    assert "0 < N < M" in run("inspect", out, "--pattern", "0:4", code=2).stderr
+    assert "STATS directory" in run("inspect", llama_stats, "--pattern", "2:4", code=2).stderr
 
 
 def test_eval_finite_and_json(tiny_llama, llama_stats, tmp_path):

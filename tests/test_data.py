@@ -41,6 +41,16 @@ def test_bad_datasets(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="no text"):
         load_corpus(str(tmp_path / "empty.txt"), "calibration")
+    (tmp_path / "a.txt").write_text("alpha")
+    for spec in (f"{tmp_path / 'a.txt'},", f",{tmp_path / 'a.txt'}", f"{tmp_path / 'a.txt'},,{tmp_path / 'a.txt'}"):
+        with pytest.raises(DataError, match="empty entry"):     # never the current directory read in its place
+            load_corpus(spec, "calibration")
+    (tmp_path / "no-field.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n')
+    with pytest.raises(DataError, match=r'line 3 has no "text" field \(it has body\)'):
+        load_corpus(str(tmp_path / "no-field.jsonl"), "calibration")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        load_corpus(str(tmp_path / "broken.jsonl"), "calibration")
 
 
 def test_calibration_windows_seeded():

@@ -111,7 +111,7 @@ def test_parse_pattern():
     assert parse_pattern("2:4", None) == NM(2, 4)
     assert parse_pattern("4:8", 0.5) == NM(4, 8)
     assert parse_pattern("unstructured", 0.6, "layer") == Unstructured(0.6, "layer")
-    for bad, sp in [("4:4", None), ("5:4", None), ("2:0", None), ("2:4", 0.6), ("blocky", 0.5),
+    for bad, sp in [("4:4", None), ("5:4", None), ("2:0", None), ("0:4", None), ("2:4", 0.6), ("blocky", 0.5),
                     ("unstructured", 1.0), ("unstructured", -0.1), ("unstructured", None)]:
         with pytest.raises(UsageError):
             parse_pattern(bad, sp)

@@ -173,6 +173,17 @@ def test_gram_equals_direct_products(tiny_llama, gram_stats):
     assert summary["gram_bytes"] == st.manifest["gram"]["bytes"]
 
 
+def test_a_truncated_gram_file_is_refused_before_the_work(tiny_llama, gram_stats, tmp_path):
+    import shutil
+
+    stats = shutil.copytree(gram_stats, tmp_path / "stats")
+    last = stats / "gram" / "block_0001.safetensors"
+    last.write_bytes(last.read_bytes()[:-100])
+    r = run("prune", tiny_llama, "--metric", "sparsegpt", "--stats", stats, "-o", tmp_path / "x", code=1)
+    assert "block_0001.safetensors is truncated or corrupt" in r.stderr and "--gram" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_sparsegpt_needs_gram(tiny_llama, gram_stats, tmp_path):
     plain = tmp_path / "plain"
     run("calibrate", tiny_llama, "-o", plain, "--dataset", "builtin", "--nsamples", 3, "--seqlen", 16)

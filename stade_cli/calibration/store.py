@@ -180,7 +180,27 @@ def load_stats(path: Path) -> Stats:
         missing = [b for b in set(manifest["gram"]["blocks"].values()) if not (path / GRAM_DIR / gram_file(b)).is_file()]
         if missing:
             raise StatsError(f"{path / GRAM_DIR} lacks {gram_file(min(missing))}", "re-run `stade calibrate --gram`")
+        _check_gram_files(path, manifest["gram"]["blocks"])
     return Stats(manifest, moments, path=path, experts=experts, distances=distances)
+
+
+def _check_gram_files(path: Path, blocks: dict[str, int]) -> None:
+    """Every Gram file complete, and holding the matrices the manifest puts in it: read from their headers (a few
+    bytes each), so that a truncated file is refused before the work, not when prune reaches its block."""
+    from ..checkpoint import read_header
+    from ..errors import ModelError
+
+    wanted: dict[int, set[str]] = {}
+    for leader, block in blocks.items():
+        wanted.setdefault(block, set()).add(leader)
+    for block, leaders in sorted(wanted.items()):
+        file = path / GRAM_DIR / gram_file(block)
+        try:
+            held = {e.name for e in read_header(file)[0]}
+        except ModelError:
+            raise StatsError(f"{file} is truncated or corrupt", "re-run `stade calibrate --gram`") from None
+        if not leaders <= held:
+            raise StatsError(f"{file} lacks the Gram matrix of {min(leaders - held)}", "re-run `stade calibrate --gram`")
 
 
 def stats_summary(stats: Stats) -> list[dict]:
