@@ -123,6 +123,11 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
     bias; ``update="admm"`` refits the kept ones from the Gram matrix); ``blocks`` removes that fraction of the
     decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
+    if options is not None and not isinstance(options, Mapping):
+        from .errors import MethodError
+
+        raise MethodError(f"options must be a mapping of method option names to values (got {type(options).__name__})",
+                          'e.g. options={{"ria_alpha": 1.0}}')
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
     args["model"], args["dataset"] = os.fspath(model), dataset and os.fspath(dataset)   # a Path is as good as a string
     record, keep = None, set()

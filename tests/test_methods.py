@@ -281,3 +281,25 @@ def test_bad_method_options(tiny_llama, stats, tmp_path):
                        (["--layer-sparsity", "owl", "--owl-lambda", 0.6], "owl-lambda")]:
         r = run("prune", tiny_llama, "--stats", stats, *args, "-o", tmp_path / "x", code=2)
         assert text in r.stderr
+
+
+def test_method_options_of_the_wrong_type_are_refused_by_name(tiny_llama, stats, tmp_path):
+    """From Python (or a sweep entry, typed as text): a number as text is converted, anything else refused with
+    the option's name, before any work; options that are not a mapping are refused too."""
+    from stade_cli import prune
+    from stade_cli.errors import MethodError
+    from stade_cli.metrics.base import build_options
+
+    assert build_options({"ria_alpha": "2", "admm_iterations": "7", "admm_gradual": "true"})["ria"].ria_alpha == 2.0
+    assert build_options({"admm_iterations": 7.0})["admm"].admm_iterations == 7
+    for bad, text in [({"ria_alpha": "abc"}, "ria_alpha must be a number"),
+                      ({"admm_iterations": 2.5}, "admm_iterations must be a whole number"),
+                      ({"admm_gradual": "maybe"}, "admm_gradual must be true or false"),
+                      ({"init": 3}, "init must be text")]:
+        with pytest.raises(MethodError, match=text):
+            build_options(bad)
+    with pytest.raises(MethodError, match="must be a mapping"):
+        prune(tiny_llama, tmp_path / "x", stats=stats, options=[("ria_alpha", 1.0)])
+    r = run("sweep", tiny_llama, "--stats", stats, "--metrics", "ria:ria_alpha=abc", "--sparsities", 0.5,
+            "--dataset", "builtin", "--seqlen", 16, "--max-windows", 1, "-o", tmp_path / "sw", code=2)
+    assert "--ria-alpha must be a number (got 'abc')" in r.stderr and not (tmp_path / "sw").exists()

@@ -251,11 +251,15 @@ def _field_type(cls, f) -> type:
 
 def build_options(values: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Every method's options dataclass from flat ``values`` (field name → value; the rest defaults)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise MethodError(f"method options must be a mapping of names to values (got {type(values).__name__})",
+                          'e.g. {{"ria_alpha": 1.0}}')
     values = dict(values or {})
     known = option_specs()
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise MethodError(f"unknown method option {unknown[0]!r}", f"known: {', '.join(known)}")
+    values = {k: _typed(known[k], v) for k, v in values.items()}
     out = {}
     for name, method in methods().items():
         kwargs = {f.name: values[f.name] for f in dataclasses.fields(method.options) if f.name in values}
@@ -263,6 +267,31 @@ def build_options(values: Mapping[str, Any] | None = None, seed: int = 0) -> dic
             kwargs[RUN_SEED] = seed
         out[name] = method.options(**kwargs)
     return out
+
+
+def _typed(spec: OptionSpec, value: Any) -> Any:
+    """``value`` as the option's type: text as typed in a sweep entry (``ria_alpha=2``) converted, a number for a
+    number; anything else refused with the option's name."""
+    kind = spec.type
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+    elif kind in (int, float):
+        if isinstance(value, str):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)):
+            return kind(value)
+    elif isinstance(value, kind):
+        return value
+    what = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+    shown = repr(value).replace("{", "{{").replace("}", "}}")           # the caller's value, not a template
+    raise MethodError(f"{{{spec.name}}} must be {what} (got {shown})",
+                      f"its default is {spec.default!r}; see `stade prune --help-method {spec.users[0]}`")
 
 
 def flat_options(options: Mapping[str, Any]) -> dict[str, Any]:
