@@ -161,6 +161,48 @@ def _command(args: dict, keep: set[str] = frozenset()) -> str:
     return command_line(args, defaults, {name: spec.default for name, spec in option_specs().items() if name not in keep})
 
 
+def _unused(metric, update, structure, layer_sparsity, refine, stats, options: Mapping[str, Any],
+            **values) -> list[str]:
+    """What the caller set that this run does not read, said so (a flag for another method, OWL's without OWL, the
+    refinement's without it, a calibration text beside the stats that fix it): one phrase each."""
+    import inspect
+
+    from .metrics import option_specs
+    from .recipes import as_flag
+
+    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items()}
+    changed = {k for k, v in values.items() if v != defaults[k]}
+    said = []
+    specs = option_specs()
+    used = {metric, options.get("init", specs["init"].default) if metric in ("dsnot", "r2dsnot") else None}
+    if update not in (None, "none") and structure is None:      # --structure's refit has its own damping
+        used.add(update)
+    def flags(names) -> str:
+        names = [as_flag(n, True) for n in names]
+        return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+    def verb(names, one: str, many: str) -> str:
+        return one if len(names) == 1 else many
+
+    for name, value in options.items():
+        spec = specs.get(name)
+        if spec is not None and value != spec.default and not used & set(spec.users):
+            why = ("--structure channels refits with its own damping" if structure and "admm" in spec.users
+                   else f"only {', '.join(spec.users)} read{'s' if len(spec.users) == 1 else ''} it")
+            said.append(f"{flags([name])} changes nothing in this run ({why})")
+    owl = sorted(changed & {"owl_m", "owl_lambda"})
+    if owl and layer_sparsity != "owl":
+        said.append(f"{flags(owl)} {verb(owl, 'applies', 'apply')} only with --layer-sparsity owl")
+    tuned = [k for k in values if k.startswith("refine_") and k in changed]
+    if tuned and not refine:
+        said.append(f"{flags(tuned)} {verb(tuned, 'applies', 'apply')} only with --refine N")
+    text = sorted(changed & {"dataset", "nsamples", "seqlen"})        # (--seed also seeds stochria and experts)
+    if text and stats is not None:
+        said.append(f"{flags(text)} {verb(text, 'is', 'are')} not used: with --stats every step uses the text "
+                    "and windows the stats were calibrated with")
+    return said
+
+
 def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction, layer_sparsity, owl_m, owl_lambda,
            sequential, options, dataset, nsamples, seqlen, seed, device, dtype, batch_size, only, skip, force,
            reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
@@ -177,6 +219,13 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
                                                 refine_precision, refine_warmup, refine_loss),
                            recipe=recipe, command=command)
     checked = check_request(request)
+    unused = _unused(metric, update, structure, layer_sparsity, refine, stats, options or {}, owl_m=owl_m,
+                     owl_lambda=owl_lambda, refine_lr=refine_lr, refine_batch=refine_batch,
+                     refine_samples=refine_samples, refine_seqlen=refine_seqlen, refine_precision=refine_precision,
+                     refine_warmup=refine_warmup, refine_loss=refine_loss, dataset=dataset, nsamples=nsamples,
+                     seqlen=seqlen, seed=seed)
+    if unused:
+        reporter.log(f"note: {'; '.join(unused)}")
     world = current()
     if world.several and request.refine.on:
         from .errors import UsageError

@@ -303,3 +303,20 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(tiny_llama, stats,
     r = run("sweep", tiny_llama, "--stats", stats, "--metrics", "ria:ria_alpha=abc", "--sparsities", 0.5,
             "--dataset", "builtin", "--seqlen", 16, "--max-windows", 1, "-o", tmp_path / "sw", code=2)
     assert "--ria-alpha must be a number (got 'abc')" in r.stderr and not (tmp_path / "sw").exists()
+
+
+def test_flags_this_run_does_not_read_are_said(tiny_llama, stats, tmp_path):
+    """A flag for another method, OWL's without OWL, the refinement's without it, a text beside --stats: the run
+    goes on (a script may pass one set of flags to every method) and says, in one note, what changed nothing."""
+    r = run("prune", tiny_llama, "--stats", stats, "--metric", "wanda", "--ria-alpha", 2, "--owl-m", 3,
+            "--refine-lr", 0.1, "--dataset", "wikitext2", "--nsamples", 999, "-o", tmp_path / "a")
+    note = next(line for line in r.stderr.splitlines() if line.startswith("note:"))
+    for text in ("--ria-alpha changes nothing in this run (only ria, stochria read it)",
+                 "--owl-m applies only with --layer-sparsity owl", "--refine-lr applies only with --refine N",
+                 "--dataset and --nsamples are not used"):
+        assert text in note, note
+    r = run("prune", tiny_llama, "--stats", stats, "--metric", "dsnot", "--init", "ria", "--ria-alpha", 2,
+            "-o", tmp_path / "b")
+    assert "note:" not in r.stderr, r.stderr          # dsnot's --init ria reads it
+    r = run("prune", tiny_llama, "--stats", stats, "--metric", "wanda", "-o", tmp_path / "c")
+    assert "note:" not in r.stderr
