@@ -40,7 +40,11 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device"
             raise DeviceError("--device cuda was asked for but no CUDA GPU is available", "use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError("--device mps was asked for but this machine has no Apple GPU (MPS) that torch can use",
+                              "use --device cpu or auto")
+    elif device.type != "cpu":
         raise UsageError(f"unsupported device '{spec}'", "use auto, cpu, cuda or cuda:N")
     return device
 
