@@ -96,6 +96,9 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
                                      local_files_only=offline, etag_timeout=10)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         kind = type(exc).__name__
+        if "/" not in repo_id:      # a bare name is more often a local folder mistyped than a legacy hub id
+            raise ModelError(f"{repo_id} is neither a local directory nor a model on the Hugging Face hub ({kind})",
+                             "check the path; hub ids are org/name") from None
         hint = ("not in the local cache and HF_HUB_OFFLINE is set" if hub.offline() else
                 f"not in the local cache, and the hub ({hub.endpoint()}) cannot be reached" if offline else
                 "check the id, your network, or set HF_HUB_OFFLINE=1 to use the cache only")

@@ -150,8 +150,13 @@ def _check_structure(req: PruneRequest) -> None:
         if on:
             raise UsageError(f"--structure {req.structure} removes whole {req.structure}; {flag} does not combine "
                              "with it")
-    if req.sparsity is None or not 0 < req.sparsity < 1:
-        raise UsageError(f"--structure {req.structure} needs --sparsity, the fraction to remove, in (0, 1)")
+    if req.sparsity is None:
+        raise UsageError(f"--structure {req.structure} needs --sparsity, the fraction to remove, in (0, 1)",
+                         f"e.g. --sparsity 0.25 removes a quarter of the {req.structure}")
+    if not 0 < req.sparsity < 1:
+        raise UsageError(f"--structure {req.structure} removes the fraction --sparsity of the {req.structure}, which "
+                         f"must be in (0, 1) (got {req.sparsity:g})",
+                         f"e.g. --sparsity 0.25 removes a quarter of the {req.structure}")
     if req.structure == "channels" and req.metric_name not in CHANNEL_SCORES:
         raise UsageError(f"{req.metric_name} has no channel score",
                          f"--structure channels ranks channels by {', '.join(CHANNEL_SCORES)}")
@@ -353,7 +358,11 @@ def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, confi
         try:
             bias_switches(table, arch.model_type, needed)
         except ModelError:
-            if req.metric is not None or req.bias_correction is True:
+            if req.bias_correction is True:
+                raise ModelError(f"--bias-correction folds the removed channels' mean into the down projection's "
+                                 f"bias, and this {arch.model_type} model cannot hold one there",
+                                 "drop --bias-correction") from None
+            if req.metric is not None:
                 raise ModelError(f"{method.name} folds the removed channels' mean into the down projection's bias, "
                                  f"and this {arch.model_type} model cannot hold one there",
                                  "use --metric wanda, or --no-bias-correction") from None
