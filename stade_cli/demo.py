@@ -56,6 +56,21 @@ def smollm2_checkpoint(reporter: Reporter) -> Path:
 DEFAULT_WORKDIR = "stade-demo"
 
 
+def _check(metric: str, sparsity: float, nsamples: int, seqlen: int, max_windows: int) -> bool:
+    """The demo's options refused as its steps would refuse them, before the first step; whether the method
+    needs Gram matrices (then calibrate makes them)."""
+    from .errors import UsageError
+    from .masks import parse_pattern
+    from .metrics import get_metric
+
+    method = get_metric(metric)
+    parse_pattern("unstructured", sparsity)
+    for name, value, least in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--max-windows", max_windows, 1)):
+        if value < least:
+            raise UsageError(f"{name} must be at least {least} (got {value})")
+    return method.needs_gram
+
+
 def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 0.5, nsamples: int = 32,
              seqlen: int = 256, max_windows: int = 32, device: str = "auto", workdir: str | None = DEFAULT_WORKDIR,
              reporter: Reporter | None = None) -> dict:
@@ -69,6 +84,7 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
     from .report import inspect
 
     reporter = reporter or Reporter()
+    gram = _check(metric, sparsity, nsamples, seqlen, max_windows)     # before minutes of calibration, not after
     model_path = model or str(smollm2_checkpoint(reporter))
     base = Path(workdir or DEFAULT_WORKDIR).expanduser()
     stats_dir, out_dir = base / "stats", base / f"pruned-{metric}"
@@ -83,7 +99,7 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
 
     reporter.log(f"1/4 calibrate {model_path} on builtin text ({nsamples} × {seqlen} tokens)")
     calibrate(model_path, stats_dir, dataset="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
-              force=True, reporter=reporter)
+              force=True, reporter=reporter, gram=gram)
     step("calibrate")
     reporter.log(f"2/4 prune with {metric} at {sparsity:.0%}")
     report = prune(model_path, out_dir, metric=metric, sparsity=sparsity, stats=stats_dir, device=device,

@@ -331,3 +331,15 @@ def test_an_option_given_twice_is_refused(tiny_llama, llama_stats, tmp_path):
     assert "was given twice" in r.stderr
     assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
     run("prune", tiny_llama, "--stats", llama_stats, "-o", tmp_path / "p", "--force", "--force", "-q")  # flags: harmless
+
+
+@pytest.mark.parametrize("kwargs,text", [({"metric": "wandaa"}, "did you mean wanda"), ({"sparsity": 2}, "[0, 1)"),
+                                         ({"max_windows": 0}, "--max-windows"), ({"nsamples": 0}, "--nsamples")])
+def test_the_demo_refuses_its_options_before_any_step(tmp_path, kwargs, text):
+    """Before the model is built or the calibration runs (minutes), not at the step that reads the option."""
+    from stade_cli.demo import run_demo
+    from stade_cli.errors import UsageError
+
+    with pytest.raises(UsageError) as caught:
+        run_demo(model=str(tmp_path / "never-read"), workdir=str(tmp_path / "work"), **kwargs)
+    assert text in str(caught.value) and not (tmp_path / "work").exists()
