@@ -341,8 +341,8 @@ class Output:
         for place, what in ((Path.cwd(), "the current directory"), (Path.home(), "your home directory")):
             place = place.resolve()
             if is_or_holds(real, place):
-                raise OutputError(f"output {given} is {'' if place == real else 'a folder holding '}{what}",
-                                  "choose a new directory for the output")
+                raise UsageError(f"output {given} is {'' if place == real else 'a folder holding '}{what}",
+                                 "choose a new directory for the output")
         probe, _ = _missing_parents(p)
         if not probe.is_dir():
             raise OutputError(f"{probe} is a file, not a directory")

@@ -49,4 +49,3 @@ def test_demo_end_to_end(tmp_path):
     for seen in ("Perplexity (lower is better)", "What happened", "of 210 linear layers", "Remove them with", "Next:"):
         assert seen in last, last
     assert all(len(line) <= 120 for line in again.lines)
-

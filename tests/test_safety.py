@@ -209,10 +209,10 @@ def test_links_home_and_cwd_are_refused(tiny_llama, stats, pruned, tmp_path, mon
     assert link.is_symlink() and (pruned / "stade_report.json").is_file()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    refused(*prune_args(tiny_llama, stats, tmp_path / "home", "--force"), contains=("home directory",))
-    refused(*prune_args(tiny_llama, stats, tmp_path, "--force"), contains=("home directory",))
+    refused(*prune_args(tiny_llama, stats, tmp_path / "home", "--force"), code=2, contains=("home directory",))
+    refused(*prune_args(tiny_llama, stats, tmp_path, "--force"), code=2, contains=("home directory",))
     monkeypatch.chdir(pruned)
-    refused(*prune_args(tiny_llama, stats, ".", "--force"), contains=("current directory",))
+    refused(*prune_args(tiny_llama, stats, ".", "--force"), code=2, contains=("current directory",))
 
 
 # ------------------------------------------------------------------------- 2. inputs never outputs
