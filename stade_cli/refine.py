@@ -398,7 +398,9 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     arch = plan.arch
     products = opts.product_dtype(rt.device)
     warm = f", rising over the first {warmup_steps(opts.steps, opts.warmup)} steps" if opts.warmup else ""
-    reporter.log(f"refining every block: {opts.steps} Adam steps of {opts.batch} windows (lr {opts.lr:g}{warm}) on "
+    batch = min(opts.batch, len(windows))      # a step takes what there is
+    reporter.log(f"refining every block: {opts.steps} Adam step{'s' if opts.steps != 1 else ''} of {batch} "
+                 f"window{'s' if batch != 1 else ''} (lr {opts.lr:g}{warm}) on "
                  f"{len(windows)} × {windows.shape[1]} tokens from {spec.dataset}, to the dense model's outputs"
                  + (f" ({opts.loss} loss)" if opts.loss != "mse" else "")
                  + ("" if products == torch.float32 else f" ({str(products).removeprefix('torch.')} products)"))

@@ -208,12 +208,13 @@ class Heartbeat:
         self.clock = time.monotonic
         self.start = self.last = self.clock()
         self.done = 0.0
+        self.said: float | None = None          # how much was done at the last line said
 
     def advance(self, n: float = 1) -> None:
         self.done += n
         now = self.clock()
         if now - self.last >= self.interval:
-            self.last = now
+            self.last, self.said = now, self.done
             self.log(self.line(now))
 
     def line(self, now: float) -> str:
@@ -225,7 +226,8 @@ class Heartbeat:
         return f"{self.description}: {frac:.0%} ({elapsed:.0f} s elapsed{left})"
 
     def finish(self) -> None:
-        if self.clock() - self.start >= self.interval:   # short steps stay silent: their log line says enough
+        # short steps stay silent (their log line says enough), and the last line is not said twice
+        if self.clock() - self.start >= self.interval and self.said != self.done:
             self.log(self.line(self.clock()))
 
 

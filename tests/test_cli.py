@@ -295,6 +295,7 @@ def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys):
     assert lines[0].startswith("calibrating: 25% (") and "s left" in lines[0] and "elapsed" in lines[0]
     assert lines[3].startswith("calibrating: 100%") and "left" not in lines[3]
     assert any(l.startswith("pruning: 25%") for l in lines) and lines[-1].startswith("pruning: 100%")
+    assert len(lines) == 6, lines                               # the last line of each is not said twice
     quiet = StderrReporter(quiet=True, heartbeat=0.0)
     list(quiet.track(range(3), "x", total=3))
     with quiet.task("y", total=1) as advance:
