@@ -106,8 +106,7 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
     structure, experts = report.get("structure"), report.get("experts") or {}
     overall, coverage = report.get("overall") or {}, report.get("coverage") or {}
     if structure:
-        kind = {"channels": "MLP channels", "blocks": "decoder blocks"}.get(structure.get("kind"), structure.get("kind"))
-        lines.append(f"- **Structured pruning** ({kind}): a smaller dense model, not zeros (details below).")
+        lines.append(f"- **Structured pruning**: {_structure_line(structure)}; a smaller dense model, not zeros.")
     if method:
         gradual = report.get("update") == "admm" and (report.get("options") or {}).get("admm_gradual")
         lines.append(f"- **Method**: `{method}`" + (f", with the {'gradual ' if gradual else ''}`{report['update']}` "
@@ -140,7 +139,7 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
                      + (f" ({refine['precision']} matrix products)" if refine.get("precision", "float32") != "float32" else "")
                      + "; the zeros stayed zeros.")
     if experts.get("removal"):
-        lines.append(f"- **Experts**: {json.dumps(experts['removal'], sort_keys=True)}.")
+        lines.append(f"- **Experts**: {_experts_line(experts['removal'])}.")
     recipe = report.get("recipe")
     if recipe:
         lines.append(f"- **Recipe** `{recipe['name']}`: `{recipe['flags']}`"
@@ -153,6 +152,35 @@ def _what_was_done(report: Mapping[str, Any]) -> list[str]:
                      f"of {names}, seed {stats.get('seed', '?')}"
                      + (" (with Gram matrices)" if stats.get("gram") else "") + ".")
     return lines
+
+
+def _structure_line(structure: Mapping[str, Any]) -> str:
+    """What ``--structure`` removed, in words: how many channels of each MLP and how they were ranked, or which
+    blocks."""
+    if structure.get("kind") == "channels":
+        done = [f"ranked by {structure.get('metric')}"]
+        if structure.get("folded"):
+            done.append("their mean output folded into the down projection's bias")
+        if structure.get("refit"):
+            done.append("the kept channels refitted from the calibration Gram matrix")
+        return (f"{structure.get('removed_per_block', '?')} of the {structure.get('width', '?')} channels of every "
+                f"MLP removed ({', '.join(done)})")
+    if structure.get("kind") == "blocks":
+        removed = structure.get("removed") or []
+        return (f"{len(removed)} of {structure.get('blocks', '?')} decoder blocks removed "
+                f"({', '.join(map(str, removed))}: those that change their input least), the rest renumbered")
+    return str(structure.get("kind"))
+
+
+def _experts_line(removal: Mapping[str, Any]) -> str:
+    """What ``--experts K`` removed: how many experts each MoE block keeps and by which score (which ones: the
+    report's ``experts.removal``)."""
+    kept, removed = removal.get("kept") or {}, removal.get("removed") or {}
+    counts = {(len(v), len(v) + len(removed.get(b, []))) for b, v in kept.items()}
+    each = f"{next(iter(counts))[0]} of {next(iter(counts))[1]}" if len(counts) == 1 else "some"
+    blocks = len(kept)
+    return (f"{each} experts kept in each of {blocks} mixture-of-experts blocks, chosen by {removal.get('score')}; "
+            "the others removed with their router rows (which ones: `stade_report.json`, `experts.removal`)")
 
 
 def _size(report: Mapping[str, Any]) -> str:

@@ -285,3 +285,22 @@ def test_the_python_defaults_are_the_command_lines(tiny_llama, tmp_path):
     assert len(blocks["structure"]["removed"]) == 1
     plain = prune(tiny_llama, tmp_path / "p", stats=stats)
     assert plain["method"] == "wanda" and plain["target_sparsity"] == 0.5
+
+
+def test_the_card_says_what_structure_and_expert_removal_took():
+    """In words, not a dump: how many channels of every MLP and how they were ranked, which blocks, how many
+    experts each block kept and by which score."""
+    from stade_cli.card import _what_was_done
+
+    channels = {"structure": {"kind": "channels", "metric": "stade", "width": 64, "removed_per_block": 16,
+                              "folded": True, "refit": True}}
+    line = next(l for l in _what_was_done(channels) if "Structured" in l)
+    assert "16 of the 64 channels of every MLP removed (ranked by stade, their mean output folded" in line
+    assert "refitted from the calibration Gram matrix" in line
+    blocks = {"structure": {"kind": "blocks", "blocks": 4, "removed": [1, 2], "kept": [0, 3]}}
+    assert "2 of 4 decoder blocks removed (1, 2: those that change their input least)" in "".join(
+        _what_was_done(blocks))
+    experts = {"experts": {"removal": {"score": "reap", "kept": {"0": [0, 5], "1": [2, 3]},
+                                       "removed": {"0": [1, 2, 3, 4], "1": [0, 1, 4, 5]}}}}
+    line = next(l for l in _what_was_done(experts) if "Experts" in l)
+    assert "2 of 6 experts kept in each of 2 mixture-of-experts blocks, chosen by reap" in line and "{" not in line
