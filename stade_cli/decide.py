@@ -243,6 +243,8 @@ def one_shot(plan, reporter: Reporter) -> Decisions:
                                      cache.at(target.block))
         return LayerDecision(weight=new.cpu(), bias_delta=delta.cpu() if delta is not None else None)
 
-    report = summary(arch, st.experts, plan.request.expert_min_tokens) if st is not None and st.experts else None
+    report = (summary(arch, st.experts, plan.request.expert_min_tokens,
+                      removal.facts["kept"] if removal is not None else None)
+              if st is not None and st.experts else None)
     return Decisions(corrected, reads_norm, block_sparsity, st.manifest if st is not None else None, layer, removal,
                      report)

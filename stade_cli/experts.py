@@ -84,10 +84,14 @@ def pooled_gram(moe: MoE, gram_of, moments: Mapping[str, Moments]) -> torch.Tens
     return total
 
 
-def summary(arch: Architecture, experts: Mapping[int, ExpertStats], min_tokens: int) -> dict:
-    """The report's account of the fallbacks."""
+def summary(arch: Architecture, experts: Mapping[int, ExpertStats], min_tokens: int,
+            kept: Mapping[str, list[int]] | None = None) -> dict:
+    """The report's account of the fallbacks: [block, expert, tokens] each, the expert numbered as in the output
+    (``kept``: block → the input's experts kept by ``--experts``, which the output numbers 0, 1, ...)."""
     low = starved(arch, experts, min_tokens)
     chosen = fallbacks(arch, experts, min_tokens)
+    if kept:
+        low = {(b, kept[str(b)].index(e)): n for (b, e), n in low.items()}
     return {"min_tokens": min_tokens, "experts": [[b, e, n] for (b, e), n in sorted(low.items())],
             "targets": {"pooled": sum(v == POOLED for v in chosen.values()),
                         "magnitude": sum(v == MAGNITUDE for v in chosen.values())}}

@@ -346,6 +346,15 @@ def test_experts_that_saw_few_tokens_use_stated_fallbacks(moe_stats, tmp_path):
         assert json.loads((every / "stade_report.json").read_text())["experts"]["fallback"]["targets"] == {
             "pooled": 8, "magnitude": 8}
         _check_sparsity_of(every, 0.5, lambda n: not n.endswith(".w1"))
+    # with --experts the kept experts are renumbered 0, 1, ...: the fallbacks are named as the output numbers them
+    fewer = tmp_path / "fewer"
+    run("prune", model, "--stats", stats, "--experts", 2, "--metric", "wanda", "--sparsity", 0.5,
+        "--expert-min-tokens", 10**9, "-o", fewer)
+    report = json.loads((fewer / "stade_report.json").read_text())["experts"]
+    assert sorted((b, e) for b, e, _ in report["fallback"]["experts"]) == [(b, e) for b in (0, 1) for e in (0, 1)]
+    counts = {b: st.experts[b].count.tolist() for b in (0, 1)}
+    assert [n for _, _, n in report["fallback"]["experts"]] == [
+        int(counts[b][old]) for b in (0, 1) for old in report["removal"]["kept"][str(b)]]
 
 
 # ------------------------------------------------------------------------------------------------ never less
