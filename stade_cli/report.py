@@ -6,6 +6,7 @@ report, when present, is only compared against it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -96,8 +97,15 @@ def checkpoint_summary(path: Path, pattern: str | None = None) -> dict:
         summary["nm_ok"] = all(l["nm_ok"] for l in layers.values())
     if report is not None:
         theirs = report.get("layers", {})
-        summary["report_agrees"] = set(theirs) <= set(layers) and all(      # what it pruned, as the tensors say
+        agrees = set(theirs) <= set(layers) and all(      # what it pruned, as the tensors say
             theirs[n].get("zeros") == layers[n]["zeros"] for n in theirs)
+        after = (report.get("params") or {}).get("after")
+        if after is not None:                           # what it removed (--structure, --experts), as the shapes say
+            agrees = agrees and after == sum(math.prod(shape) for shape in shapes.values())
+        structure = report.get("structure") or {}
+        if structure.get("kind") == "blocks":
+            agrees = agrees and len(arch.blocks) == len(structure.get("kept") or ())
+        summary["report_agrees"] = agrees
     return summary
 
 

@@ -202,6 +202,11 @@ def test_blocks_with_per_layer_types(gram_stats, tmp_path):
     ids = AutoTokenizer.from_pretrained(out)("The model", return_tensors="pt").input_ids
     assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     assert "2 of 4 blocks kept" in run("inspect", out, "--summary").stdout
+    assert json.loads(run("inspect", out, "--json").stdout)["report_agrees"]
+    report = json.loads((out / "stade_report.json").read_text())           # a report that says more than the shapes
+    report["params"]["after"] += 1
+    (out / "stade_report.json").write_text(json.dumps(report))
+    assert not json.loads(run("inspect", out, "--json").stdout)["report_agrees"]
 
 
 @pytest.mark.parametrize("arch,overrides,key", [
