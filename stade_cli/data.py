@@ -185,8 +185,8 @@ def check_seqlen(seqlen: int | None, ntokens: int, max_len: int, what: str) -> i
     """Default: the model's context length, capped by the text. Explicit values must fit both."""
     if seqlen is None:
         seqlen = min(max_len, ntokens)
-    elif seqlen < 1:
-        raise UsageError(f"--seqlen must be at least 1 (got {seqlen})")
+    elif seqlen < 2:        # a window predicts its tokens from the ones before: one token predicts nothing
+        raise UsageError(f"--seqlen must be at least 2 (got {seqlen})")
     elif seqlen > max_len:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's context length {max_len}")
     elif seqlen > ntokens:

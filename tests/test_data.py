@@ -85,3 +85,5 @@ def test_seqlen_checks():
         eval_windows(tok, Corpus(["abc" * 100]), 200, max_len=100, max_windows=None)
     with pytest.raises(UsageError, match="nsamples"):
         calibration_windows(tok, Corpus(["abc" * 100]), 0, 10, 0, 100)
+    with pytest.raises(UsageError, match="--seqlen must be at least 2"):    # not "the text is too short"
+        eval_windows(tok, Corpus(["abc" * 100]), 1, max_len=100, max_windows=None)

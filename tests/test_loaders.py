@@ -110,7 +110,7 @@ def test_seqlen_is_checked_the_same_for_every_dataset(from_copies, tiny_llama, d
 
     tok = load_tokenizer(resolve_model(str(tiny_llama)))
     corpus = data.load_corpus(dataset, "calibration")
-    with pytest.raises(UsageError, match="at least 1"):
+    with pytest.raises(UsageError, match="at least 2"):
         data.calibration_windows(tok, corpus, 2, 0, seed=0, max_len=256)      # it used to mean "the default"
     with pytest.raises(UsageError, match="context length 256"):
         data.calibration_windows(tok, corpus, 2, 300, seed=0, max_len=256)
@@ -129,7 +129,7 @@ def test_the_cli_calibrates_on_c4_and_evaluates_on_wikitext2(from_copies, tiny_l
     assert result["dataset"] == "wikitext2" and result["windows"] >= 1 and result["ppl"] > 1
     r = runner.invoke(app, ["calibrate", str(tiny_llama), "-o", str(tmp_path / "s0"), "--dataset", "c4",
                             "--seqlen", "0"])
-    assert r.exit_code == 2 and "--seqlen must be at least 1" in r.stderr
+    assert r.exit_code == 2 and "--seqlen must be at least 2" in r.stderr
 
 
 def test_a_missing_hub_dataset_is_one_line(monkeypatch, tmp_path):
