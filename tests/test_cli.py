@@ -344,3 +344,16 @@ def test_the_demo_refuses_its_options_before_any_step(tmp_path, kwargs, text):
     with pytest.raises(UsageError) as caught:
         run_demo(model=str(tmp_path / "never-read"), workdir=str(tmp_path / "work"), **kwargs)
     assert text in str(caught.value) and not (tmp_path / "work").exists()
+
+
+def test_help_method_is_as_wide_as_help():
+    """COLUMNS=80 (or a pipe): no line wider than 80 columns and none padded with trailing spaces."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80"}
+    for topic in ("refine", "admm"):
+        out = subprocess.run([sys.executable, "-m", "stade_cli", "prune", "--help-method", topic], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith(f"{topic}: ") and max(map(len, out.splitlines())) <= 80
+        assert not any(line != line.rstrip() for line in out.splitlines())

@@ -50,6 +50,18 @@ def stdout_console() -> Console:
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
 
 
+def help_console() -> Console:
+    """Help text, recorded to be printed once without trailing spaces: as wide as ``--help`` (the terminal, or
+    COLUMNS, or 80 columns where stdout is not a terminal)."""
+    import os
+    import shutil
+
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) > 0 else (
+        shutil.get_terminal_size().columns if sys.stdout.isatty() else 80)
+    return Console(file=open(os.devnull, "w"), width=width, record=True, highlight=False)
+
+
 def emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -237,14 +238,14 @@ def _help_method(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
 
     from ..errors import UsageError
     from ..metrics import methods
-    from .output import stdout_console
+    from .output import help_console
     from ._errors import report
 
     try:
         rows = method_help(value)
     except UsageError as exc:
         raise typer.Exit(report(exc, False)) from None
-    console = stdout_console()
+    console = help_console()
     what = methods()[value].summary if value in methods() else {
         "refine": "block-wise refinement after the masks and the weight update (--refine N)",
         "owl": "non-uniform layer sparsity (--layer-sparsity owl)",
@@ -259,6 +260,7 @@ def _help_method(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
         table.add_row(flag, default, text.replace("\\[", "["))
     if rows:
         console.print(table)
+    sys.stdout.write("\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n")
     raise typer.Exit()
 
 
