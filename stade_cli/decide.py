@@ -203,6 +203,11 @@ def structured(plan, reporter: Reporter) -> Decisions:
         rewrite = plan_channels(plan.arch, plan.config_json, read, st, plan.method.name, fraction,
                                 plan.update is not None, fold, plan.bias_table, plan.shapes)
         f = rewrite.facts
+        tokens = min((st.moments[m].count for m in st.moments), default=0) if st is not None else 0
+        if plan.update is not None and tokens < f["kept_per_block"]:
+            reporter.log(f"note: the refit fits the {f['kept_per_block']} kept channels of each MLP from {tokens:,} "
+                         "calibration tokens, fewer than the channels: it can do worse than no refit (calibrate "
+                         f"with --nsamples × --seqlen of at least {f['kept_per_block']}, better many times that)")
         reporter.log(f"removing {f['removed_per_block']} of {f['width']} channels (a multiple of 8) in each of "
                      f"{len(plan.arch.blocks)} MLPs, ranked by {f['metric']}"
                      + ("; their mean folded into the down projection's bias" if fold else "")

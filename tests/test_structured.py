@@ -277,3 +277,15 @@ def test_explicit_stade_where_no_bias_can_be_held_is_refused(gram_stats, tmp_pat
     r = run("prune", model, "--stats", stats, "--structure", "channels", "--sparsity", 0.5, "--metric", "stade",
             "-o", tmp_path / "out", code=1)
     assert "cannot hold one there" in r.stderr and "--metric wanda" in r.stderr
+
+
+def test_a_refit_from_fewer_tokens_than_channels_is_said(tiny_llama, tmp_path):
+    """The refit solves for every kept channel: from fewer calibration tokens than that it can do worse than no
+    refit (measured on SmolLM2: 256 tokens for 1152 channels), which the user is told, with what to pass."""
+    few, many = tmp_path / "few", tmp_path / "many"
+    run("calibrate", tiny_llama, "-o", few, "--dataset", "builtin", "--nsamples", 1, "--seqlen", 16, "--gram")
+    run("calibrate", tiny_llama, "-o", many, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, "--gram")
+    args = ["--structure", "channels", "--sparsity", 0.5, "--update", "admm"]
+    r = run("prune", tiny_llama, "--stats", few, *args, "-o", tmp_path / "a")
+    assert "the refit fits the 32 kept channels of each MLP from 16 calibration tokens" in r.stderr, r.stderr
+    assert "note:" not in run("prune", tiny_llama, "--stats", many, *args, "-o", tmp_path / "b").stderr
