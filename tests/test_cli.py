@@ -357,3 +357,8 @@ def test_help_method_is_as_wide_as_help():
                              capture_output=True, text=True, check=True).stdout
         assert out.startswith(f"{topic}: ") and max(map(len, out.splitlines())) <= 80
         assert not any(line != line.rstrip() for line in out.splitlines())
+
+
+def test_a_global_option_after_the_command_says_where_it_goes():
+    r = runner.invoke(app, ["prune", "--debug"])
+    assert r.exit_code == 2 and "--debug is an option of stade itself (`stade --debug prune ...`)" in r.stderr

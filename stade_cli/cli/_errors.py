@@ -30,9 +30,16 @@ def _interrupted(exc: Interrupted) -> str:
     return line
 
 
+_GLOBAL_ONLY = ("--debug", "--version")        # options of `stade` itself, not of its commands
+
+
 def _usage(exc) -> str:
     ctx = exc.ctx
     command = f"stade {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "stade --help"
+    option = getattr(exc, "option_name", None)
+    if option in _GLOBAL_ONLY and ctx is not None and ctx.parent is not None:
+        return (f"{exc.format_message()} after the command: {option} is an option of stade itself "
+                f"(`stade {option} {ctx.info_name} ...`)")
     return f"{exc.format_message()} (see `{command}`)"
 
 
