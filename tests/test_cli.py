@@ -362,3 +362,11 @@ def test_help_method_is_as_wide_as_help():
 def test_a_global_option_after_the_command_says_where_it_goes():
     r = runner.invoke(app, ["prune", "--debug"])
     assert r.exit_code == 2 and "--debug is an option of stade itself (`stade --debug prune ...`)" in r.stderr
+
+
+def test_a_flag_shows_no_value_in_the_help():
+    """Newer typer writes ``--force <bool>``, which reads as a flag that takes true or false."""
+    for args in (["--help"], ["prune", "--help"], ["calibrate", "--help"]):
+        out = runner.invoke(app, args, env={"COLUMNS": "100"}).stdout
+        assert "--force" in out or "--json" in out
+        assert "<bool>" not in out, args

@@ -23,9 +23,20 @@ from ._errors import UsageError, report
 from .output import State, debug_from_env, other_rank
 
 
+def _bare_flags(params) -> None:
+    """A flag shows no value in the help (newer typer writes ``--force <bool>``, which reads as ``--force true``)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
 class StadeCommand(TyperCommand):
     """Usage reads ``stade prune [OPTIONS] MODEL``: newer typer writes required arguments as ``{MODEL}``,
     which reads like a literal to type."""
+
+    def get_params(self, ctx: typer.Context):
+        return _bare_flags(super().get_params(ctx))
 
     def get_help_option(self, ctx: typer.Context):
         """In a help with panels, --help joins the first panel (not a panel of its own at the top)."""
@@ -66,6 +77,9 @@ class StadeCommand(TyperCommand):
 class StadeGroup(TyperGroup):
     """Every command runs through the error table; ``prune`` is built when it is run (its flags come from the
     method registry, whose files import torch), so ``stade --help`` and the other commands start fast."""
+
+    def get_params(self, ctx: typer.Context):
+        return _bare_flags(super().get_params(ctx))
 
     def resolve_command(self, ctx: typer.Context, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
