@@ -16,6 +16,14 @@ __all__ = ["__version__", "calibrate", "prune", "evaluate", "zero_shot", "inspec
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import torch/transformers
+    found = _load(name)
+    # kept: importing the submodule evaluate.py bound the package's ``evaluate`` to that module, so the next
+    # ``stade_cli.evaluate(...)`` called a module
+    globals()[name] = found
+    return found
+
+
+def _load(name: str):
     if name == "calibrate":
         from .calibration.runner import calibrate
 

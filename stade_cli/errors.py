@@ -107,3 +107,34 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.name = signal.Signals(signum).name
         self.exit_code = 128 + signum
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def check_types(function, values: dict, skip: tuple[str, ...] = ()) -> None:
+    """Refuse, naming the argument, a value of the wrong Python type for an argument of ``function`` whose
+    annotation is made of bool, int, float, str and None only (``sparsity="0.5"``, ``nsamples=2.5``), before it
+    reaches the maths as a bare TypeError. An int is a float; a bool is neither a number nor text."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # noqa: BLE001 - annotations that cannot be resolved here: nothing to check against
+        return
+    for name, value in values.items():
+        hint = hints.get(name)
+        if name in skip or hint is None or value is None:
+            continue
+        kinds = set(typing.get_args(hint)) - {type(None)} if typing.get_args(hint) else {hint}
+        if not kinds or not kinds <= set(_KINDS):
+            continue
+        if isinstance(value, bool):
+            ok = bool in kinds
+        elif isinstance(value, int):
+            ok = bool(kinds & {int, float})
+        else:
+            ok = isinstance(value, float) and float in kinds or isinstance(value, str) and str in kinds
+        if not ok:
+            raise UsageError(f"{name} must be {' or '.join(_KINDS[k] for k in _KINDS if k in kinds)} "
+                             f"(got {value!r} of type {type(value).__name__})")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .arch import context_length
 from .data import eval_windows, load_corpus
 from .distributed import World, current
-from .errors import UsageError
+from .errors import UsageError, check_types
 from .loading import Runtime, check_batch_size
 from .runtime import Reporter
 
@@ -93,6 +93,7 @@ def evaluate(model: str, dataset: str = "wikitext2", seqlen: int | None = None, 
     """
     reporter = reporter or Reporter()
     model, dataset = os.fspath(model), dataset and os.fspath(dataset)     # a Path is as good as a string
+    check_types(evaluate, dict(locals()), skip=("device",))     # sparsity="0.5": named, not a TypeError
     check_batch_size(batch_size)
     rt = Runtime.of(model, device, dtype)
     placement = rt.settle(placement, reporter)

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from .checkpoint import weight_files
 from .decide import one_shot
 from .distributed import World, claimed, current
+from .errors import check_types
 from .loading import CalibrationSpec, Placement, resolve_for, run_inputs
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
@@ -130,6 +131,7 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
                           'e.g. options={{"ria_alpha": 1.0}}')
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
     args["model"], args["dataset"] = os.fspath(model), dataset and os.fspath(dataset)   # a Path is as good as a string
+    check_types(prune, {**args, "recipe": recipe}, skip=("device",))       # a torch.device is a device too
     record, keep = None, set()
     if recipe is not None:
         from .recipes import apply_to_call, get_recipe

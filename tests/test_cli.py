@@ -370,3 +370,39 @@ def test_a_flag_shows_no_value_in_the_help():
         out = runner.invoke(app, args, env={"COLUMNS": "100"}).stdout
         assert "--force" in out or "--json" in out
         assert "<bool>" not in out, args
+
+
+def test_the_library_functions_stay_functions():
+    """``stade_cli.evaluate`` once imported its module evaluate.py, which Python then bound to the same name: the
+    next ``stade_cli.evaluate(...)`` called a module. A fresh interpreter, as a user's script."""
+    import subprocess
+    import sys
+
+    code = ("import stade_cli\n"
+            "for _ in range(2):\n"
+            "    for name in ('calibrate', 'prune', 'evaluate', 'zero_shot', 'inspect'):\n"
+            "        assert callable(getattr(stade_cli, name)), name\n"
+            "from stade_cli.evaluate import perplexity\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_arguments_of_the_wrong_python_type_are_named(tiny_llama, tmp_path):
+    from stade_cli import calibrate, evaluate, prune
+    from stade_cli.errors import UsageError, check_types
+
+    for call, text in [(lambda: prune(tiny_llama, tmp_path / "a", sparsity="0.5"), "sparsity must be a number"),
+                       (lambda: prune(tiny_llama, tmp_path / "a", experts="4"), "experts must be a whole number"),
+                       (lambda: calibrate(tiny_llama, tmp_path / "s", dataset="builtin", nsamples=2.5),
+                        "nsamples must be a whole number"),
+                       (lambda: evaluate(tiny_llama, dataset="builtin", max_windows="1"),
+                        "max_windows must be a whole number")]:
+        with pytest.raises(UsageError, match=text):
+            call()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+    def f(a: float = 0.5, b: int | None = None, c: str = "x", d: bool = False, e: list | None = None) -> None: ...
+
+    check_types(f, {"a": 1, "b": 3, "c": "y", "d": True, "e": [1]})           # an int is a float
+    for values in ({"a": True}, {"b": 1.0}, {"c": 3}, {"d": "yes"}):
+        with pytest.raises(UsageError):
+            check_types(f, values)

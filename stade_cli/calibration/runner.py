@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from ..arch import Architecture, bias_flag_table, coverage, describe, meta_model
 from ..checkpoint import ModelSource, tensor_shapes
 from ..distributed import World, claimed, current, staged
-from ..errors import StatsError
+from ..errors import StatsError, check_types
 from ..estimate import GRAM_FLOAT64_MAX_WIDTH, calibration_needs
 from ..loading import STREAM, CalibrationSpec, Runtime, resolve_for, run_inputs
 from ..outputs import Output, check_space
@@ -346,6 +346,7 @@ def calibrate(model: str, out: str | Path, dataset: str = "c4", nsamples: int = 
     """
     reporter = reporter or Reporter()
     model, dataset = os.fspath(model), dataset and os.fspath(dataset)     # a Path is as good as a string
+    check_types(calibrate, dict(locals()), skip=("device",))     # sparsity="0.5": named, not a TypeError
     world = current()
     out = Path(out).expanduser()
     dest = Output(out, "stats", force, reporter.log)
