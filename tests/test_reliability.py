@@ -257,3 +257,18 @@ def test_same_inputs_give_identical_bytes(tiny_llama, tmp_path):
                                    "-o", str(tmp_path / f"o{i}")]).exit_code == 0
     assert (tmp_path / "s1/moments.safetensors").read_bytes() == (tmp_path / "s2/moments.safetensors").read_bytes()
     assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o2/model.safetensors").read_bytes()
+
+
+def test_refusals_say_what_was_wrong(tiny_factory, tiny_llama, tmp_path, monkeypatch):
+    """A --sparsity that was given is not called missing; a bare name that is no folder is not sent to the hub as
+    if it were an id; --bias-correction that the model cannot hold is what the hint names."""
+    fails("prune", tiny_llama, "--structure", "channels", "--sparsity", 0, "--dataset", "builtin", "-o",
+          tmp_path / "o", code=2, contains=("must be in (0, 1) (got 0)",))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    fails("eval", "no-such-folder", "--dataset", "builtin",
+          contains=("no-such-folder is neither a local directory nor a model on the Hugging Face hub", "org/name"))
+    qwen2 = tiny_factory("qwen2")          # no config switch gives its down projections a bias
+    line = fails("prune", qwen2, "--structure", "channels", "--sparsity", 0.5, "--metric", "wanda",
+                 "--bias-correction", "--dataset", "builtin", "--nsamples", 2, "--seqlen", 16, "-o", tmp_path / "q")
+    assert "drop --bias-correction" in line and "use --metric wanda" not in line
