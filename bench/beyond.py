@@ -151,7 +151,7 @@ def perplexity_on(model: str, spec: str, args, reporter, windows=None) -> dict:
     ``draw:SPEC@SEED`` (its ``windows``, drawn here when not given: ``drawn_windows``)."""
     import math
 
-    from stade_cli.evaluate import evaluate, perplexity
+    from stade_cli.evaluation import evaluate, perplexity
     from stade_cli.loading import Runtime
 
     if windows is None:

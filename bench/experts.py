@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from stade_cli.arch import describe, meta_model
     from stade_cli.checkpoint import load_config, resolve_model, tensor_shapes
-    from stade_cli.evaluate import evaluate
+    from stade_cli.evaluation import evaluate
     from stade_cli.outputs import remove_output
     from stade_cli.pruning import prune
     from stade_cli.runtime import StderrReporter

@@ -189,7 +189,7 @@ class ChildError(RuntimeError):
 
 def run_cell(python: Path, model: Path, calib: Path, method: str, cell: dict, work: Path, evaluation: dict,
              baseline_zeros: dict, device: str, reporter) -> dict:
-    from stade_cli.evaluate import evaluate
+    from stade_cli.evaluation import evaluate
 
     if cell["pattern"] == "unstructured":
         sparsity, mask = cell["sparsity"], "0:0"
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from stade_cli.checkpoint import resolve_model
-    from stade_cli.evaluate import evaluate
+    from stade_cli.evaluation import evaluate
     from stade_cli.loading import CalibrationSpec, Runtime
     from stade_cli.runtime import StderrReporter
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from stade_cli.calibration.runner import calibrate
-    from stade_cli.evaluate import evaluate
+    from stade_cli.evaluation import evaluate
     from stade_cli.runtime import StderrReporter
 
     reporter = StderrReporter()

@@ -244,7 +244,7 @@ def step(argv: list[str]) -> int:
                   stats=a.stats, device=a.device, update=a.update, options=options, bias_correction=False
                   if a.metric == "stade" and a.update == "none" else None, reporter=reporter)
     elif a.what == "eval":
-        from stade_cli.evaluate import evaluate
+        from stade_cli.evaluation import evaluate
 
         extra = {k: v for k, v in evaluate(a.model, dataset=a.calib, seqlen=a.seqlen, max_windows=a.max_windows,
                                            device=a.device, reporter=reporter).items() if k in ("ppl", "windows")}

@@ -15,7 +15,7 @@ the order rotated every round):
   memory      peak RSS of ``python -m stade_cli -q prune SYNTH --stats STATS --metric wanda --sparsity 0.5``
               on synthetic random Llama checkpoints of growing size, in shards of --shard-gb; bound
               2 × largest shard + 0.6 GB; the ratio is peak / bound. Target ≤ 1.0 (flat in the total size).
-  eval        ``stade_cli.evaluate.perplexity`` over a plain loop ``model(input_ids=b, use_cache=False).logits``
+  eval        ``stade_cli.evaluation.perplexity`` over a plain loop ``model(input_ids=b, use_cache=False).logits``
               → summed cross entropy, same windows. Target ≤ 1.05.
 
 GB means 10⁹ bytes throughout. stdout: a table (or JSON with --json); stderr: progress.
@@ -157,7 +157,7 @@ def bench_eval(model, windows, dev, args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from stade_cli.evaluate import perplexity
+    from stade_cli.evaluation import perplexity
 
     batches = windows.split(1)
     out = {}

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from stade_cli.errors import UsageError
-    from stade_cli.evaluate import evaluate
+    from stade_cli.evaluation import evaluate
     from stade_cli.outputs import remove_output
     from stade_cli.pruning import prune
     from stade_cli.runtime import StderrReporter

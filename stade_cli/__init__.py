@@ -16,14 +16,7 @@ __all__ = ["__version__", "calibrate", "prune", "evaluate", "zero_shot", "inspec
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import torch/transformers
-    found = _load(name)
-    # kept: importing the submodule evaluate.py bound the package's ``evaluate`` to that module, so the next
-    # ``stade_cli.evaluate(...)`` called a module
-    globals()[name] = found
-    return found
-
-
-def _load(name: str):
+    # (no submodule may bear an exported name: importing it would bind the package's attribute to the module)
     if name == "calibrate":
         from .calibration.runner import calibrate
 
@@ -33,7 +26,7 @@ def _load(name: str):
 
         return prune
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     if name == "zero_shot":

@@ -79,7 +79,7 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
     import time
 
     from .calibration.runner import calibrate
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .pruning import prune
     from .report import inspect
 

@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
 def run_cell(model: str, scratch: Path, name: str, kwargs: dict, cell: dict, stats, evaluation: dict, seed: int,
              device: str, reporter) -> dict:
     """Prune one cell into ``scratch`` (stade's own checkpoint, replaced each time), evaluate it, remove it."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .outputs import remove_output
     from .pruning import prune
 
@@ -301,7 +301,7 @@ def _statistics(plan: SweepPlan, result: dict, model, out, tmp: Path, stats, cal
 
 
 def _dense(model: str, evaluation: dict, device: str, reporter) -> dict:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     reporter.log("evaluating the dense model")
     t0 = time.perf_counter()

@@ -373,8 +373,9 @@ def test_a_flag_shows_no_value_in_the_help():
 
 
 def test_the_library_functions_stay_functions():
-    """``stade_cli.evaluate`` once imported its module evaluate.py, which Python then bound to the same name: the
-    next ``stade_cli.evaluate(...)`` called a module. A fresh interpreter, as a user's script."""
+    """``stade_cli.evaluate`` once lived in evaluate.py: importing that module (any command did) bound the package's
+    ``evaluate`` to it, and the next ``stade_cli.evaluate(...)`` called a module. A fresh interpreter, as a user's
+    script, before and after the library's modules are imported."""
     import subprocess
     import sys
 
@@ -382,7 +383,9 @@ def test_the_library_functions_stay_functions():
             "for _ in range(2):\n"
             "    for name in ('calibrate', 'prune', 'evaluate', 'zero_shot', 'inspect'):\n"
             "        assert callable(getattr(stade_cli, name)), name\n"
-            "from stade_cli.evaluate import perplexity\n")
+            "import stade_cli.evaluation, stade_cli.pruning, stade_cli.report, stade_cli.zeroshot, stade_cli.cli.app\n"
+            "for name in ('calibrate', 'prune', 'evaluate', 'zero_shot', 'inspect'):\n"
+            "    assert callable(getattr(stade_cli, name)), name\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

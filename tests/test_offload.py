@@ -17,7 +17,7 @@ from stade_cli.loading import Placement, load_model, parse_max_memory
 from stade_cli.checkpoint import resolve_model
 from stade_cli.cli.app import app
 from stade_cli.errors import UsageError
-from stade_cli.evaluate import blockwise_perplexity, perplexity
+from stade_cli.evaluation import blockwise_perplexity, perplexity
 
 runner = CliRunner()
 DATA = ["--dataset", "builtin", "--nsamples", 4, "--seqlen", 32]

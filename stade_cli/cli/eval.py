@@ -100,7 +100,7 @@ def _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, 
     if needs := _given(ctx, TASKS_ONLY):
         raise UsageError(f"{', '.join(needs)} only apply to zero-shot evaluation", "add --tasks NAME[,NAME...]")
 
-    from ..evaluate import evaluate  # lazy: keeps `stade --help` fast
+    from ..evaluation import evaluate  # lazy: keeps `stade --help` fast
 
     result = evaluate(model, dataset=dataset, seqlen=seqlen, max_windows=max_windows, device=device,
                       dtype=dtype, batch_size=batch_size, reporter=st.reporter,
