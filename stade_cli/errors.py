@@ -109,7 +109,7 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
-_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}   # a value type, in words
 
 
 def check_types(function, values: dict, skip: tuple[str, ...] = ()) -> None:
@@ -127,7 +127,7 @@ def check_types(function, values: dict, skip: tuple[str, ...] = ()) -> None:
         if name in skip or hint is None or value is None:
             continue
         kinds = set(typing.get_args(hint)) - {type(None)} if typing.get_args(hint) else {hint}
-        if not kinds or not kinds <= set(_KINDS):
+        if not kinds or not kinds <= set(KINDS):
             continue
         if isinstance(value, bool):
             ok = bool in kinds
@@ -136,5 +136,5 @@ def check_types(function, values: dict, skip: tuple[str, ...] = ()) -> None:
         else:
             ok = isinstance(value, float) and float in kinds or isinstance(value, str) and str in kinds
         if not ok:
-            raise UsageError(f"{name} must be {' or '.join(_KINDS[k] for k in _KINDS if k in kinds)} "
+            raise UsageError(f"{name} must be {' or '.join(KINDS[k] for k in KINDS if k in kinds)} "
                              f"(got {value!r} of type {type(value).__name__})")

@@ -198,7 +198,7 @@ def _unused(metric, update, structure, layer_sparsity, refine, stats, options: M
     tuned = [k for k in values if k.startswith("refine_") and k in changed]
     if tuned and not refine:
         said.append(f"{flags(tuned)} {verb(tuned, 'applies', 'apply')} only with --refine N")
-    text = sorted(changed & {"dataset", "nsamples", "seqlen"})        # (--seed also seeds stochria and experts)
+    text = sorted(changed & {"dataset", "nsamples", "seqlen"})        # not --seed: it also seeds stochria, experts
     if text and stats is not None:
         said.append(f"{flags(text)} {verb(text, 'is', 'are')} not used: with --stats every step uses the text "
                     "and windows the stats were calibrated with")
@@ -225,7 +225,7 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
                      owl_lambda=owl_lambda, refine_lr=refine_lr, refine_batch=refine_batch,
                      refine_samples=refine_samples, refine_seqlen=refine_seqlen, refine_precision=refine_precision,
                      refine_warmup=refine_warmup, refine_loss=refine_loss, dataset=dataset, nsamples=nsamples,
-                     seqlen=seqlen, seed=seed)
+                     seqlen=seqlen)
     if unused:
         reporter.log(f"note: {'; '.join(unused)}")
     world = current()

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import MethodError
+from ..errors import KINDS, MethodError
 
 SCORER, SOLVER, UPDATE = "scorer", "solver", "update"
 
@@ -288,7 +288,7 @@ def _typed(spec: OptionSpec, value: Any) -> Any:
             return kind(value)
     elif isinstance(value, kind):
         return value
-    what = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+    what = KINDS.get(kind, "text")
     shown = repr(value).replace("{", "{{").replace("}", "}}")           # the caller's value, not a template
     raise MethodError(f"{{{spec.name}}} must be {what} (got {shown})",
                       f"its default is {spec.default!r}; see `stade prune --help-method {spec.users[0]}`")
