@@ -202,7 +202,7 @@ def stats_report(path: Path) -> dict:
         experts = {"blocks": len(stats.experts), "per_block": sorted({e.count.numel() for e in stats.experts.values()}),
                    "tokens_min": counts[0], "tokens_median": counts[len(counts) // 2], "tokens_max": counts[-1],
                    "reap": all(e.reap is not None for e in stats.experts.values())}
-    return {"kind": "stats", "path": str(path), "manifest": stats.manifest, "blocks": per_block, "layers": layers,
+    return {"kind": "stats", "path": str(Path(path).resolve()), "manifest": stats.manifest, "blocks": per_block, "layers": layers,
             "gram_bytes": stats.manifest.get("gram", {}).get("bytes", 0), "experts": experts}
 
 

@@ -137,6 +137,17 @@ def test_inspect_stats(llama_stats):
     assert sorted(map(len, manifest["shared_inputs"].values())) == [1, 1, 1, 1, 2, 2, 3, 3]  # q/k/v, gate/up
 
 
+def test_json_paths_are_absolute_and_named_alike(tiny_llama, llama_stats, tmp_path, monkeypatch):
+    """A script reads every command's written path from "output", absolute, whatever the cwd it was given from."""
+    monkeypatch.chdir(tmp_path)
+    cal = json.loads(calibrate(tiny_llama, "s2", "--json").stdout)
+    assert cal["output"] == cal["stats"] == str(tmp_path / "s2")
+    pruned = json.loads(run("prune", tiny_llama, "--stats", "s2", "-o", "p", "--json").stdout)
+    assert pruned["output"] == str(tmp_path / "p")
+    assert json.loads(run("inspect", "s2", "--json").stdout)["path"] == str(tmp_path / "s2")
+    assert json.loads(run("inspect", "p", "--json").stdout)["path"] == str(tmp_path / "p")
+
+
 def test_prune_without_stats_calibrates(tiny_llama, llama_stats, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("prune", tiny_llama, "--metric", "stade", "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, "-o", a)

@@ -1,6 +1,8 @@
 """`stade calibrate MODEL -o STATS`: cache per-layer input moments. stdout: the STATS path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Annotated
 
 import typer
@@ -37,4 +39,6 @@ def calibrate(
     path = calibrate_model(model, output, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                            device=device, dtype=dtype, batch_size=batch_size, force=force, gram=gram,
                            reporter=st.reporter, placement=placement(device_map, max_memory, offload_dir, spill))
-    emit_json({"stats": str(path)}) if st.json else emit_line(str(path))
+    # "output", as prune's --json names its own; "stats", as earlier versions named it
+    emit_json({"output": str(Path(path).resolve()), "stats": str(Path(path).resolve())}) if st.json \
+        else emit_line(str(path))

@@ -93,7 +93,7 @@ def prune(
     for line in summary_lines(report, output):
         st.reporter.log(line)
     if st.json:
-        emit_json({"output": str(output), "overall": report["overall"], "method": report["method"],
+        emit_json({"output": str(Path(output).expanduser().resolve()), "overall": report["overall"], "method": report["method"],
                    "pattern": report["pattern"], "target_sparsity": report["target_sparsity"]})
     else:
         emit_line(str(output))
