@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -561,10 +561,12 @@ def bias_flag_table(config) -> dict[str, list[str]]:
     return table
 
 
-def bias_switches(table: dict[str, list[str]], model_type: str, needed: set[str]) -> tuple[dict[str, bool], set[str]]:
+def bias_switches(table: dict[str, list[str]], model_type: str, needed: set[str],
+                  counted: Callable[[list[str]], int] = len) -> tuple[dict[str, bool], set[str]]:
     """Config flags of ``table`` (``bias_flag_table``: flag → the linears it gives a bias) to turn on so that
     every linear named in ``needed`` has a bias. Returns the flags and every linear that gains a bias
-    through them (the siblings get zero biases). Raises if ``needed`` cannot be covered.
+    through them (the siblings get zero biases). Raises if ``needed`` cannot be covered, naming the first such
+    linear and how many there are (``counted``: of the uncovered names, the layers the output will hold).
     """
     if not needed:
         return {}, set()
@@ -579,6 +581,6 @@ def bias_switches(table: dict[str, list[str]], model_type: str, needed: set[str]
     missing = sorted(needed - gained)
     if missing:
         raise ModelError(f"this {model_type} model cannot hold a bias on {missing[0]} "
-                         f"({len(missing)} layer(s) in all), which bias correction needs",
+                         f"({counted(missing)} layer(s) in all), which bias correction needs",
                          "pass --no-bias-correction, or --skip those layers")
     return flags, gained

@@ -396,6 +396,19 @@ def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, 
         return {}
     table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(config)
     if req.bias_correction is True or by_role == {True}:   # every layer is corrected: check it now
-        bias_switches(table, arch.model_type, {n for n, t in arch.targets.items() if not t.has_bias})
+        bias_switches(table, arch.model_type, {n for n, t in arch.targets.items() if not t.has_bias},
+                      lambda names: _after_removal(arch, names, req.experts))
     return table
+
+
+def _after_removal(arch: Architecture, names: list[str], experts: int | None) -> int:
+    """How many of the targets ``names`` the output holds: under ``--experts K``, K of each block's experts'
+    (which K the stats decide later; the count is known now)."""
+    if experts is None:
+        return len(names)
+    kept = 0.0
+    for n in names:
+        t = arch.targets[n]
+        kept += 1 if t.expert is None or t.block not in arch.experts else experts / arch.experts[t.block].num_experts
+    return round(kept)
 

@@ -507,4 +507,11 @@ def test_expert_removal_refusals(tiny_llama, moe_stats, tmp_path):
                                  code=2).stderr
     assert "--expert-score must be one of" in run("prune", model, "--stats", stats, "--experts", 2,
                                                   "--expert-score", "often", "-o", out, code=2).stderr
+    # a bias correction the experts cannot hold counts the layers the output would have: 2 experts of 4 kept
+    every = run("prune", model, "--stats", stats, "--metric", "stade", "--bias-correction", "-o", out, code=1).stderr
+    kept = run("prune", model, "--stats", stats, "--metric", "stade", "--bias-correction", "--experts", 2,
+               "--sparsity", 0.5, "-o", out, code=1).stderr
+    counts = [int(re.search(r"\((\d+) layer\(s\) in all\)", e).group(1)) for e in (every, kept)]
+    experts = [t for t in arch_of(model).targets.values() if t.expert is not None]
+    assert counts[0] - counts[1] == len(experts) // 2, (counts, every, kept)
     assert not out.exists()
