@@ -21,6 +21,7 @@ from .decide import one_shot
 from .distributed import World, claimed, current
 from .errors import check_types
 from .loading import CalibrationSpec, Placement, resolve_for, run_inputs
+from .metrics.base import check_mapping
 from .outputs import Output, check_space
 from .plan import PruneRequest, check_request, make_plan
 from .runtime import Reporter
@@ -124,11 +125,7 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
     bias; ``update="admm"`` refits the kept ones from the Gram matrix); ``blocks`` removes that fraction of the
     decoder blocks, those that change their input least. The output is a smaller dense checkpoint.
     """
-    if options is not None and not isinstance(options, Mapping):
-        from .errors import MethodError
-
-        raise MethodError(f"options must be a mapping of method option names to values (got {type(options).__name__})",
-                          'e.g. options={{"ria_alpha": 1.0}}')
+    check_mapping(options)          # before the model card's command reads them
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
     args["model"], args["dataset"] = os.fspath(model), dataset and os.fspath(dataset)   # a Path is as good as a string
     check_types(prune, {**args, "recipe": recipe}, skip=("device",))       # a torch.device is a device too
@@ -151,15 +148,20 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
     return _prune(**args, recipe=record, command=command)
 
 
+def _defaults() -> dict[str, Any]:
+    """``prune()``'s own defaults, by argument name (what the card's command and the unused-flag notes leave out)."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(prune).parameters.items()}
+
+
 def _command(args: dict, keep: set[str] = frozenset()) -> str:
     """The ``stade prune`` command line of this call (for the model card); ``keep``: names shown even at their
     default (a recipe's value the caller overrode with it)."""
-    import inspect
-
     from .card import command_line
     from .metrics import option_specs
 
-    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items() if k not in keep}
+    defaults = {k: v for k, v in _defaults().items() if k not in keep}
     return command_line(args, defaults, {name: spec.default for name, spec in option_specs().items() if name not in keep})
 
 
@@ -167,12 +169,10 @@ def _unused(metric, update, structure, layer_sparsity, refine, stats, options: M
             **values) -> list[str]:
     """What the caller set that this run does not read, said so (a flag for another method, OWL's without OWL, the
     refinement's without it, a calibration text beside the stats that fix it): one phrase each."""
-    import inspect
-
     from .metrics import option_specs
     from .recipes import as_flag
 
-    defaults = {k: p.default for k, p in inspect.signature(prune).parameters.items()}
+    defaults = _defaults()
     changed = {k for k, v in values.items() if v != defaults[k]}
     said = []
     specs = option_specs()

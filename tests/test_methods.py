@@ -298,8 +298,12 @@ def test_method_options_of_the_wrong_type_are_refused_by_name(tiny_llama, stats,
                       ({"init": 3}, "init must be text")]:
         with pytest.raises(MethodError, match=text):
             build_options(bad)
-    with pytest.raises(MethodError, match="must be a mapping"):
-        prune(tiny_llama, tmp_path / "x", stats=stats, options=[("ria_alpha", 1.0)])
+    for call in (lambda: prune(tiny_llama, tmp_path / "x", stats=stats, options=[("ria_alpha", 1.0)]),
+                 lambda: build_options([("ria_alpha", 1.0)])):
+        with pytest.raises(MethodError, match="must be a mapping") as refused:
+            call()
+        assert str(refused.value).endswith('(e.g. options={"ria_alpha": 1.0})')     # a hint to copy as it is
+    assert not (tmp_path / "x").exists()
     r = run("sweep", tiny_llama, "--stats", stats, "--metrics", "ria:ria_alpha=abc", "--sparsities", 0.5,
             "--dataset", "builtin", "--seqlen", 16, "--max-windows", 1, "-o", tmp_path / "sw", code=2)
     assert "--ria-alpha must be a number (got 'abc')" in r.stderr and not (tmp_path / "sw").exists()

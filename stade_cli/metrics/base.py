@@ -249,11 +249,16 @@ def _field_type(cls, f) -> type:
     return hints.get(f.name, str)
 
 
+def check_mapping(values: Any) -> None:
+    """Refuses method options that are not a mapping of option names to values (None: none given)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise MethodError(f"method options must be a mapping of option names to values (got {type(values).__name__})",
+                          'e.g. options={{"ria_alpha": 1.0}}')     # a template: {{ is a brace
+
+
 def build_options(values: Mapping[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Every method's options dataclass from flat ``values`` (field name → value; the rest defaults)."""
-    if values is not None and not isinstance(values, Mapping):
-        raise MethodError(f"method options must be a mapping of names to values (got {type(values).__name__})",
-                          'e.g. {{"ria_alpha": 1.0}}')
+    check_mapping(values)
     values = dict(values or {})
     known = option_specs()
     unknown = sorted(set(values) - set(known))
