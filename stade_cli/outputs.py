@@ -154,7 +154,27 @@ def _write_marker(root: Path, kind: str) -> None:
               "tool_version": __version__,
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "host": socket.gethostname(), "pid": os.getpid(), "dirs": dirs, "files": files}
-    (root / MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    part = root / (MARKER + ".part")       # written whole, then renamed: a kill leaves no torn record
+    part.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(part, root / MARKER)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within it, SIGINT, SIGTERM and SIGHUP wait (they arrive when it ends): for steps that must not be split,
+    such as the two renames of a swap. Where signals cannot be held (Windows, another thread), as it is."""
+    import signal
+    import threading
+
+    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 # -------------------------------------------------------------------------------------- file system
@@ -496,8 +516,8 @@ class Output:
             self.log(f"replaced the earlier output at {self.given}")
 
     def _publish(self, tmp: Path) -> None:
-        (tmp / STAGING_MARKER).unlink()
-        _write_marker(tmp, self.kind)
+        _write_marker(tmp, self.kind)       # the record before the staging marker goes: a killed run's folder
+        (tmp / STAGING_MARKER).unlink()     # always holds one of the two, so the next run knows it for stade's
         fsync_tree(tmp)
         if os.path.lexists(self.path):
             reason = foreign(self.path, self.kind) if not self.path.is_symlink() else "it became a link"
@@ -507,15 +527,17 @@ class Output:
                                   "choose another path, or move it yourself and run again")
             if exchange(tmp, self.path):
                 self._said_replaced()
-            else:  # two renames; a kill between them is undone by the next run (see _recover)
-                aside = self.path.parent / aside_name(self.path.name)
-                os.rename(self.path, aside)
-                try:
-                    os.rename(tmp, self.path)
-                except BaseException:
-                    os.rename(aside, self.path)
-                    raise
-                self._trash = aside
+            else:  # two renames, which a signal cannot split; a kill between them is undone by the next run
+                aside = self.path.parent / aside_name(self.path.name)      # (see _recover)
+                with _signals_held():
+                    os.rename(self.path, aside)
+                    try:
+                        os.rename(tmp, self.path)
+                    except BaseException:
+                        os.rename(aside, self.path)
+                        raise
+                    self._trash = aside
+                    self.published = True
                 self._said_replaced()
         else:
             try:

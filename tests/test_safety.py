@@ -324,6 +324,59 @@ def test_kill_between_the_two_renames_is_undone(tiny_llama, stats, pruned, tmp_p
     assert tree(pruned) == before and siblings(pruned) == []
 
 
+def test_a_signal_between_the_two_renames_waits_for_the_second(tiny_llama, stats, pruned):
+    """Ctrl-C right after the first of the two renames (no exchange) arrives once the new output is in place:
+    the path never stays empty, and what is there is complete."""
+    patch = ("import os, signal, stade_cli.outputs as o; o.exchange = lambda a, b: False; rename = os.rename\n"
+             "def interrupt_after_first(src, dst):\n"
+             "    rename(src, dst)\n"
+             "    if '.stade-old-' in str(dst): os.kill(os.getpid(), signal.SIGINT)\n"
+             "os.rename = interrupt_after_first\n"
+             "from stade_cli.cli.app import main; main()\n")
+    args = prune_args(tiny_llama, stats, pruned, "--force", "--sparsity", "0.6")
+    proc = subprocess.run([sys.executable, "-c", patch, *map(str, args)], capture_output=True, text=True,
+                          timeout=DEADLINE)
+    assert proc.returncode in (130, -signal.SIGINT) and "interrupted" in proc.stderr, proc.stderr
+    assert json.loads((pruned / "stade_report.json").read_text())["target_sparsity"] == 0.6
+    assert foreign(pruned, "checkpoint") is None and siblings(pruned) == []
+
+
+def test_a_kill_while_publishing_leaves_a_folder_the_next_run_removes(tmp_path, monkeypatch):
+    """Killed after the record is written and before the staging marker goes (or while the record is written),
+    the staging folder still carries a marker, so the next run knows it for its own and removes it."""
+    import stade_cli.outputs as outputs
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+    unlink = outputs.Path.unlink
+
+    def staging_marker_kept(path, *a, **k):
+        if path.name == outputs.STAGING_MARKER:
+            raise Killed
+        return unlink(path, *a, **k)
+    target = tmp_path / "o"
+    for where in ("replace", "unlink"):
+        with monkeypatch.context() as m:
+            if where == "replace":
+                m.setattr(outputs.os, "replace", killed)      # the record half-written, under its .part name
+            else:
+                m.setattr(outputs.Path, "unlink", staging_marker_kept)    # the record written, the staging marker kept
+            m.setattr(outputs, "remove_tree", lambda root: None)      # as SIGKILL would: no clean-up
+            with pytest.raises(Killed), Output(target, "model") as dest, dest.staging() as tmp:
+                (tmp / "a.bin").write_bytes(b"x")
+        left = siblings(target)
+        assert len(left) == 1 and left[0].startswith(".o.stade-new-"), left
+        messages = []
+        with Output(target, "model", log=messages.append) as dest, dest.staging() as tmp:
+            (tmp / "a.bin").write_bytes(b"y")
+        assert siblings(target) == [] and "left by a killed run" in messages[0], messages
+        assert (target / "a.bin").read_bytes() == b"y" and foreign(target, "model") is None
+        outputs.remove_tree(target)
+
+
 def test_exchange_fallback_replaces_completely(tiny_llama, stats, pruned, monkeypatch):
     import stade_cli.outputs as outputs
 
