@@ -325,8 +325,9 @@ def run_inputs(model: str | ModelSource, dataset: str | None, placement=None, st
     path = model.path if isinstance(model, ModelSource) else local_path(model)
     inputs = [("the model directory", path), ("the stats directory", stats)]
     inputs += [("the calibration data", p) for p in local_paths(dataset)]
-    offload = getattr(placement, "offload_dir", None)
-    return inputs + [("the offload directory", offload)]
+    from .outputs import OFFLOAD
+
+    return inputs + [(OFFLOAD, getattr(placement, "offload_dir", None))]
 
 
 def resolve_for(model: str, dest, world, dataset: str | None, placement=None, stats=None,

@@ -177,6 +177,45 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+# ------------------------------------------------------------------------------------ inputs unchanged
+OFFLOAD = "the offload directory"       # a run input (``check_inputs``) that the run itself writes in
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    if stat.S_ISDIR(st.st_mode):            # a folder is the same folder while its inode is
+        return st.st_dev, st.st_ino, 0, 0
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """What says that ``path`` (a file, or a folder and every file under it, links followed to what they name, as a
+    hub cache's are) is the same later: each one's device, inode, size and modification time, by relative path
+    ("." for ``path`` itself: a folder replaced by another run's ``--force`` is another folder)."""
+    seen = {".": _identity(os.stat(path))}
+    if path.is_dir():
+        for dirpath, _, filenames in os.walk(path):
+            for f in filenames:
+                p = Path(dirpath) / f
+                try:
+                    seen[p.relative_to(path).as_posix()] = _identity(os.stat(p))
+                except OSError:         # a dangling link, a file gone already: nothing a run could read
+                    continue
+    return seen
+
+
+def changed_since(path: Path, before: dict[str, tuple[int, int, int, int]]) -> str | None:
+    """How ``path`` differs from its ``snapshot`` ``before`` (files added since do not count: the run did not read
+    them), or None."""
+    for rel, was in before.items():
+        try:
+            now = _identity(os.stat(path if rel == "." else path / rel))
+        except OSError:
+            return f"{rel} is gone" if rel != "." else "it is gone"
+        if now != was:
+            return "it was replaced" if rel == "." else f"{rel} was rewritten"
+    return None
+
+
 # -------------------------------------------------------------------------------------- file system
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -334,6 +373,7 @@ class Output:
         self._lock_path: Path | None = None
         self._made: list[Path] = []
         self._trash: Path | None = None
+        self._inputs: list[tuple[str, str, Path, dict]] = []    # (label, as given, resolved, ``snapshot``)
 
     # ---------------------------------------------------------------- claim
     def __enter__(self) -> "Output":
@@ -463,6 +503,8 @@ class Output:
             if value is None or not str(value):
                 continue
             real = Path(value).expanduser().resolve()
+            if label != OFFLOAD and real.exists():
+                self._inputs.append((label, str(value), real, snapshot(real)))
             if is_or_holds(out, real):
                 how = "is" if real == out else "holds"
                 raise UsageError(f"output {self.given} {how} {label} ({value}), an input of this run",
@@ -515,10 +557,21 @@ class Output:
         if self.says_replaced:
             self.log(f"replaced the earlier output at {self.given}")
 
+    def _check_inputs_unchanged(self) -> None:
+        """Refuse to publish what was made from an input that changed while the run read it (another run's
+        ``--force`` replaced it, or its files were rewritten): the output would mix the two."""
+        for label, given, real, before in self._inputs:
+            what = changed_since(real, before)
+            if what:
+                raise OutputError(f"{label} ({given}) changed while this run was reading it ({what}), so its output "
+                                  f"could mix the old and the new; nothing was written to {self.given}",
+                                  "run again once whatever changed it has finished")
+
     def _publish(self, tmp: Path) -> None:
         _write_marker(tmp, self.kind)       # the record before the staging marker goes: a killed run's folder
         (tmp / STAGING_MARKER).unlink()     # always holds one of the two, so the next run knows it for stade's
         fsync_tree(tmp)
+        self._check_inputs_unchanged()      # last, before the output is put in place
         if os.path.lexists(self.path):
             reason = foreign(self.path, self.kind) if not self.path.is_symlink() else "it became a link"
             if reason is not None or not self.force:

@@ -377,6 +377,61 @@ def test_a_kill_while_publishing_leaves_a_folder_the_next_run_removes(tmp_path, 
         outputs.remove_tree(target)
 
 
+def test_an_input_replaced_during_the_run_is_never_mixed_into_an_output(tiny_llama, stats, tmp_path, monkeypatch):
+    """Another run's --force replaces the stats while this prune reads them (shards and Gram blocks are opened one
+    at a time, so the rest would come from the new ones): nothing is published, and the path stays as it was."""
+    import stade_cli.outputs as outputs
+
+    mine = tmp_path / "stats"
+    shutil.copytree(stats, mine)
+    real_fsync = outputs.fsync_tree
+
+    def replaced_meanwhile(path):     # as `calibrate -o mine --force` would: a whole new folder at the path
+        if (mine / "manifest.json").exists() and not (tmp_path / "old").exists():
+            os.rename(mine, tmp_path / "old")
+            shutil.copytree(tmp_path / "old", mine)
+        real_fsync(path)
+    monkeypatch.setattr(outputs, "fsync_tree", replaced_meanwhile)
+    result = invoke(*prune_args(tiny_llama, mine, tmp_path / "out"))
+    assert result.exit_code == 1 and "the stats directory" in result.stderr and "changed while this run was " \
+        "reading it (it was replaced)" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and siblings(tmp_path / "out") == []
+
+
+def test_what_counts_as_an_input_changing(tmp_path):
+    """Replaced, rewritten or removed files stop the publishing; a file added beside them (the run never read
+    it) and the offload directory (the run writes there) do not."""
+    data, offload = tmp_path / "data", tmp_path / "offload"
+    data.mkdir(), offload.mkdir()
+    (data / "a.txt").write_text("one")
+    (data / "b.txt").write_text("two")
+
+    def publish(change) -> str | None:
+        target = tmp_path / "o"
+        try:
+            with Output(target, "model") as dest:
+                dest.check_inputs([("the calibration data", data), (outputs.OFFLOAD, offload)])
+                with dest.staging() as tmp:
+                    (tmp / "x").write_text("x")
+                    (offload / "spilled.bin").write_bytes(b"0")
+                    change()
+            return None
+        except OutputError as e:
+            assert not target.exists()
+            return str(e)
+        finally:
+            if target.exists():
+                remove_output(target, "model")
+
+    import stade_cli.outputs as outputs
+    from stade_cli.errors import OutputError
+
+    assert publish(lambda: (data / "c.txt").write_text("new")) is None
+    assert "a.txt was rewritten" in publish(lambda: (data / "a.txt").write_text("changed"))
+    assert "b.txt is gone" in publish(lambda: (data / "b.txt").unlink())
+    assert "it was replaced" in publish(lambda: (os.rename(data, tmp_path / "d2"), shutil.copytree(tmp_path / "d2", data)))
+
+
 def test_exchange_fallback_replaces_completely(tiny_llama, stats, pruned, monkeypatch):
     import stade_cli.outputs as outputs
 
