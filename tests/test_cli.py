@@ -146,6 +146,9 @@ def test_json_paths_are_absolute_and_named_alike(tiny_llama, llama_stats, tmp_pa
     assert pruned["output"] == str(tmp_path / "p")
     assert json.loads(run("inspect", "s2", "--json").stdout)["path"] == str(tmp_path / "s2")
     assert json.loads(run("inspect", "p", "--json").stdout)["path"] == str(tmp_path / "p")
+    swept = json.loads(run("sweep", tiny_llama, "--stats", "s2", "--metrics", "magnitude", "--sparsities", 0.5,
+                           "--dataset", "builtin", "--max-windows", 1, "-o", "sw", "--json").stdout)
+    assert swept["output"] == str(tmp_path / "sw") and swept["rows"]
 
 
 def test_prune_without_stats_calibrates(tiny_llama, llama_stats, tmp_path):

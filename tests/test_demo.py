@@ -21,14 +21,15 @@ pytestmark = [
 def demo(tmp_path, *args):
     env = {**os.environ, "STADE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "stade_cli", "demo", *args], capture_output=True, text=True,
-                          env=env, timeout=1800)
+                          env=env, timeout=1800, cwd=tmp_path)
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = demo(tmp_path, "--json", "--nsamples", "8", "--max-windows", "8", "--workdir", str(tmp_path / "work"))
+    proc = demo(tmp_path, "--json", "--nsamples", "8", "--max-windows", "8", "--workdir", "work")   # relative
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building the demo model" in proc.stderr
     r = json.loads(proc.stdout)
+    assert r["output"] == str(tmp_path / "work" / "pruned-stade") and r["workdir"] == str(tmp_path / "work")
     assert 1 < r["dense_ppl"] < r["pruned_ppl"] < 10 * r["dense_ppl"], r
     assert abs(r["achieved_sparsity"] - 0.5) < 0.01 and r["metric"] == "stade" and r["windows"] == 8
     assert (tmp_path / "cache" / "smollm2-135m-instruct" / ".stade-output.json").is_file()   # stade's own cache

@@ -30,7 +30,10 @@ def demo(
 
     r = run_demo(model, metric, sparsity, nsamples, seqlen, max_windows, device, workdir, st.reporter)
     if st.json:
-        emit_json({k: v for k, v in r.items() if k != "summary"})
+        from pathlib import Path
+
+        folders = ("output", "stats", "workdir")        # absolute, as every command's --json gives them
+        emit_json({k: str(Path(v).resolve()) if k in folders else v for k, v in r.items() if k != "summary"})
         return
     table = Table(title=f"stade demo: {r['metric']} at {r['sparsity']:.0%} on builtin text "
                         f"({r['windows']} × {r['seqlen']} held-out tokens)")

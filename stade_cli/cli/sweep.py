@@ -51,7 +51,9 @@ def sweep(
 
         st.reporter.log(f"drew {sweep_plot(result, plot)}")
     if st.json:
-        emit_json(result)
+        from pathlib import Path
+
+        emit_json({"output": str(Path(output).expanduser().resolve()), **result})
     else:
         import sys
 
