@@ -396,7 +396,14 @@ def _bias_table(req: PruneRequest, method: Metric, options, arch: Architecture, 
         return {}
     table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(config)
     if req.bias_correction is True or by_role == {True}:   # every layer is corrected: check it now
-        bias_switches(table, arch.model_type, {n for n, t in arch.targets.items() if not t.has_bias},
+        slices = sorted(n for n, t in arch.targets.items() if t.fused)
+        if req.bias_correction is True and slices:
+            raise UsageError(f"--bias-correction does not apply to slices of fused expert tensors such as {slices[0]} "
+                             f"({_after_removal(arch, slices, req.experts)} in all)",
+                             f"leave it out: {method.name} then corrects the other layers where it does by default, "
+                             "or --skip the experts")
+        # by default the slices of fused expert tensors are left uncorrected (one-shot's ``corrected``)
+        bias_switches(table, arch.model_type, {n for n, t in arch.targets.items() if not t.has_bias and not t.fused},
                       lambda names: _after_removal(arch, names, req.experts))
     return table
 

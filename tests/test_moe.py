@@ -284,6 +284,25 @@ def test_every_method_and_option_prunes_the_experts(metric, extra, moe_stats, tm
 
 
 @pytest.mark.parametrize("name", FUSED)
+def test_stade_on_fused_experts_corrects_what_can_be_corrected(name, moe_stats, tmp_path):
+    """stade's default bias correction leaves the slices of fused expert tensors uncorrected (a slice takes no
+    bias of its own) and runs; asked for explicitly, it is refused before any work, naming why."""
+    model, stats = moe_stats(name)
+    out = tmp_path / "out"
+    run("prune", model, "--stats", stats, "--metric", "stade", "--expert-min-tokens", 0, "-o", out)
+    report = json.loads((out / "stade_report.json").read_text())
+    slices = {n for n, t in arch_of(model).targets.items() if t.fused}
+    assert slices and set(report["layers"]) >= slices
+    corrected = {n for n, layer in report["layers"].items() if layer["bias_corrected"]}
+    assert corrected and not slices & corrected and report["bias_correction"]["layers"] == len(corrected)
+    _check_sparsity(out, 0.5)
+    refused = run("prune", model, "--stats", stats, "--metric", "stade", "--bias-correction", "-o", tmp_path / "b",
+                  code=2).stderr
+    assert "does not apply to slices of fused expert tensors" in refused and f"({len(slices)} in all)" in refused
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", FUSED)
 def test_sequential_prunes_fused_experts_in_the_loaded_model(name, moe_stats, tmp_path):
     """--sequential writes each pruned slice back into the loaded model's 3-D parameter (transposed for GPT-OSS)
     before the next block runs, and the checkpoint holds the same decisions."""
