@@ -116,6 +116,8 @@ def _pruned_coverage(arch: Architecture, shapes: dict, report: dict | None) -> d
     if report is not None:
         names = set(report.get("layers") or {})
         pruned = dataclasses.replace(arch, targets={n: t for n, t in arch.targets.items() if n in names})
+        added = set((report.get("bias_correction") or {}).get("added") or ())     # biases stade gave the output
+        shapes = {k: s for k, s in shapes.items() if k not in added}
     return coverage(pruned, shapes).to_data()
 
 

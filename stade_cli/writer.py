@@ -336,7 +336,10 @@ def _report(plan: Plan, decisions: Decisions, layout: Layout, layers: dict, writ
         "recipe": dict(req.recipe) if req.recipe else None,
         "options": flat_options(plan.options),
         "bias_correction": {"layers": len(layout.corrected), "config_flags": layout.bias_flags,
-                            "new_bias_tensors": len(layout.new_biases)},
+                            "new_bias_tensors": len(layout.new_biases),
+                            # the bias tensors the output has and the model had not (inspect's coverage leaves
+                            # them out, as the report's own does)
+                            "added": sorted(f"{n}.bias" for n in layout.new_biases if f"{n}.bias" not in plan.shapes)},
         "layer_sparsity": {"method": req.layer_sparsity,
                            **(dict(owl_m=req.owl_m, owl_lambda=req.owl_lambda) if req.layer_sparsity == "owl" else {}),
                            "blocks": {str(b): s for b, s in (decisions.block_sparsity or {}).items()}},

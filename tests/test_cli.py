@@ -151,6 +151,18 @@ def test_json_paths_are_absolute_and_named_alike(tiny_llama, llama_stats, tmp_pa
     assert swept["output"] == str(tmp_path / "sw") and swept["rows"]
 
 
+def test_inspect_coverage_agrees_with_the_report_after_bias_correction(tiny_llama, llama_stats, tmp_path):
+    """stade's bias correction gives a Llama new bias tensors; inspect's share of the blocks' weights that are
+    targets leaves them out, as prune's report does, so the two figures are the same."""
+    out = tmp_path / "out"
+    run("prune", tiny_llama, "--stats", llama_stats, "--metric", "stade", "-o", out)
+    report = json.loads((out / "stade_report.json").read_text())
+    assert report["bias_correction"]["added"]
+    assert all(k.endswith(".bias") for k in report["bias_correction"]["added"])
+    summary = json.loads(run("inspect", out, "--json").stdout)
+    assert summary["coverage"] == report["coverage"]
+
+
 def test_prune_without_stats_calibrates(tiny_llama, llama_stats, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("prune", tiny_llama, "--metric", "stade", "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32, "-o", a)
