@@ -483,6 +483,10 @@ class Output:
     def _check_existing(self) -> None:
         if not os.path.lexists(self.path):
             return
+        if os.path.ismount(self.path):      # an output is replaced by a rename, which a mount point refuses
+            raise OutputError(f"output {self.given} is a mount point, which stade cannot replace (it puts an output "
+                              "in place by renaming a folder)", f"choose a folder inside it, such as "
+                              f"{self.path / 'out'}")
         reason = foreign(self.path, self.kind)
         if reason is None and self.force:
             return

@@ -155,6 +155,15 @@ def _defaults() -> dict[str, Any]:
     return {k: p.default for k, p in inspect.signature(prune).parameters.items()}
 
 
+def output_bytes(model: Path) -> int:
+    """About what a pruned checkpoint of ``model`` takes on disk: its weights (the same size: zeros are stored),
+    its side files (config, tokenizer: copied), and a MiB for the report, the card and the index."""
+    from .checkpoint import side_files
+
+    return (sum((model / f).stat().st_size for f in weight_files(model))
+            + sum(p.stat().st_size for p in side_files(model)) + (1 << 20))
+
+
 def _command(args: dict, keep: set[str] = frozenset()) -> str:
     """The ``stade prune`` command line of this call (for the model card); ``keep``: names shown even at their
     default (a recipe's value the caller overrode with it)."""
@@ -241,7 +250,7 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
     dest = Output(out, "checkpoint", force, reporter.log)
     with claimed(dest, world, run_inputs(model, dataset, placement, stats)):   # checked and locked before any work
         source = resolve_for(model, dest, world, dataset, placement, stats, then=lambda source: check_space(
-            out, sum((source.path / f).stat().st_size for f in weight_files(source.path))))
+            out, output_bytes(source.path)))
         with world.together():
             plan = make_plan(request, checked, source, weight_files(source.path), started, world)
         for note in plan.notes:

@@ -118,7 +118,7 @@ def write(plan: Plan, decisions: Decisions, dest: Output, reporter: Reporter) ->
                         stream.shard(plan.files[i], tmp / output_name(plan.files[i]), advance)
         parts = world.gather((stream.layers, stream.added)) if world.several else []
         report = None
-        with world.together():                   # rank 0: the rest, the report last
+        with world.together(), _disk_full_is_an_error(dest.path, total):     # rank 0: the rest, the report last
             if world.main:
                 for layers, added in parts[1:]:
                     stream.layers.update(layers)

@@ -432,6 +432,42 @@ def test_what_counts_as_an_input_changing(tmp_path):
     assert "it was replaced" in publish(lambda: (os.rename(data, tmp_path / "d2"), shutil.copytree(tmp_path / "d2", data)))
 
 
+def test_disk_space_counts_the_side_files_and_a_full_disk_says_so(tiny_llama, stats, tmp_path, monkeypatch):
+    """The space check before any work counts the side files (config, tokenizer) with the weights; a disk that
+    fills up while they are copied gives the disk-full line, not an unexpected error; nothing is left."""
+    import errno
+
+    import stade_cli.outputs as outputs
+    import stade_cli.writer as writer
+    from stade_cli.checkpoint import side_files, weight_files
+
+    weights = sum((tiny_llama / f).stat().st_size for f in weight_files(tiny_llama))
+    assert sum(p.stat().st_size for p in side_files(tiny_llama)) > 0
+    usage = outputs.shutil.disk_usage
+    with monkeypatch.context() as m:         # room for the weights alone
+        m.setattr(outputs.shutil, "disk_usage", lambda p: usage(p)._replace(free=weights + 1))
+        refused(*prune_args(tiny_llama, stats, tmp_path / "o"), contains=["not enough disk space"])
+    assert not (tmp_path / "o").exists()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer, "copy_side_files", full)
+    result = invoke(*prune_args(tiny_llama, stats, tmp_path / "o"))
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: the disk filled up while writing"), result.stderr
+    assert not (tmp_path / "o").exists() and siblings(tmp_path / "o") == []
+
+
+def test_a_mount_point_is_refused_before_any_work(tiny_llama, stats, tmp_path, monkeypatch):
+    import stade_cli.outputs as outputs
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    ismount = outputs.os.path.ismount
+    monkeypatch.setattr(outputs.os.path, "ismount", lambda p: str(p) == str(mount) or ismount(p))
+    refused(*prune_args(tiny_llama, stats, mount, "--force"), contains=["is a mount point", str(mount / "out")])
+
+
 def test_exchange_fallback_replaces_completely(tiny_llama, stats, pruned, monkeypatch):
     import stade_cli.outputs as outputs
 
