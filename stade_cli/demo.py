@@ -71,6 +71,23 @@ def _check(metric: str, sparsity: float, nsamples: int, seqlen: int, max_windows
     return method.needs_gram
 
 
+def _check_model_apart(model: str, *outputs: Path) -> None:
+    """Refuse, before the first step, a --model that is, holds or lies inside an output the demo replaces (its
+    steps would refuse it one at a time, after the stats were already replaced)."""
+    from .errors import UsageError
+    from .outputs import is_or_holds
+
+    real = Path(model).expanduser()
+    if not real.exists():           # a hub id
+        return
+    real = real.resolve()
+    for out in outputs:
+        out = out.resolve()
+        if is_or_holds(out, real) or is_or_holds(real, out):
+            raise UsageError(f"--model {model} {'is' if out == real else 'holds' if is_or_holds(real, out) else 'is inside'} "
+                             f"{out}, which this demo writes", "choose another --workdir")
+
+
 def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 0.5, nsamples: int = 32,
              seqlen: int = 256, max_windows: int = 32, device: str = "auto", workdir: str | None = DEFAULT_WORKDIR,
              reporter: Reporter | None = None) -> dict:
@@ -88,6 +105,7 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
     model_path = model or str(smollm2_checkpoint(reporter))
     base = Path(workdir or DEFAULT_WORKDIR).expanduser()
     stats_dir, out_dir = base / "stats", base / f"pruned-{metric}"
+    _check_model_apart(model_path, stats_dir, out_dir)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 

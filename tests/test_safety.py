@@ -590,6 +590,12 @@ def test_demo_workdir_keeps_a_users_files(tiny_llama, tmp_path):
                         "--max-windows", "2")
         assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in work.iterdir()) == ["pruned-stade", "stats"]
+    # its own pruned checkpoint as the model (or the workdir itself) is refused before the stats are replaced
+    before = tree(work)
+    for model, metric in ((work / "pruned-stade", "stade"), (work, "wanda")):
+        refused("demo", "--model", model, "--metric", metric, "--workdir", work, "--nsamples", "2", "--seqlen", "16",
+                "--max-windows", "2", code=2, contains=["which this demo writes"])
+    assert tree(work) == before
 
 
 def test_bench_outputs_keep_a_users_files(tmp_path):
