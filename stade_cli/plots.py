@@ -30,15 +30,24 @@ def need_matplotlib():
     return plt
 
 
-def check_plot_path(path: str | Path) -> Path:
-    """Refuse, before any work, a --plot path that is not a .png or holds something stade did not draw."""
-    from .outputs import check_file
+def check_plot_path(path: str | Path, output: str | Path | None = None) -> Path:
+    """Refuse, before any work, a --plot path that is not a .png, holds something stade did not draw, or lies
+    inside a stade output (``output``: the one this command writes, which may not exist yet): a file added to an
+    output makes it no longer stade's own, so a later ``--force`` or ``eval --record`` would refuse it."""
+    from .outputs import MARKER, check_file
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise UsageError(f"--plot {path} is not a .png file name", "e.g. --plot sweep.png")
     if path.parent.exists() and not path.parent.is_dir():
         raise UsageError(f"--plot {path}: {path.parent} is not a directory")
+    real = path.absolute().resolve()
+    mine = Path(output).expanduser().absolute().resolve() if output is not None else None
+    for folder in real.parents:
+        if folder == mine or (folder / MARKER).is_file():
+            raise UsageError(f"--plot {path} is inside {folder}, an output of stade's: a file added to it would make "
+                             "a later --force refuse it as not stade's own",
+                             f"draw it beside it, e.g. --plot {folder.parent / (folder.name + '-' + path.name)}")
     check_file(path, png_is_ours, "a plot stade drew")
     return path
 

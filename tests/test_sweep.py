@@ -175,6 +175,13 @@ def test_inspect_plots_checkpoints_and_stats(tiny_llama, gram_stats, tmp_path):
     assert "not a .png" in run("inspect", pruned, "--plot", tmp_path / "x.jpg", code=2).stderr
     assert "comparison" in run("inspect", pruned, "--against", tiny_llama, "--plot", tmp_path / "c.png",
                                code=2).stderr
+    # inside a stade output (this one, or the one sweep is about to write) a plot would make it no longer stade's
+    for args in (["inspect", pruned, "--plot", pruned / "sparsity.png"],
+                 ["inspect", gram_stats, "--plot", gram_stats / "gram" / "s.png"],
+                 ["sweep", tiny_llama, "--stats", gram_stats, "--metrics", "wanda", "--sparsities", 0.5,
+                  "-o", tmp_path / "sw", "--plot", tmp_path / "sw" / "plot.png"]):
+        assert "an output of stade's" in run(*args, code=2).stderr
+    assert not (pruned / "sparsity.png").exists() and not (tmp_path / "sw").exists()
 
 
 def test_inspect_stats_summary_first(gram_stats):

@@ -40,7 +40,7 @@ def sweep(
         from ..plots import check_plot_path, need_matplotlib
 
         need_matplotlib()
-        plot = check_plot_path(plot)
+        plot = check_plot_path(plot, output)
     result = run_sweep(model, output, split_entries(metrics), numbers(sparsities, "--sparsities"),
                        [p for p in patterns.split(",") if p.strip()], stats=stats, dataset=dataset,
                        calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, max_windows=max_windows,
