@@ -132,10 +132,9 @@ class HiddenCache:
         self.shape, self.dtype, self.device, self.on_disk = shape, dtype, device, on_disk
         self.dir: Path | None = None
         if on_disk:
-            base = Path(spill_dir).expanduser() if spill_dir else None
-            if base is not None:
-                base.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix="stade-hidden-", dir=base))
+            from .outputs import scratch_dir
+
+            self.dir = scratch_dir("hidden", spill_dir or None)
             n = math.prod(shape)
             self._bufs = [torch.from_file(str(self.dir / f"hidden{i}.bin"), shared=True, size=n,
                                           dtype=dtype).view(shape) for i in (0, 1)]

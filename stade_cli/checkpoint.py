@@ -186,6 +186,9 @@ def load_config(path: Path):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .runtime import silence_transformers
+
+    silence_transformers()      # its warnings about the config (RoPE scaling, ...) are not the user's to act on
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001

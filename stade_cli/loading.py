@@ -42,8 +42,6 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
     kwargs = {}
     offload_tmp = None
     if placement is not None and placement.dispatched:
-        import tempfile
-
         kwargs["device_map"] = placement.device_map
         if placement.device_map == STREAM:
             kwargs["device_map"] = streaming_map(load_config(source.path), device)
@@ -53,10 +51,9 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, pl
             kwargs["device_map"] = {"": "cpu"}
         # a new folder of our own, inside --offload-dir when given: accelerate writes fixed names
         # (index.json, NAME.dat) that must never land on a user's files
-        base = placement.offload_dir
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        kwargs["offload_folder"] = offload_tmp = tempfile.mkdtemp(prefix="stade-offload-", dir=base)
+        from .outputs import scratch_dir
+
+        kwargs["offload_folder"] = offload_tmp = str(scratch_dir("offload", placement.offload_dir))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source.path, **dtype_kwarg(dtype), output_loading_info=True,
                                                            **kwargs)

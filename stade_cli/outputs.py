@@ -29,6 +29,7 @@ import datetime as _dt
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -214,6 +215,32 @@ def changed_since(path: Path, before: dict[str, tuple[int, int, int, int]]) -> s
         if now != was:
             return "it was replaced" if rel == "." else f"{rel} was rewritten"
     return None
+
+
+# ------------------------------------------------------------------------------------------ scratch
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "." else "_" for c in socket.gethostname()) or "host"
+
+
+def scratch_dir(what: str, base: str | Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """A new temp folder of this run's (``stade-WHAT-HOST-PID-xxxxxxxx``, in ``base`` or the system's temp dir),
+    after removing those that killed runs of this host left in the same place (SIGKILL, the OOM killer: no
+    ``finally`` ran; at 70B such a folder holds hundreds of GB). A folder is removed only when its host is this one
+    and its pid is no longer alive, so a live run's, or another host's on a shared disk, is never touched."""
+    base = Path(base).expanduser() if base is not None else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    host = _host()
+    pattern = re.compile(rf"^stade-[a-z]+-{re.escape(host)}-(\d+)-[^-]+$")
+    for entry in sorted(base.iterdir()):
+        found = pattern.match(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(found.group(1))
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            if log is not None:
+                log(f"removed {entry}, left by a killed stade run (pid {pid})")
+    return Path(tempfile.mkdtemp(prefix=f"stade-{what}-{host}-{os.getpid()}-", dir=base))
 
 
 # -------------------------------------------------------------------------------------- file system
@@ -503,6 +530,7 @@ class Output:
         model, stats or data folder, an output would become part of that input: read by the next run that reads
         the folder, uploaded with the model, and counted as a stranger's file by ``--force`` on the folder."""
         out = self.path.resolve()
+        inputs = list(inputs)
         for label, value in inputs:
             if value is None or not str(value):
                 continue
@@ -517,6 +545,16 @@ class Output:
                 raise UsageError(f"output {self.given} is inside {label} ({value}), an input of this run",
                                  f"choose a path outside it, such as {real.parent / (real.name + '-' + out.name)}: stade "
                                  "never writes into its inputs")
+        offload = [Path(v).expanduser().resolve() for label, v in inputs if label == OFFLOAD and v]
+        for place in offload:       # the run writes its temp folders there: never into what it reads
+            for label, value in inputs:
+                if label == OFFLOAD or value is None or not str(value):
+                    continue
+                real = Path(value).expanduser().resolve()
+                if is_or_holds(real, place) or is_or_holds(place, real):
+                    raise UsageError(f"--offload-dir {place} {'is' if real == place else 'is inside' if is_or_holds(real, place) else 'holds'} "
+                                     f"{label} ({value}), which this run reads",
+                                     "choose an offload directory apart from the model, the stats and the data")
 
     def release(self) -> None:
         if self._trash is not None:

@@ -322,13 +322,13 @@ class RefinedWeights:
         free = available_bytes(torch.device("cpu"))
         self.on_disk = to_disk(self.spill, total_bytes, free)
         if self.on_disk:
-            from .outputs import check_space
+            from .outputs import check_space, scratch_dir
 
             base = Path(self.spill_dir).expanduser() if self.spill_dir else None
             if base is not None:
                 base.mkdir(parents=True, exist_ok=True)
             check_space(base or Path(tempfile.gettempdir()), total_bytes)    # before the first block, not after
-            self.dir = Path(tempfile.mkdtemp(prefix="stade-refined-", dir=base))
+            self.dir = scratch_dir("refined", base, reporter.log if reporter is not None else None)
         if reporter is not None:
             reporter.log(f"refined weights: {human_bytes(total_bytes)} until written, "
                          + (f"on disk ({self.dir})" if self.on_disk else "in memory")

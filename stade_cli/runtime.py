@@ -284,7 +284,12 @@ class StderrReporter(Reporter):
 
 def silence_transformers() -> None:
     """transformers' own progress bars and warnings would clutter stderr; our Reporter speaks for us."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # accelerate's "Some parameters are on the meta device because they were offloaded": the log says where
+    # the blocks went in stade's own words (``blockwise.device_map_summary``)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)

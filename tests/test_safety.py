@@ -468,6 +468,35 @@ def test_a_mount_point_is_refused_before_any_work(tiny_llama, stats, tmp_path, m
     refused(*prune_args(tiny_llama, stats, mount, "--force"), contains=["is a mount point", str(mount / "out")])
 
 
+def test_killed_runs_scratch_folders_are_removed_by_the_next_and_only_theirs(tmp_path):
+    """SIGKILL leaves stade-hidden-/stade-refined-/stade-offload- folders behind; the next run that makes one in
+    the same place removes those of dead pids of this host, and never a live run's, another host's or a user's."""
+    from stade_cli.outputs import _host, scratch_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = _host()
+    names = {"dead": f"stade-refined-{host}-{dead}-abc123", "live": f"stade-hidden-{host}-{os.getppid()}-def456",
+             "other host": f"stade-offload-elsewhere{host}-{dead}-ghi789", "user's": f"stade-refined-{dead}-notes"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.bin").write_bytes(b"0")
+    said = []
+    new = scratch_dir("refined", tmp_path, said.append)
+    assert new.name.startswith(f"stade-refined-{host}-{os.getpid()}-") and new.is_dir()
+    assert not (tmp_path / names["dead"]).exists() and said == [
+        f"removed {tmp_path / names['dead']}, left by a killed stade run (pid {dead})"]
+    for kept in ("live", "other host", "user's"):
+        assert (tmp_path / names[kept] / "x.bin").exists(), kept
+
+
+def test_an_offload_dir_inside_an_input_is_refused(tiny_llama, stats, tmp_path):
+    for offload in (stats / "off", tiny_llama):
+        refused("prune", tiny_llama, "--stats", stats, "--sequential", "--offload-dir", offload, "--max-memory",
+                "cpu=1GiB", "-o", tmp_path / "o", code=2, contains=["which this run reads"])
+    assert not (stats / "off").exists() and not (tmp_path / "o").exists()
+
+
 def test_exchange_fallback_replaces_completely(tiny_llama, stats, pruned, monkeypatch):
     import stade_cli.outputs as outputs
 
