@@ -162,20 +162,34 @@ def _write_marker(root: Path, kind: str) -> None:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Within it, SIGINT, SIGTERM and SIGHUP wait (they arrive when it ends): for steps that must not be split,
-    such as the two renames of a swap. Where signals cannot be held (Windows, another thread), as it is."""
+    """Within it, SIGINT, SIGTERM and SIGHUP wait: each one that comes is noted and its handler runs when it ends,
+    for steps that must not be split, such as the two renames of a swap. The handlers are swapped rather than the
+    signals masked: in a process with other threads (torch's) the OS may hand a signal to any of them, while
+    Python always runs its handlers in the main thread. Outside the main thread, as it is."""
     import signal
     import threading
 
-    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    numbers = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    before = {n: signal.getsignal(n) for n in numbers}
+    came: list[int] = []
+    for n in numbers:
+        if before[n] not in (signal.SIG_IGN, None):        # what was ignored stays ignored
+            signal.signal(n, lambda number, frame: came.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for n in numbers:
+            if before[n] is not None:
+                signal.signal(n, before[n])
+        if came:                    # the first that came, as it would have been handled
+            handler = before[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])
 
 
 # ------------------------------------------------------------------------------------ inputs unchanged

@@ -341,6 +341,37 @@ def test_a_signal_between_the_two_renames_waits_for_the_second(tiny_llama, stats
     assert foreign(pruned, "checkpoint") is None and siblings(pruned) == []
 
 
+def test_signals_held_run_their_handler_after_the_step(monkeypatch):
+    """A signal that comes within ``_signals_held`` is handled once the step is done, by the handler that was
+    in place; one that was ignored stays ignored."""
+    from stade_cli.outputs import _signals_held
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def handler(number, frame):
+        seen.append(number)
+        raise Stop
+    old = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        steps = []
+        with pytest.raises(Stop):
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.05)            # a handler would have run here
+                steps.append("done")
+        assert steps == ["done"] and seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        for n, h in old.items():
+            signal.signal(n, h)
+
+
 def test_a_kill_while_publishing_leaves_a_folder_the_next_run_removes(tmp_path, monkeypatch):
     """Killed after the record is written and before the staging marker goes (or while the record is written),
     the staging folder still carries a marker, so the next run knows it for its own and removes it."""
