@@ -96,10 +96,12 @@ def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 
     import time
 
     from .calibration.runner import calibrate
+    from .distributed import one_process
     from .evaluation import evaluate
     from .pruning import prune
     from .report import inspect
 
+    one_process("stade demo")                   # it claims outputs of its own: every rank would claim the same
     reporter = reporter or Reporter()
     gram = _check(metric, sparsity, nsamples, seqlen, max_windows)     # before minutes of calibration, not after
     model_path = model or str(smollm2_checkpoint(reporter))

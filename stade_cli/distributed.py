@@ -236,6 +236,15 @@ def _one_line(error: BaseException) -> str:
     return text[0] if text and text[0] else type(error).__name__
 
 
+def one_process(what: str, hint: str = "run it without torchrun/accelerate launch, or launch calibrate, prune and "
+                                         "eval themselves") -> None:
+    """``what`` runs in one process: refused under a launcher, before any work (every rank would claim the same
+    output, or run the same whole job)."""
+    world = launched()
+    if world.several:
+        raise UsageError(f"{what} runs in one process, not as {world.size} ranks", hint)
+
+
 def launched(env: dict | None = None) -> World:
     """The World a launcher described in the environment (``WORLD_SIZE`` > 1), else a run of one."""
     env = os.environ if env is None else env

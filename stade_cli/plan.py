@@ -80,6 +80,25 @@ class Checked:
     device: torch.device
     update: Metric | None = None
 
+    @property
+    def running(self) -> list[Metric]:
+        """The methods this request runs: the metric, what it runs itself (DSnoT: its init), the update."""
+        return self.method.running(self.options) + ([self.update] if self.update is not None else [])
+
+
+def reads(req: PruneRequest, checked: Checked) -> tuple[bool, bool]:
+    """What the request reads from the stats, known before any file is read: (moments, Gram matrices).
+    ``make_plan`` decides with it, and ``stade sweep`` whether to calibrate and with ``--gram``."""
+    method, update = checked.method, checked.update
+    if req.structure is not None:   # blocks by their change to the input; channels by moments unless by magnitude
+        moments = req.structure == "blocks" or method.needs_stats or update is not None
+    else:
+        moments = method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl" or update is not None
+    moments = moments or req.experts is not None        # experts ranked by what they saw
+    gram = (any(m.needs_gram for m in checked.running) and req.unstructured) or (
+        req.structure == "channels" and update is not None)
+    return moments and (req.unstructured or req.experts is not None or req.structure is not None), gram
+
 
 def check_request(req: PruneRequest) -> Checked:
     method = get_metric(req.metric_name)
@@ -240,9 +259,8 @@ def attention_kinds(model_dir: Path) -> list[str]:
 def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: list[str], started: float,
               world: World = World()) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
-    running = method.running(options) + ([checked.update] if checked.update is not None else [])
-    needs_moments = (method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl"
-                     or checked.update is not None)
+    running = checked.running
+    needs_moments, needs_gram = reads(req, checked)
     given: Stats | None = None
     arch = config = None
     shapes = tensor_shapes(source.path, files)
@@ -268,7 +286,6 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         import json
 
         config_json = json.loads((source.path / "config.json").read_text())
-        needs_moments = req.structure == "blocks" or method.name != "magnitude" or checked.update is not None
         method, notes = _structure_plan(req, method, arch, config, source, notes)
     if req.experts is not None:
         import json
@@ -278,7 +295,6 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         check_removal(arch, req.experts)
         config_json = json.loads((source.path / "config.json").read_text())
         config_entries(config_json, list(arch.experts.values()), req.experts)
-        needs_moments = True
         reap = (given.manifest.get("experts") or {}).get("reap") if given is not None else \
             all(m.fused_runtime for m in arch.experts.values()) or None
         if req.expert_score == "reap" and reap is False:
@@ -292,9 +308,6 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
         bias_table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(
             config if config is not None else load_config(source.path))
 
-    needs_gram = (any(m.needs_gram for m in running) and req.unstructured) or (
-        req.structure == "channels" and checked.update is not None)
-    needs_moments = needs_moments and (req.unstructured or req.experts is not None or req.structure is not None)
     st = given if given is not None and (needs_moments or req.sequential) else None
     calibration = req.calibration
     if st is not None:

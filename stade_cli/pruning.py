@@ -127,7 +127,15 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
     """
     check_mapping(options)          # before the model card's command reads them
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
-    args["model"], args["dataset"] = os.fspath(model), dataset and os.fspath(dataset)   # a Path is as good as a string
+    args, record, command = _resolve(args, recipe, given)
+    return _prune(**args, recipe=record, command=command)
+
+
+def _resolve(args: dict, recipe: str | None, given: set[str] | None) -> tuple[dict, dict | None, str]:
+    """``prune()``'s arguments as it runs them: their types checked, the recipe applied (with its record), the
+    defaults that depend on the rest filled in; and the ``stade prune`` command of the call (the model card's)."""
+    args["model"] = os.fspath(args["model"])                    # a Path is as good as a string
+    args["dataset"] = args["dataset"] and os.fspath(args["dataset"])
     check_types(prune, {**args, "recipe": recipe}, skip=("device",))       # a torch.device is a device too
     record, keep = None, set()
     if recipe is not None:
@@ -145,7 +153,37 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
         args["sparsity"] = 0.5
     if args["metric"] is None and args["structure"] is None:
         args["metric"] = "wanda"
-    return _prune(**args, recipe=record, command=command)
+    return args, record, command
+
+
+def request(model: str | os.PathLike, **kwargs) -> PruneRequest:
+    """The request ``prune(model, OUT, **kwargs)`` runs (the recipe applied, the defaults filled in), before any file
+    is read: ``plan.check_request`` checks it as prune does, ``plan.reads`` says what it reads from the stats
+    (``stade sweep`` checks its entries and chooses its calibration with them)."""
+    defaults = {k: v for k, v in _defaults().items() if k not in ("model", "out")}
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"prune() got an unexpected keyword argument {unknown[0]!r}")
+    check_mapping(kwargs.get("options"))
+    args = {**defaults, **kwargs, "model": model, "out": ""}
+    recipe, given = args.pop("recipe"), args.pop("given")
+    args, record, command = _resolve(args, recipe, given)
+    return _request(args, record, command)
+
+
+def _request(a: Mapping[str, Any], recipe: Mapping[str, Any] | None, command: str | None) -> PruneRequest:
+    """``prune()``'s resolved arguments (by name) as a ``PruneRequest``."""
+    return PruneRequest(a["model"], a["metric"], a["sparsity"], a["pattern"], a["group"],
+                        Path(a["stats"]) if a["stats"] is not None else None, a["bias_correction"],
+                        a["layer_sparsity"], a["owl_m"], a["owl_lambda"], a["sequential"], dict(a["options"] or {}),
+                        CalibrationSpec(a["dataset"], a["nsamples"], a["seqlen"], a["seed"], a["batch_size"]),
+                        a["device"], a["dtype"], a["only"], a["skip"], a["placement"], a["update"],
+                        structure=a["structure"], experts=a["experts"], expert_score=a["expert_score"],
+                        expert_min_tokens=a["expert_min_tokens"],
+                        refine=RefineOptions(a["refine"], a["refine_lr"], a["refine_batch"], a["refine_samples"],
+                                             a["refine_seqlen"], a["refine_precision"], a["refine_warmup"],
+                                             a["refine_loss"]),
+                        recipe=recipe, command=command)
 
 
 def _defaults() -> dict[str, Any]:
@@ -219,16 +257,9 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
            reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
            refine_batch, refine_samples, refine_seqlen, refine_precision, refine_warmup, refine_loss, recipe,
            command=None) -> dict:
+    request = _request(locals(), recipe, command)     # first: locals() holds the arguments alone
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    request = PruneRequest(model, metric, sparsity, pattern, group, Path(stats) if stats is not None else None,
-                           bias_correction, layer_sparsity, owl_m, owl_lambda, sequential, dict(options or {}),
-                           CalibrationSpec(dataset, nsamples, seqlen, seed, batch_size), device, dtype, only, skip,
-                           placement, update, structure=structure, experts=experts, expert_score=expert_score,
-                           expert_min_tokens=expert_min_tokens,
-                           refine=RefineOptions(refine, refine_lr, refine_batch, refine_samples, refine_seqlen,
-                                                refine_precision, refine_warmup, refine_loss),
-                           recipe=recipe, command=command)
     checked = check_request(request)
     unused = _unused(metric, update, structure, layer_sparsity, refine, stats, options or {}, owl_m=owl_m,
                      owl_lambda=owl_lambda, refine_lr=refine_lr, refine_batch=refine_batch,

@@ -162,30 +162,44 @@ def run_cell(model: str, scratch: Path, name: str, kwargs: dict, cell: dict, sta
             "prune_seconds": round(t1 - t0, 2), "prune_cpu_seconds": round(c1 - c0, 2), "eval_seconds": round(t2 - t1, 2), "seconds": round(t2 - t0, 2)}
 
 
-def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed: int) -> None:
-    """Every method × cell checked as prune would, before any work (a typo fails now, not an hour in)."""
-    from .loading import CalibrationSpec
-    from .plan import PruneRequest, check_request
+# the prune() keywords an entry may set (the sweep sets the model, the cell, the stats, the text and the device)
+ENTRY_KEYWORDS = ("bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "update",
+                  "expert_min_tokens", "structure", "sequential", "refine", "refine_lr", "refine_batch",
+                  "refine_samples", "refine_seqlen", "refine_precision", "refine_warmup", "refine_loss", "recipe")
 
-    allowed = {"bias_correction", "layer_sparsity", "owl_m", "owl_lambda", "group", "only", "skip", "options", "update",
-               "expert_min_tokens", "structure", "sequential", "refine", "refine_lr", "refine_batch", "refine_samples",
-               "refine_seqlen", "refine_precision", "refine_warmup", "refine_loss", "recipe", "given"}
+
+@dataclass(frozen=True)
+class Reads:
+    """What the cells read from the stats: moments, and Gram matrices (``gram_for``: the first method that needs them)."""
+
+    moments: bool = False
+    gram_for: str | None = None
+
+
+def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed: int) -> Reads:
+    """Every method × cell checked as prune would, before any work (a typo fails now, not an hour in): the request
+    prune itself makes of the same arguments (a recipe applied, the defaults filled in), checked by the same
+    function; and what the cells read from the stats."""
+    from .plan import check_request, reads
+    from .pruning import request
+
+    moments, gram_for = False, None
     for label, name, kwargs in entries:
         extra = prune_kwargs(kwargs, seed)
-        unknown = sorted(set(extra) - allowed)
+        unknown = sorted(set(extra) - set(ENTRY_KEYWORDS) - {"options", "given"})
         if unknown:
             raise UsageError(f"{label}: unknown option {unknown[0]!r}",
-                             "method options (see stade prune --help-method NAME) or bias_correction, layer_sparsity, owl_m, "
-                             "owl_lambda, group, only, skip, update, expert_min_tokens, structure")
+                             "method options (see stade prune --help-method NAME) or " + ", ".join(ENTRY_KEYWORDS))
         for cell in cells:
-            check_request(PruneRequest(
-                "", None if extra.get("structure") == "blocks" else name, cell["sparsity"], cell["pattern"],
-                extra.get("group", "row"), None,
-                extra.get("bias_correction"), extra.get("layer_sparsity", "uniform"), extra.get("owl_m", 5.0),
-                extra.get("owl_lambda", 0.08), False, dict(extra.get("options") or {}),
-                CalibrationSpec("c4", 1, None, seed, 1), "cpu", "auto", extra.get("only"), extra.get("skip"), None,
-                extra.get("update", "none"), expert_min_tokens=extra.get("expert_min_tokens", 128),
-                structure=extra.get("structure")))
+            req = request("", metric=None if extra.get("structure") == "blocks" else name, sparsity=cell["sparsity"],
+                          pattern=cell["pattern"], seed=seed, device="cpu", **extra)
+            checked = check_request(req)
+            m, g = reads(req, checked)
+            moments = moments or m
+            if g and not req.sequential and gram_for is None:       # --sequential computes its own
+                gram_for = ("the refit of the kept channels" if req.structure else
+                            next(x.name for x in checked.running if x.needs_gram))
+    return Reads(moments, gram_for)
 
 
 def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[float] = (0.5,),
@@ -200,10 +214,12 @@ def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[floa
     sees the result after every cell (a CLI can print progress). Returns the result written to
     ``out/sweep.json``.
     """
+    from .distributed import one_process
     from .loading import local_paths, run_inputs
     from .outputs import Output
     from .runtime import Reporter
 
+    one_process("stade sweep")                  # it claims an output of its own: every rank would claim the same
     reporter = reporter or Reporter()
     plan = plan_sweep(model, metrics, sparsities, patterns, stats, seed)       # every check before any work
     started = time.perf_counter()
@@ -242,35 +258,31 @@ def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[floa
 class SweepPlan:
     entries: list          # (label, method, keyword arguments) per entry
     cells: list            # cell_specs: sparsity × pattern
-    methods: list          # the registry entries the sweep uses (scorers, solvers, updates)
+    reads: Reads           # what the cells read from the stats
     manifest: dict | None  # the reused stats' manifest
 
     @property
     def needs_stats(self) -> bool:
-        return any(m.needs_stats for m in self.methods)
+        return self.reads.moments
 
     @property
     def needs_gram(self) -> bool:
-        return any(m.needs_gram for m in self.methods)
+        return self.reads.gram_for is not None
 
 
 def plan_sweep(model: str, metrics: list[str], sparsities, patterns, stats, seed: int) -> SweepPlan:
     """The entries and cells, every one checked as prune would (a typo fails now, not an hour in)."""
     from .calibration.store import load_stats
-    from .metrics import get_metric, get_update
 
     entries = [(e, *parse_entry(e)) for e in metrics]
     cells = cell_specs(list(sparsities), list(patterns))
     if not cells:
         raise UsageError("no cells to sweep", "give --sparsities and/or --patterns")
-    check_entries(entries, cells, seed)
-    methods = [get_metric(name) for _, name, _ in entries]
-    methods += [u for u in (get_update(kw.get("update")) for _, _, kw in entries) if u is not None]
+    needs = check_entries(entries, cells, seed)
     manifest = load_stats(Path(stats).expanduser()).manifest if stats is not None else None
-    plan = SweepPlan(entries, cells, methods, manifest)
+    plan = SweepPlan(entries, cells, needs, manifest)
     if plan.manifest is not None and plan.needs_gram and not plan.manifest.get("gram"):
-        raise UsageError(f"the stats in {stats} have no Gram matrices, which "
-                         f"{next(m.name for m in methods if m.needs_gram)} needs",
+        raise UsageError(f"the stats in {stats} have no Gram matrices, which {needs.gram_for} needs",
                          f"stade calibrate {model} -o STATS --gram, then --stats STATS")
     return plan
 

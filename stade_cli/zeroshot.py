@@ -195,6 +195,10 @@ def zero_shot(model: str, tasks: str | list[str], num_fewshot: int = 0, limit: i
     ``mean_acc`` is the unweighted mean of ``acc`` over the tasks that report it (None if none does).
     """
     verbose = bool(getattr(reporter, "bars", False))  # lm_eval's tqdm bars only where stade draws its own
+    from .distributed import one_process
+
+    one_process("zero-shot evaluation (--tasks)", "run it without a launcher; lm-evaluation-harness has its own "
+                "multi-GPU mode: accelerate launch -m lm_eval --model hf ...")
     reporter = reporter or Reporter()
     model = os.fspath(model)        # a Path is as good as a string
     names = parse_tasks(tasks)

@@ -420,6 +420,17 @@ def test_sweep_and_demo_are_refused_under_a_launcher(tiny_llama, tmp_path, monke
                  ["demo", "--workdir", str(tmp_path / "demo")]):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and "runs in one process, not as 2 ranks" in r.stderr, r.stderr
+    # the library refuses as the command line does: a script under torchrun gets the same line
+    from stade_cli import zero_shot
+    from stade_cli.demo import run_demo
+    from stade_cli.errors import UsageError
+    from stade_cli.sweep import sweep
+
+    for call in (lambda: sweep(str(tiny_llama), tmp_path / "sw", ["wanda"], dataset="builtin"),
+                 lambda: run_demo(workdir=str(tmp_path / "demo")),
+                 lambda: zero_shot(str(tiny_llama), "arc_easy")):
+        with pytest.raises(UsageError, match="runs in one process, not as 2 ranks"):
+            call()
     assert not list(tmp_path.iterdir())
 
 

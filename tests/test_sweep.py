@@ -131,6 +131,30 @@ def test_sweep_refuses_before_any_work(tiny_llama, tmp_path):
     assert not out.exists()
 
 
+def test_sweep_checks_an_entry_with_the_request_prune_makes(tiny_llama, tmp_path):
+    """An entry is checked as the prune it stands for: a recipe's update needs Gram matrices (refused with stats
+    that lack them, calibrated with --gram without stats), a refinement option out of range fails before any work."""
+    from stade_cli.sweep import plan_sweep
+
+    recipe = plan_sweep("m", ["wanda:recipe=best"], [0.5], ["unstructured"], None, 0)
+    assert recipe.needs_stats and recipe.needs_gram and recipe.reads.gram_for == "admm"
+    plain = plan_sweep("m", ["wanda", "magnitude"], [0.5], ["unstructured"], None, 0)
+    assert plain.needs_stats and not plain.needs_gram
+    assert not plan_sweep("m", ["magnitude"], [0.5], ["unstructured"], None, 0).needs_stats
+    # --sequential computes its own Gram matrices: stats without them serve it
+    assert not plan_sweep("m", ["wanda:update=admm,sequential=true"], [0.5], ["unstructured"], None, 0).needs_gram
+    with pytest.raises(UsageError, match="refine-lr must be positive"):
+        plan_sweep("m", ["wanda:refine=5,refine_lr=-1"], [0.5], ["unstructured"], None, 0)
+
+    stats = tmp_path / "stats"
+    run("calibrate", tiny_llama, "-o", stats, "--dataset", "builtin", "--nsamples", 4, "--seqlen", 32)
+    out = tmp_path / "out"
+    refused = run("sweep", tiny_llama, "--stats", stats, "--metrics", "wanda:recipe=best", "--dataset", "builtin",
+                  "-o", out, code=2)
+    assert "no Gram matrices, which admm needs" in refused.stderr and "--gram" in refused.stderr
+    assert not out.exists()
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

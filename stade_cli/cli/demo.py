@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from .options import Device, Json, Quiet
-from .output import one_process, state, emit_json, stdout_console
+from .output import state, emit_json, stdout_console
 
 
 def demo(
@@ -25,7 +25,6 @@ def demo(
 ) -> None:
     """Prune a small real model on Python's builtin documentation text and compare perplexities."""
     st = state(ctx, json_out, quiet)
-    one_process("demo")
     from ..demo import run_demo  # lazy: keeps `stade --help` fast
 
     r = run_demo(model, metric, sparsity, nsamples, seqlen, max_windows, device, workdir, st.reporter)

@@ -85,13 +85,7 @@ def _evaluate(ctx, st, model, dataset, seqlen, max_windows, tasks, num_fewshot, 
               batch_size, device_map, max_memory, offload_dir, spill) -> dict:
     from ..errors import UsageError
 
-    if tasks is not None:
-        from ..distributed import launched
-
-        if launched().several:
-            raise UsageError("zero-shot evaluation (--tasks) runs in one process",
-                             "run it without a launcher; lm-evaluation-harness has its own multi-GPU mode: "
-                             "accelerate launch -m lm_eval --model hf ...")
+    if tasks is not None:       # one process: zero_shot() refuses a launcher before any work
         if clash := _given(ctx, PERPLEXITY_ONLY):
             raise UsageError(f"{', '.join(clash)} only apply to perplexity and cannot be combined with --tasks",
                              "run perplexity and zero-shot as two commands")

@@ -95,15 +95,3 @@ def other_rank() -> bool:
     from ..distributed import launched
 
     return not launched().main
-
-
-def one_process(command: str) -> None:
-    """``command`` runs several steps with outputs of its own: refused under a launcher (every rank would claim
-    the same output)."""
-    from ..distributed import launched
-    from ..errors import UsageError
-
-    world = launched()
-    if world.several:
-        raise UsageError(f"stade {command} runs in one process, not as {world.size} ranks",
-                         "run it without torchrun/accelerate launch, or launch calibrate, prune and eval themselves")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .options import Device, EvalDataset, Force, Json, MaxWindows, ModelArg, NSamples, Quiet, Seed
-from .output import one_process, emit_json, state
+from .output import emit_json, state
 
 
 def sweep(
@@ -33,7 +33,6 @@ def sweep(
 ) -> None:
     """Prune MODEL with each method at each sparsity, evaluate every result, and tabulate perplexity."""
     st = state(ctx, json_out, quiet)
-    one_process("sweep")
     from ..sweep import markdown, numbers, split_entries, sweep as run_sweep  # lazy: keeps `stade --help` fast
 
     if plot is not None:
