@@ -50,18 +50,22 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def run_child(cmd: list[str], env: dict | None = None, stop_after: float | None = None, grace: float = 30.0) -> dict:
+def run_child(cmd: list[str], env: dict | None = None, stop_after: float | None = None, grace: float = 30.0,
+              ready: Path | None = None) -> dict:
     """Run ``cmd``; its wall time, CPU time, exit code, peak RSS in bytes and the tail of its stderr.
 
     ``stop_after`` seconds: the command is sent SIGTERM then (as a batch scheduler sends it at the end of a job's
     time) and killed ``grace`` seconds later if it has not ended; the figures then carry ``stopped``: the seconds
-    at which it was told to stop."""
+    at which it was told to stop. ``ready``: a file the command writes once it is set up; the ``stop_after``
+    seconds count from when it appears (or the command ends first)."""
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".usage") as usage:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WRAPPER, usage.name, *cmd],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
                                 start_new_session=True)
         stopped = None
+        while ready is not None and not ready.exists() and proc.poll() is None:
+            time.sleep(0.01)
         try:
             proc.wait(timeout=stop_after)
         except subprocess.TimeoutExpired:

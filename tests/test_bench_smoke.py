@@ -183,15 +183,16 @@ def test_measured_child_is_stopped_as_a_scheduler_stops_it(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import _measure
 
-    pidfile = tmp_path / "pid"
-    ends = [sys.executable, "-c", f"import os, signal, sys, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
-            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\ntime.sleep(600)"]
-    ignores = ["sh", "-c", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 600"]
+    pidfile = tmp_path / "pid"      # each command writes it once its SIGTERM handler is in place
+    ends = [sys.executable, "-c", "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\n"
+            f"open({str(pidfile)!r} + '.part', 'w').write(str(os.getpid()))\nos.rename({str(pidfile)!r} + '.part', "
+            f"{str(pidfile)!r})\ntime.sleep(600)"]
+    ignores = ["sh", "-c", f"trap '' TERM; echo $$ > {pidfile}.part; mv {pidfile}.part {pidfile}; exec sleep 600"]
     for cmd, code in ((ends, 3), (ignores, -9)):
         pidfile.unlink(missing_ok=True)
-        figures = _measure.run_child(cmd, stop_after=2.0, grace=1.0)
-        assert figures["stopped"] >= 2.0 and figures["seconds"] < 60, figures
-        assert figures["rc"] == code, figures
+        figures = _measure.run_child(cmd, stop_after=0.5, grace=1.0, ready=pidfile)
+        assert figures["stopped"] >= 0.5, figures
+        assert figures["rc"] == code, figures       # its handler's exit, or killed after the grace period
         assert not _alive(int(pidfile.read_text()))
     assert "stopped" not in _measure.run_child([sys.executable, "-c", "pass"], stop_after=60)
 
