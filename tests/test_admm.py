@@ -278,6 +278,20 @@ def test_factorisations_are_computed_once_per_input_across_threads():
 
     cache = Factorisations()
     release, calls, got = threading.Event(), [], []
+    arrived = threading.Semaphore(0)
+
+    class Counted:          # the cache's lock, telling the test each time a thread has looked up its entry
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            self.lock.__exit__(*exc)
+            arrived.release()
+
+    cache._lock = Counted(cache._lock)
 
     def compute():
         calls.append(1)
@@ -287,6 +301,9 @@ def test_factorisations_are_computed_once_per_input_across_threads():
     threads = [threading.Thread(target=lambda: got.append(cache.at(0).shared("q", compute))) for _ in range(8)]
     for t in threads:
         t.start()
+    for _ in threads:       # every thread has found the entry (one owns it) before the computation ends
+        assert arrived.acquire(timeout=60)
+    assert not got                     # the owner computes until released: no thread has a result yet
     release.set()
     for t in threads:
         t.join()

@@ -305,7 +305,7 @@ def test_inspect_reads_at_a_glance(tiny_llama, llama_stats, tmp_path):
     assert "per block" in summary and "per layer" not in summary
 
 
-def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys):
+def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys, monkeypatch):
     """Not a terminal: plain lines with percent, elapsed and time left (here on every step: interval 0), one
     at the end; --quiet prints none."""
     from stade_cli.runtime import StderrReporter
@@ -327,9 +327,16 @@ def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys):
     with quiet.task("y", total=1) as advance:
         advance(1)
     assert capsys.readouterr().err == ""
+    import itertools
+    import time
+
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "monotonic", lambda: next(ticks) * 0.025)     # 25 ms a step, on a clock of the test's
     calm = StderrReporter()                                     # the default: one line per 30 s at most
-    list(calm.track(range(1000), "fast", total=1000))
+    list(calm.track(range(1000), "fast", total=1000))           # 25 s: no line
     assert capsys.readouterr().err == ""
+    list(calm.track(range(1400), "slow", total=1400))           # 35 s: one line at 30 s, and the last
+    assert [l.split(":")[0] for l in capsys.readouterr().err.splitlines()] == ["slow", "slow"]
 
 
 def test_inspect_against_names_both_sides_and_tells_weights_from_mask(tiny_llama, llama_stats, tmp_path):

@@ -1,6 +1,7 @@
 """The methods issue: bias correction, STADE-W roles, RIA, stochastic RIA, OWL, --group/--only/--skip, --sequential."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,20 @@ def test_owl_report_and_bounds(tiny_llama, stats, tmp_path):
     assert all(0.4 - 1e-9 <= s <= 0.6 + 1e-9 for s in blocks.values())
     for l in report["layers"].values():
         assert l["zeros"] == math.floor(blocks[str(l["block"])] * l["shape"][1]) * l["shape"][0]
+    # the block sparsities from their definition: per block, the Wanda scores |W_ij|·‖X_j‖ of all its pruned
+    # linears, read here from the model's own file and the stats' moments
+    from stade_cli.calibration.store import load_stats
+
+    weights = {k: v for f in sorted(Path(tiny_llama).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    moments = load_stats(Path(stats)).moments
+    per_block = {}
+    for name, l in report["layers"].items():
+        per_block.setdefault(l["block"], []).append(weights[f"{name}.weight"].double().abs() * moments[name].norm)
+    order = sorted(per_block)
+    ratios = [owl_outlier_ratio(per_block[b], 5.0) for b in order]
+    assert len(set(ratios)) > 1                                    # the blocks differ: a real allocation
+    expected = owl_sparsities(ratios, 0.5, 0.1)
+    assert [blocks[str(b)] for b in order] == pytest.approx(expected, abs=1e-9)
     r = run("prune", tiny_llama, "--layer-sparsity", "owl", "--sparsity", 0.9, "--owl-lambda", 0.2, "--stats", stats,
             "-o", tmp_path / "y", code=2)                              # block 1 would get 1.1
     assert "outside [0, 1)" in r.stderr and not (tmp_path / "y").exists()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from stade_cli.arch import describe, meta_model
+from stade_cli.calibration.moments import Moments
 from stade_cli.calibration.store import load_stats
 from stade_cli.checkpoint import load_config, read_header, tensor_shapes
 from stade_cli.cli.app import app
@@ -322,6 +323,28 @@ def test_only_and_skip_choose_experts(moe_stats, tmp_path):
     layers = json.loads((out / "stade_report.json").read_text())["layers"]
     assert set(layers) == {f"model.layers.{b}.block_sparse_moe.experts.{e}.{w}" for b in (0, 1) for e in (0, 1)
                            for w in ("w1", "w3")}
+
+
+def test_pooled_statistics_are_those_of_every_token_the_experts_saw():
+    """The fallback statistics of a starved expert: the block's experts' inputs pooled, as if one layer had seen
+    every token routed to any of them (one input per expert: its gate's, or its up's where the gate is skipped)."""
+    from types import SimpleNamespace
+
+    from stade_cli.experts import pooled_gram, pooled_moments
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 5, generator=g, dtype=torch.float64) * (i + 1) + i for i, n in enumerate((7, 3, 11))]
+    moe = SimpleNamespace(inputs=[[f"e{i}.gate", f"e{i}.up"] for i in range(3)])
+    moments = {"e0.gate": Moments.of(xs[0]), "e1.gate": Moments.of(xs[1]), "e1.up": Moments.of(xs[1]),
+               "e2.up": Moments.of(xs[2])}
+    leaders = {"e0.gate": xs[0], "e1.gate": xs[1], "e2.up": xs[2]}
+    every = torch.cat(xs)
+    pooled = pooled_moments(moe, moments)
+    assert pooled.count == 21
+    assert torch.allclose(pooled.mean, every.mean(0)) and torch.allclose(pooled.norm, every.norm(dim=0))
+    assert torch.allclose(pooled.std, every.std(0, correction=0))
+    gram = pooled_gram(moe, lambda name: leaders[name].T @ leaders[name], moments)
+    assert torch.allclose(gram, every.T @ every)
 
 
 def test_experts_that_saw_few_tokens_use_stated_fallbacks(moe_stats, tmp_path):

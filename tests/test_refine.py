@@ -140,8 +140,10 @@ def test_relative_error_by_hand():
     squared = torch.tensor([[[1.0, 0.0], [0.01, 0.0]]])
     expected = (1 / 12.5 + 0 + 0.01 / 0.005 + 0) / 4
     assert float(relative_error(squared, target)) == pytest.approx(expected, rel=1e-3)
-    # the plain mean is dominated by the large token; the relative one by the small token's error
-    assert float(squared.mean()) == pytest.approx(0.2525)
+    # the plain mean is dominated by the large token's error; the relative one by the small token's
+    large, small = squared * torch.tensor([1.0, 0.0]).view(1, 2, 1), squared * torch.tensor([0.0, 1.0]).view(1, 2, 1)
+    assert float(large.mean()) == pytest.approx(100 * float(small.mean()))
+    assert float(relative_error(small, target)) == pytest.approx(25 * float(relative_error(large, target)), rel=1e-3)
 
 
 def test_balanced_divides_each_part_by_its_first_value():

@@ -312,3 +312,54 @@ def test_r2dsnot_gamma1_blends_wanda_and_relative_importance():
         assert mask[1].tolist() == pattern.mask(w.abs())[1].tolist()    # row 1 untouched
         left[gamma1] = [j for j in (3, 4) if bool(mask[0, j])]
     assert left == {0.0: [3], 1.0: [4]}
+
+
+def test_dsnot_family_scores_elementwise_with_unequal_channels(monkeypatch):
+    """What DSnoT and R²-DSnoT hand their shared swap loop, entry by entry from their definitions, on channels whose
+    σ_j and ‖X_j‖ all differ (the tests above keep σ = 1 and equal norms): the regrow score D_ij / σ_j^p with
+    D_ij = W_ij μ_j; DSnoT's prune criterion |W_ij|·‖X_j‖; R²-DSnoT's blend (1 − γ₁)·Wanda/mean + γ₁·RI/mean with
+    RI_ij = (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|)·√‖X_j‖, and its boundary τ + γ₂·√(Σ_j W_ij² σ_j²)."""
+    from stade_cli.metrics import dsnot as dsnot_module, r2dsnot as r2_module
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 3, 5
+    x = torch.randn(50, cols, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0, 3.0, 0.2],
+                                                                            dtype=torch.float64) + 0.3
+    w = torch.randn(rows, cols, generator=g)
+    stats = LayerStats(Moments.of(x))
+    mu, sigma, norm = (stats.moments.mean, stats.moments.std, stats.moments.norm)
+    assert len({round(float(s), 6) for s in sigma}) == cols and len({round(float(n), 6) for n in norm}) == cols
+    seen = {}
+
+    def capture(values, mask, grow, keep, d, pattern, threshold, cycles):
+        seen.update(grow=grow, keep=keep, d=d, threshold=threshold)
+        return mask
+
+    p, tau, g1, g2 = 2.0, 0.05, 0.3, 0.2
+    monkeypatch.setattr(dsnot_module, "refine", capture)
+    get_metric("dsnot").solve(w, stats, Unstructured(0.4), LayerContext(options=dsnot.Options(
+        init="magnitude", dsnot_pow=p, dsnot_threshold=tau)))
+    for i in range(rows):
+        for j in range(cols):
+            d = float(w[i, j]) * float(mu[j])
+            assert float(seen["d"][i, j]) == pytest.approx(d, rel=1e-5, abs=1e-7)
+            assert float(seen["grow"][i, j]) == pytest.approx(d / float(sigma[j]) ** p, rel=1e-5, abs=1e-7)
+            assert float(seen["keep"][i, j]) == pytest.approx(abs(float(w[i, j])) * float(norm[j]), rel=1e-5)
+    assert seen["threshold"] == tau
+
+    monkeypatch.setattr(r2_module, "refine", capture)
+    get_metric("r2dsnot").solve(w, stats, Unstructured(0.4), LayerContext(options=r2dsnot.Options(
+        init="magnitude", dsnot_pow=p, dsnot_threshold=tau, r2_gamma1=g1, r2_gamma2=g2)))
+    a = [[abs(float(w[i, j])) for j in range(cols)] for i in range(rows)]
+    wanda = [[a[i][j] * float(norm[j]) for j in range(cols)] for i in range(rows)]
+    ri = [[(a[i][j] / sum(a[k][j] for k in range(rows)) + a[i][j] / sum(a[i])) * math.sqrt(float(norm[j]))
+           for j in range(cols)] for i in range(rows)]
+    mean_wanda, mean_ri = (sum(map(sum, t)) / (rows * cols) for t in (wanda, ri))
+    for i in range(rows):
+        spread = math.sqrt(sum(float(w[i, j]) ** 2 * float(sigma[j]) ** 2 for j in range(cols)))
+        assert float(seen["threshold"][i]) == pytest.approx(tau + g2 * spread, rel=1e-5)
+        for j in range(cols):
+            blend = (1 - g1) * wanda[i][j] / mean_wanda + g1 * ri[i][j] / mean_ri
+            assert float(seen["keep"][i, j]) == pytest.approx(blend, rel=1e-5)
+            assert float(seen["grow"][i, j]) == pytest.approx(float(w[i, j]) * float(mu[j]) / float(sigma[j]) ** p,
+                                                              rel=1e-5, abs=1e-7)
