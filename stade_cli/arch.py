@@ -229,6 +229,16 @@ def target_filter(only: str | None, skip: str | None):
     return lambda name: bool((not only_re or only_re.search(name)) and not (skip_re and skip_re.search(name)))
 
 
+HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")      # the residual stream's width, by family
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# a dense MLP, by family: the linears whose rows are its channels, the one whose columns are, the config's width
+MLP_PRODUCERS = ("gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h")
+MLP_CONSUMERS = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+# linears of one block that read the same tensor, by name (before a calibration has found them by identity)
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj", "w1", "w3"})
+
+
 def config_value(config, keys: tuple[str, ...]) -> int | None:
     """The first of ``keys`` that the config (or its text part) sets to a positive integer."""
     for c in (config, getattr(config, "text_config", None)):
@@ -251,7 +261,7 @@ def describe(model: nn.Module, only: str | None = None, skip: str | None = None,
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", "") or ""
     quirks = [re.compile(p) for p in QUIRKS.get(model_type, {}).get("exclude", [])]
-    hidden = config_value(config, ("hidden_size", "d_model", "n_embd"))
+    hidden = config_value(config, HIDDEN_SIZE_KEYS)
     top_k = config_value(config, EXPERT_TOP_K_KEYS) or 1
     blocks = decoder_blocks(model)
     arch = Architecture(model_type=model_type, blocks=[n for n, _ in blocks])

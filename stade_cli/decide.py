@@ -188,6 +188,7 @@ def structured(plan, reporter: Reporter) -> Decisions:
     """--structure: no weight is zeroed; the rewrite removes MLP channels or whole blocks (``structured/``)."""
     from .checkpoint import tensor_reader
     from .structured.plan import plan_blocks, plan_channels
+    from .structured.scores import folds
 
     st, _, _ = dense_inputs(plan, reporter)
     fraction = plan.request.sparsity
@@ -198,8 +199,7 @@ def structured(plan, reporter: Reporter) -> Decisions:
                      f"least: {', '.join(map(str, removed))}")
     else:
         read = tensor_reader(plan.source.path, plan.files)
-        bc = plan.request.bias_correction     # stade folds the mean by default; any metric with --bias-correction
-        fold = bc is True or (bc is None and plan.method.name == "stade")
+        fold = folds(plan.request.bias_correction, plan.method.name)
         rewrite = plan_channels(plan.arch, plan.config_json, read, st, plan.method.name, fraction,
                                 plan.update is not None, fold, plan.bias_table, plan.shapes)
         f = rewrite.facts

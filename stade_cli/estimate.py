@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arch import Architecture, Target
+from .arch import SHARED_INPUTS, Architecture, Target
 from .runtime import human_bytes
 
 GRAM_FLOAT64_MAX_WIDTH = 8192   # a float64 Gram of width 8192 is 512 MiB; wider ones are kept in float32
-SHARED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj", "w1", "w3"})
 PRUNE_OVERHEAD = int(0.6e9)     # prune from stats, beyond its two shards: the interpreter, torch, a few layers
 
 
@@ -37,7 +36,7 @@ def input_groups(arch: Architecture) -> list[list[Target]]:
             key = ("expert", *in_moe[t.name])
         else:
             parent, _, leaf = t.name.rpartition(".")
-            family = next((i for i, names in enumerate(SHARED) if leaf in names), None)
+            family = next((i for i, names in enumerate(SHARED_INPUTS) if leaf in names), None)
             key = (parent, family) if family is not None else (t.name,)
         grouped.setdefault(key, []).append(t)
     return list(grouped.values())

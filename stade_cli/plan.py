@@ -358,13 +358,14 @@ def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, confi
     """--structure channels: the MLPs are found (or refused) now; STADE folds the removed channels' mean into the
     down projection's bias, which the model must be able to hold: by default wanda is used where it cannot."""
     from .structured.plan import channel_width, find_mlps, removed_blocks, removed_count
+    from .structured.scores import folds
 
     if req.structure == "blocks":
         removed_blocks(len(arch.blocks), req.sparsity)
         return method, notes
     mlps = find_mlps(arch)
     removed_count(channel_width(mlps), req.sparsity)
-    if req.bias_correction is True or (req.bias_correction is None and method.name == "stade"):
+    if folds(req.bias_correction, method.name):
         table = arch.bias_flags if arch.bias_flags is not None else bias_flag_table(
             config if config is not None else load_config(source.path))
         needed = {m.consumer.name for m in mlps.values() if not m.consumer.has_bias}

@@ -223,7 +223,11 @@ def _unused(metric, update, structure, layer_sparsity, refine, stats, options: M
     changed = {k for k, v in values.items() if v != defaults[k]}
     said = []
     specs = option_specs()
-    used = {metric, options.get("init", specs["init"].default) if metric in ("dsnot", "r2dsnot") else None}
+    used = set()
+    if metric is not None:          # the metric and what it runs itself (DSnoT: its --init)
+        from .metrics import build_options, get_metric
+
+        used = {m.name for m in get_metric(metric).running(build_options(options))}
     if update not in (None, "none") and structure is None:      # --structure's refit has its own damping
         used.add(update)
     def flags(names) -> str:

@@ -202,7 +202,12 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
     return Reads(moments, gram_for)
 
 
-def sweep(model: str, out: str | Path, metrics: list[str], sparsities: list[float] = (0.5,),
+DEFAULT_METRICS = ("wanda", "stade")          # the command line's defaults too
+DEFAULT_SPARSITIES = (0.5, 0.6, 0.7)
+
+
+def sweep(model: str, out: str | Path, metrics: list[str] = DEFAULT_METRICS,
+          sparsities: list[float] = DEFAULT_SPARSITIES,
           patterns: list[str] = ("unstructured",), stats: str | Path | None = None, dataset: str = "wikitext2",
           calibration: str = "c4", nsamples: int = 128, seqlen: int | None = None, seed: int = 0,
           max_windows: int | None = None, device: str = "auto", force: bool = False, reporter=None,

@@ -125,9 +125,17 @@ def test_the_smaller_model_computes_what_the_masked_dense_one_does(gram_stats, t
     assert st["removed_per_block"] == 16 and st["kept_per_block"] == 48
     small = load_file(str(out / "model.safetensors"))
     dense = AutoModelForCausalLM.from_pretrained(model).eval()
+    from stade_cli.calibration.store import load_stats
+
+    moments = load_stats(stats).moments
     with torch.no_grad():
         for b, layer in enumerate(dense.model.layers):
             removed = st["removed"][str(b)]
+            # the 16 channels of the lowest score, from its definition: ‖W_:,j‖ times σ_j (stade) or ‖h_j‖₂ (wanda)
+            m = moments[f"model.layers.{b}.mlp.down_proj"]
+            spread = m.std if "stade" in how else m.norm
+            score = [float(layer.mlp.down_proj.weight[:, j].double().norm()) * float(spread[j]) for j in range(64)]
+            assert removed == sorted(sorted(range(64), key=lambda j: score[j])[:16])
             kept = [i for i in range(64) if i not in removed]
             down = layer.mlp.down_proj
             new = torch.zeros_like(down.weight)
@@ -289,3 +297,10 @@ def test_a_refit_from_fewer_tokens_than_channels_is_said(tiny_llama, tmp_path):
     r = run("prune", tiny_llama, "--stats", few, *args, "-o", tmp_path / "a")
     assert "the refit fits the 32 kept channels of each MLP from 16 calibration tokens" in r.stderr, r.stderr
     assert "note:" not in run("prune", tiny_llama, "--stats", many, *args, "-o", tmp_path / "b").stderr
+
+
+def test_which_channel_removals_fold_their_mean():
+    """--bias-correction decides; without it, the stade score folds (it ranks by the variance the bias cannot
+    take) and the others do not."""
+    assert scores.folds(True, "wanda") and scores.folds(True, "magnitude") and scores.folds(None, "stade")
+    assert not scores.folds(None, "wanda") and not scores.folds(None, "magnitude") and not scores.folds(False, "stade")

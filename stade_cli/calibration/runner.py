@@ -15,7 +15,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from ..arch import Architecture, bias_flag_table, coverage, describe, meta_model
+from ..arch import HIDDEN_SIZE_KEYS, Architecture, bias_flag_table, config_value, coverage, describe, meta_model
 from ..checkpoint import ModelSource, tensor_shapes
 from ..distributed import World, claimed, current, staged
 from ..errors import StatsError, check_types
@@ -327,8 +327,7 @@ def _needs(rt: Runtime, arch: Architecture, placement, windows: int, seqlen: int
     from ..blockwise import HiddenCache
 
     fp = rt.footprint()
-    hidden_size = int(getattr(rt.config, "hidden_size", 0) or getattr(getattr(rt.config, "text_config", None),
-                                                                       "hidden_size", 0) or 0)
+    hidden_size = config_value(rt.config, HIDDEN_SIZE_KEYS) or 0
     spill = getattr(placement, "spill", "auto")
     hidden = HiddenCache.nbytes((windows, seqlen, hidden_size), rt.dtype)
     on_disk = spill == "disk" or (spill == "auto" and hidden > available_bytes(rt.device) // 2)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..sweep import DEFAULT_METRICS, DEFAULT_SPARSITIES
 from .options import Device, EvalDataset, Force, Json, MaxWindows, ModelArg, NSamples, Quiet, Seed
 from .output import emit_json, state
 
@@ -15,8 +16,8 @@ def sweep(
     ctx: typer.Context,
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for sweep.json and sweep.md (and stats/ when it calibrates), written atomically.", show_default=False)],
-    metrics: Annotated[str, typer.Option(help="Comma-separated methods; NAME:key=value,... sets an option (e.g. 'wanda,stade:bias_correction=false').")] = "wanda,stade",
-    sparsities: Annotated[str, typer.Option(help="Comma-separated unstructured sparsities.")] = "0.5,0.6,0.7",
+    metrics: Annotated[str, typer.Option(help="Comma-separated methods; NAME:key=value,... sets an option (e.g. 'wanda,stade:bias_correction=false').")] = ",".join(DEFAULT_METRICS),
+    sparsities: Annotated[str, typer.Option(help="Comma-separated unstructured sparsities.")] = ",".join(map(str, DEFAULT_SPARSITIES)),
     patterns: Annotated[str, typer.Option(help="Comma-separated: unstructured (the --sparsities) and/or N:M patterns such as 2:4.")] = "unstructured",
     stats: Annotated[Optional[Path], typer.Option(help="Reuse this STATS directory from `stade calibrate` \\[default: calibrate on --calibration].", show_default=False)] = None,
     dataset: EvalDataset = "wikitext2",

@@ -3,7 +3,7 @@
 (q/k/v, gate/up, fc1).
 
 Which linears read a norm's output is observed during calibration (the tensor a norm module returned
-is the very tensor the linear receives) and recorded in the stats manifest; arch.QUIRKS can override.
+is the very tensor the linear receives) and recorded in the stats manifest.
 """
 from __future__ import annotations
 

@@ -15,15 +15,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..arch import Architecture, Target, bias_switches
+from ..arch import (LAYER_COUNT_KEYS, MLP_CONSUMERS, MLP_PRODUCERS, MLP_WIDTH_KEYS, Architecture, Target,
+                    bias_switches)
 from ..errors import ModelError, StatsError, UsageError
 from ..rewrite import Added, Rewrite
 from . import scores
 
-PRODUCERS = ("gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h")
-CONSUMERS = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
-WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 INDEX_LISTS = ("mlp_only_layers",)      # config lists of block indices (renumbered), not one entry per block
 MULTIPLE = 8
 
@@ -55,8 +52,8 @@ def find_mlps(arch: Architecture) -> dict[int, MLP]:
                 parents.setdefault(parent, {})[leaf] = t
         found = []
         for parent, leaves in parents.items():
-            consumer = next((leaves[n] for n in CONSUMERS if n in leaves), None)
-            producers = tuple(leaves[n] for n in PRODUCERS if n in leaves)
+            consumer = next((leaves[n] for n in MLP_CONSUMERS if n in leaves), None)
+            producers = tuple(leaves[n] for n in MLP_PRODUCERS if n in leaves)
             if consumer is not None and producers and all(p.out_features == consumer.in_features for p in producers):
                 found.append(MLP(b, producers, consumer))
         if len(found) != 1:
@@ -159,7 +156,7 @@ def plan_channels(arch: Architecture, config: Mapping[str, Any], read: Callable[
             else:
                 add[bias_key] = Added(c.weight_key, (c.out_features,), consumer.bias)
         del down
-    entries = {_config_key(config, WIDTH_KEYS, width): kept_width, **flags}
+    entries = {_config_key(config, MLP_WIDTH_KEYS, width): kept_width, **flags}
     facts = {"kind": "channels", "metric": how, "width": width, "removed_per_block": n, "kept_per_block": kept_width,
              "refit": refit, "folded": fold, "bias_flags": flags, "removed": {str(b): r for b, r in per_block.items()}}
     return Rewrite("channels", rows=rows, cols=cols, compute=compute, shapes=shapes, add=add, config=entries,
@@ -211,7 +208,7 @@ def plan_blocks(arch: Architecture, config: Mapping[str, Any], distances: Mappin
         elif new_index[b] != b:
             head, _, _ = arch.blocks[b].rpartition(".")
             rename[key] = f"{head}.{new_index[b]}{key[len(arch.blocks[b]):]}"
-    entries: dict[str, Any] = {_config_key(config, LAYER_KEYS, total): total - n}
+    entries: dict[str, Any] = {_config_key(config, LAYER_COUNT_KEYS, total): total - n}
     for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
         if not isinstance(part, dict):
             continue

@@ -35,6 +35,12 @@ def channel_scores(how: str, down: torch.Tensor, moments: Moments | None) -> tor
     raise UsageError(f"{how} has no channel score", f"use one of {', '.join(CHANNEL_SCORES)}")
 
 
+def folds(bias_correction: bool | None, score: str) -> bool:
+    """Whether the removed channels' mean goes into the down projection's bias: as ``--bias-correction`` says; by
+    default with the stade score, which ranks the channels by what the bias cannot take (their variance)."""
+    return bias_correction is True or (bias_correction is None and score == "stade")
+
+
 def removal_error(down: torch.Tensor, moments: Moments, folded: bool) -> torch.Tensor:
     """float64 [I]: the mean squared error added to y by removing each channel alone (per token)."""
     second = moments.var if folded else moments.sumsq / max(moments.count, 1)
