@@ -39,12 +39,17 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
 def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stats, sparsity: float,
                        m: float, lam: float, device: torch.device, fallback=None) -> dict[int, float]:
     """OWL from the dense model's Wanda scores |W_ij|·‖X_j‖₂, block by block (``fallback``: experts' targets on
-    fallback statistics, ``experts.fallbacks``)."""
+    fallback statistics, ``experts.fallbacks``). A block's scores are held until its last target is read, then
+    reduced to its outlier ratio: one block's scores at a time, whichever shard holds which tensors."""
+    from collections import Counter
+
     from .experts import TargetStats
 
     stats_of = TargetStats(arch, st.moments, fallback=fallback)
     by_key = arch.by_key()
+    left = Counter(t.block for t in arch.targets.values())       # targets of each block not yet scored
     per_block: dict[int, list[torch.Tensor]] = {}
+    ratio: dict[int, float] = {}
     for fname in files:
         with ShardReader(src / fname) as f:
             for key in (k for k in f.keys() if k in by_key):
@@ -53,9 +58,12 @@ def owl_block_sparsity(src: Path, files: list[str], arch: Architecture, st: Stat
                     w = t.matrix(tensor).to(device).float()
                     norm = stats_of(t).moments.norm
                     per_block.setdefault(t.block, []).append(w.abs() * norm.to(device, w.dtype))
-    blocks = sorted(per_block)
-    ratios = [owl_outlier_ratio(per_block[b], m) for b in blocks]
-    out = dict(zip(blocks, owl_sparsities(ratios, sparsity, lam)))
+                    left[t.block] -= 1
+                    if not left[t.block]:
+                        ratio[t.block] = owl_outlier_ratio(per_block.pop(t.block), m)
+    ratio.update({b: owl_outlier_ratio(scores, m) for b, scores in per_block.items()})   # (none: all were read)
+    blocks = sorted(ratio)
+    out = dict(zip(blocks, owl_sparsities([ratio[b] for b in blocks], sparsity, lam)))
     bad = {b: s for b, s in out.items() if not 0 <= s < 1}
     if bad:
         b, s = next(iter(bad.items()))

@@ -339,3 +339,44 @@ def test_flags_this_run_does_not_read_are_said(tiny_llama, stats, tmp_path):
     assert "note:" not in r.stderr, r.stderr          # dsnot's --init ria reads it
     r = run("prune", tiny_llama, "--stats", stats, "--metric", "wanda", "-o", tmp_path / "c")
     assert "note:" not in r.stderr
+
+
+def test_owl_reduces_each_block_as_soon_as_it_is_read(tiny_factory, tmp_path):
+    """OWL holds one block's scores at a time (a 7B model's all at once are 26 GB): a block's outlier ratio is taken
+    as soon as its last target is read, before the later shards are opened, and the result is that of all at once."""
+    import stade_cli.owl as owl
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli.arch import describe, meta_model
+    from stade_cli.calibration.store import load_stats
+    from stade_cli.checkpoint import load_config, weight_files
+
+    src = tiny_factory("llama", num_hidden_layers=4)
+    model = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(model, max_shard_size="60KB")
+    for f in src.glob("tokenizer*"):
+        (model / f.name).write_bytes(f.read_bytes())
+    files = weight_files(model)
+    assert len(files) >= 4
+    calibrate(model, tmp_path / "stats")
+    arch, st = describe(meta_model(load_config(model))), load_stats(tmp_path / "stats")
+    opened, when = [], []
+
+    class Reader(owl.ShardReader):
+        def __init__(self, path):
+            opened.append(path)
+            super().__init__(path)
+
+    def ratio(scores, m):
+        when.append(len(opened))
+        return owl_outlier_ratio(scores, m)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(owl, "ShardReader", Reader)
+        mp.setattr(owl, "owl_outlier_ratio", ratio)
+        got = owl.owl_block_sparsity(model, files, arch, st, 0.5, 5.0, 0.1, torch.device("cpu"))
+    assert len(when) == 4 and when[0] < len(files)          # block 0 reduced before the last shard was opened
+    weights = {k: v for f in files for k, v in load_file(str(model / f)).items()}
+    ratios = [owl_outlier_ratio([weights[t.weight_key].double().abs() * st.moments[t.name].norm
+                                 for t in arch.targets.values() if t.block == b], 5.0) for b in range(4)]
+    assert [got[b] for b in range(4)] == pytest.approx(owl_sparsities(ratios, 0.5, 0.1), abs=1e-9)
