@@ -313,3 +313,26 @@ def test_factorisations_are_computed_once_per_input_across_threads():
     cache.at(1).shared("k", object)
     cache.at(2).shared("v", object)                   # blocks 1 and 2 kept, block 0 dropped
     assert cache.at(0).shared("q", object) is not first
+
+
+def test_factor_is_its_formulas_and_leaves_the_gram_as_it_was():
+    """The factorisation, from its definitions written plainly (centred H = Σxxᵀ − n·μμᵀ, d = √diag H, Hn = H / ddᵀ,
+    G = Hn + δ·mean(diag Hn)·I, step = ρ(G + ρI)⁻¹), with a dead input; the caller's Gram matrix is not changed
+    (the factorisation works in place on its own copy)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, 12, dtype=torch.float64) + 1
+    x[:, 4] = 0.0
+    gram, mu, n = x.T @ x, x.mean(0), x.shape[0]
+    kept = gram.clone()
+    opts = Options()
+    f = factor(gram, opts, mean=mu, count=n, dtype=torch.float64)
+    assert torch.equal(gram, kept)
+    h = gram - n * torch.outer(mu, mu)
+    live = torch.diagonal(h) > 1e-9
+    d = torch.where(live, torch.diagonal(h).clamp(min=0).sqrt(), torch.ones(12, dtype=torch.float64))
+    hn = (h / torch.outer(d, d)) * torch.outer(live, live)
+    big_g = hn + opts.admm_damp * torch.diagonal(hn).mean() * torch.eye(12, dtype=torch.float64)
+    step = opts.admm_rho * torch.linalg.inv(big_g + opts.admm_rho * torch.eye(12, dtype=torch.float64))
+    assert torch.allclose(f.scale, d) and torch.allclose(f.g, big_g) and torch.allclose(f.step, step, atol=1e-10)
+    assert float(f.scale[4]) == 1.0                                     # the dead input: d = 1, and its row of G
+    assert int(torch.count_nonzero(f.g[4])) == 1 and float(f.g[4, 4]) > 0   # holds the dampening alone
