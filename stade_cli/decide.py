@@ -82,7 +82,8 @@ def decide_layer(weight: torch.Tensor, metric: Metric, pattern, stats: LayerStat
         new = apply_mask(weight, mask)
     if update is not None:
         score = (lambda w: metric.score(w.float(), moments, ctx)) if metric.score is not None else None
-        rebuilt, mask = update.update(weight.float(), mask, LayerStats(moments, stats.gram.to(dev), stats.input),
+        # the Gram matrix goes to the device inside the factorisation, only where the input's is not shared yet
+        rebuilt, mask = update.update(weight.float(), mask, LayerStats(moments, stats.gram, stats.input),
                                       pattern, update_ctx, score=score, centred=correct_bias, cache=cache,
                                       key=stats.input)
         new = apply_mask(rebuilt.to(weight.dtype), mask)
