@@ -152,6 +152,20 @@ def tensor_shapes(path: Path, files: list[str] | None = None) -> dict[str, tuple
     return shapes
 
 
+def tensor_dtypes(path: Path, files: list[str] | None = None) -> dict[str, "torch.dtype"]:
+    """Every tensor's stored dtype by key, read as ``tensor_shapes`` reads the shapes."""
+    import torch
+
+    dtypes: dict[str, "torch.dtype"] = {}
+    for name in files if files is not None else weight_files(path):
+        if name.endswith(".bin"):
+            dtypes.update({k: t.dtype for k, t in load_bin(path / name).items()})
+        else:
+            dtypes.update({e.name: getattr(torch, _SAFETENSORS_DTYPES[e.dtype]) for e in read_header(path / name)[0]
+                           if e.dtype in _SAFETENSORS_DTYPES})
+    return dtypes
+
+
 def output_name(shard: str) -> str:
     """The safetensors name a pruned shard is written under: the same name, or for ``pytorch_model*.bin``
     the name ``save_pretrained`` gives safetensors (``pytorch_model-00001-of-00002.bin`` →

@@ -19,6 +19,7 @@ from torch import nn
 from .arch import describe
 from .blockwise import BlockRunner
 from .calibration.runner import MomentCapture, sum_over_ranks
+from .checkpoint import tensor_dtypes
 from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
 from .errors import ModelError
 from .experts import TargetStats, fallbacks, summary
@@ -44,6 +45,7 @@ def sequential(plan, reporter: Reporter) -> Decisions:
     decisions: dict[str, LayerDecision] = {}
     reads_norm: dict[str, bool] = {}
     cache = Factorisations()
+    stored = tensor_dtypes(plan.source.path, plan.files)   # what the writer casts each new weight to
     min_tokens = plan.request.expert_min_tokens
     routing: dict = {}          # by block: its experts' routing statistics
     with rt.model(placement) as model, BlockRunner(model, arch, windows[start:stop], rt.device, spec.batch_size,
@@ -88,8 +90,11 @@ def sequential(plan, reporter: Reporter) -> Decisions:
                     linear.bias.add_(delta.to(linear.bias.dtype))
                 delta = delta.cpu() if delta is not None else None
                 masked_only = plan.method.solve is None and plan.update is None
+                # a new weight waits for the writer in the dtype it will be written in (the same bits as casting
+                # then; a 7B model's are 13 GB in bfloat16, 26 GB in the float32 the CPU computes in)
                 decisions[name] = (LayerDecision(mask=pack_mask(mask), bias_delta=delta) if masked_only
-                                   else LayerDecision(weight=new.cpu(), bias_delta=delta))
+                                   else LayerDecision(weight=new.to("cpu", stored.get(target.weight_key, new.dtype)),
+                                                      bias_delta=delta))
             if index < last:
                 runner.run(block, dev, keep=True)
     manifest = spec.manifest(windows, rt)

@@ -380,3 +380,29 @@ def test_owl_reduces_each_block_as_soon_as_it_is_read(tiny_factory, tmp_path):
     ratios = [owl_outlier_ratio([weights[t.weight_key].double().abs() * st.moments[t.name].norm
                                  for t in arch.targets.values() if t.block == b], 5.0) for b in range(4)]
     assert [got[b] for b in range(4)] == pytest.approx(owl_sparsities(ratios, 0.5, 0.1), abs=1e-9)
+
+
+def test_sequential_keeps_new_weights_in_the_dtype_they_are_written_in(tiny_llama, tmp_path, monkeypatch):
+    """--sequential computes in float32 on the CPU and holds every new weight until the writer: in the checkpoint's
+    own dtype (bfloat16 here), half the memory, the same bits as casting at the write."""
+    import stade_cli.sequential as sequential
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli import prune
+
+    model = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(model)
+    for f in Path(tiny_llama).glob("tokenizer*"):
+        (model / f.name).write_bytes(f.read_bytes())
+    held = []
+
+    class Recorded(sequential.LayerDecision):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.append(self.weight.dtype)
+
+    monkeypatch.setattr(sequential, "LayerDecision", Recorded)
+    prune(str(model), tmp_path / "out", metric="sparsegpt", sequential=True, dataset="builtin", nsamples=4,
+          seqlen=32, dtype="float32")
+    assert len(held) == 14 and set(held) == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == {torch.bfloat16}
