@@ -86,17 +86,20 @@ class Checked:
         return self.method.running(self.options) + ([self.update] if self.update is not None else [])
 
 
-def reads(req: PruneRequest, checked: Checked) -> tuple[bool, bool]:
-    """What the request reads from the stats, known before any file is read: (moments, Gram matrices).
-    ``make_plan`` decides with it, and ``stade sweep`` whether to calibrate and with ``--gram``."""
+def reads(req: PruneRequest, checked: Checked) -> tuple[bool, str | None]:
+    """What the request reads from the stats, known before any file is read: (moments, what needs Gram matrices or
+    None). ``make_plan`` decides with it, and ``stade sweep`` whether to calibrate and with ``--gram``."""
     method, update = checked.method, checked.update
     if req.structure is not None:   # blocks by their change to the input; channels by moments unless by magnitude
         moments = req.structure == "blocks" or method.needs_stats or update is not None
     else:
         moments = method.needs_stats or req.bias_correction is True or req.layer_sparsity == "owl" or update is not None
     moments = moments or req.experts is not None        # experts ranked by what they saw
-    gram = (any(m.needs_gram for m in checked.running) and req.unstructured) or (
-        req.structure == "channels" and update is not None)
+    gram = None
+    if req.structure == "channels" and update is not None:
+        gram = "the refit of the kept channels"
+    elif req.unstructured:
+        gram = next((m.name for m in checked.running if m.needs_gram), None)
     return moments and (req.unstructured or req.experts is not None or req.structure is not None), gram
 
 
@@ -260,7 +263,7 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
               world: World = World()) -> Plan:
     method, pattern, options = checked.method, checked.pattern, checked.options
     running = checked.running
-    needs_moments, needs_gram = reads(req, checked)
+    needs_moments, gram_for = reads(req, checked)
     given: Stats | None = None
     arch = config = None
     shapes = tensor_shapes(source.path, files)
@@ -318,9 +321,8 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
                              f"the first block's attention arguments; this model's blocks alternate "
                              f"{' and '.join(kinds)} attention, so the statistics of the blocks of the other kind "
                              "may be wrong", "re-run `stade calibrate` with this version")
-        if needs_gram and not req.sequential and not st.has_gram:
-            what = "the refit of the kept channels" if req.structure else next(m.name for m in running if m.needs_gram)
-            raise StatsError(f"{what} needs Gram matrices, which the stats in {req.stats} do not hold",
+        if gram_for and not req.sequential and not st.has_gram:
+            raise StatsError(f"{gram_for} needs Gram matrices, which the stats in {req.stats} do not hold",
                              "make them with `stade calibrate --gram`" + ("" if req.structure else
                                                                           ", or prune --sequential"))
         if req.structure == "blocks" and st.block_distance() is None:
@@ -349,8 +351,8 @@ def make_plan(req: PruneRequest, checked: Checked, source: ModelSource, files: l
     if st is None and (needs_moments or req.sequential):     # windows will be read: their options checked now
         calibration.check(context_length(config if config is not None else load_config(source.path)))
     return Plan(req, source, tuple(files), arch, config, method, pattern, options, checked.device, st, calibration,
-                calibrate_first, needs_gram, bias_table, started, checked.update, world, cov, shapes, config_json,
-                tuple(notes), refine_windows)
+                calibrate_first, gram_for is not None, bias_table, started, checked.update, world, cov, shapes,
+                config_json, tuple(notes), refine_windows)
 
 
 def _structure_plan(req: PruneRequest, method: Metric, arch: Architecture, config, source: ModelSource,

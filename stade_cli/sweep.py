@@ -196,9 +196,8 @@ def check_entries(entries: list[tuple[str, str, dict]], cells: list[dict], seed:
             checked = check_request(req)
             m, g = reads(req, checked)
             moments = moments or m
-            if g and not req.sequential and gram_for is None:       # --sequential computes its own
-                gram_for = ("the refit of the kept channels" if req.structure else
-                            next(x.name for x in checked.running if x.needs_gram))
+            if not req.sequential:                                  # --sequential computes its own
+                gram_for = gram_for or g
     return Reads(moments, gram_for)
 
 
