@@ -304,3 +304,38 @@ def test_the_card_says_what_structure_and_expert_removal_took():
                                        "removed": {"0": [1, 2, 3, 4], "1": [0, 1, 4, 5]}}}}
     line = next(l for l in _what_was_done(experts) if "Experts" in l)
     assert "2 of 6 experts kept in each of 2 mixture-of-experts blocks, chosen by reap" in line and "{" not in line
+
+
+def test_every_command_line_default_is_the_library_functions():
+    """An option that both the command and its library function take has one default (a comma-separated list on
+    the command line is the same list in Python): a script gets what the command line gets."""
+    import inspect
+
+    from stade_cli.calibration.runner import calibrate
+    from stade_cli.cli import calibrate as cli_calibrate, demo as cli_demo, eval as cli_eval
+    from stade_cli.cli import inspect as cli_inspect, prune as cli_prune, sweep as cli_sweep
+    from stade_cli.demo import run_demo
+    from stade_cli.evaluation import evaluate
+    from stade_cli.pruning import prune
+    from stade_cli.report import inspect as report
+    from stade_cli.sweep import sweep
+    from stade_cli.zeroshot import zero_shot
+
+    def as_list(value):
+        return [float(v) if v[0].isdigit() else v for v in value.split(",")] if isinstance(value, str) else list(value)
+
+    pairs = [(cli_prune.prune, prune), (cli_calibrate.calibrate, calibrate), (cli_eval.eval_command, evaluate),
+             (cli_eval.eval_command, zero_shot), (cli_demo.demo, run_demo), (cli_sweep.sweep, sweep),
+             (cli_inspect.inspect, report)]
+    compared = 0
+    for command, function in pairs:
+        ours, theirs = inspect.signature(command).parameters, inspect.signature(function).parameters
+        for name in set(ours) & set(theirs):
+            a, b = ours[name].default, theirs[name].default
+            if b is inspect.Parameter.empty:            # required in Python (zero_shot's tasks): nothing to agree on
+                continue
+            if isinstance(b, tuple):
+                a, b = as_list(a), list(b)
+            assert a == b, f"{function.__module__}.{function.__name__}({name}): command line {a!r}, Python {b!r}"
+            compared += 1
+    assert compared >= 60
