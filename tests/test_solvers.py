@@ -173,24 +173,6 @@ def test_gram_equals_direct_products(tiny_llama, gram_stats):
     assert summary["gram_bytes"] == st.manifest["gram"]["bytes"]
 
 
-def test_a_gram_matrix_in_use_is_read_once_for_the_layers_of_its_input(gram_stats):
-    """q, k and v read one input: while a layer holds its Gram matrix, the others get the same tensor (one read and
-    one finiteness check); once no layer holds it, it is read again from the file, with the same values."""
-    import gc
-
-    from stade_cli.calibration.store import load_stats
-
-    st = load_stats(gram_stats)
-    q = st.gram("model.layers.0.self_attn.q_proj")
-    assert st.gram("model.layers.0.self_attn.k_proj") is q and st.gram("model.layers.0.self_attn.v_proj") is q
-    assert st.gram("model.layers.0.self_attn.o_proj") is not q
-    kept = q.clone()
-    del q
-    gc.collect()
-    assert not len(st._held)                                    # nothing held: the next asks the file
-    assert torch.equal(st.gram("model.layers.0.self_attn.v_proj"), kept)
-
-
 def test_a_truncated_gram_file_is_refused_before_the_work(tiny_llama, gram_stats, tmp_path):
     import shutil
 

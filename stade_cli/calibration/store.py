@@ -6,7 +6,6 @@ on, so a bad cache fails before any weight is touched.
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +39,6 @@ class Stats:
     path: Path | None = None                                      # on disk: Gram files read on demand
     experts: dict[int, ExpertStats] = field(default_factory=dict)  # by block: routing statistics of its experts
     distances: dict[int, torch.Tensor] = field(default_factory=dict)  # by block: [Σ (1 − cos(in, out)), tokens]
-    # Gram matrices read from disk that a layer in flight still holds (q/k/v share one): read and checked once
-    _held: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary, repr=False, compare=False)
 
     def block_distance(self) -> dict[int, float] | None:
         """By block: the mean over tokens of 1 − cos(its input, its output); None if not recorded."""
@@ -68,9 +65,6 @@ class Stats:
             raise StatsError(f"the stats hold no Gram matrix for {name}", "re-run `stade calibrate --gram`")
         if leader in self.grams:
             return self.grams[leader]
-        held = self._held.get(leader)
-        if held is not None:            # read for another layer of the same input, still in use: the same tensor
-            return held
         file = self.path / GRAM_DIR / gram_file(info["blocks"][leader])
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -79,7 +73,6 @@ class Stats:
             raise StatsError(f"cannot read the Gram matrix of {name} from {file}: {exc}") from None
         if not torch.isfinite(h).all():
             raise StatsError(f"the Gram matrix of {name} contains NaN or Inf", "re-calibrate in float32")
-        self._held[leader] = h          # its users copy before they change anything (factorisations, refits)
         return h
 
     def check_fingerprint(self, fingerprint: str) -> None:
