@@ -532,7 +532,7 @@ class Output:
         if reason is None and self.force:
             return
         if reason is None:
-            raise OutputError(f"output directory {self.given} already exists", "pass --force to replace it")
+            raise OutputError(f"output directory {self.given} already exists", "pass --force (force=True from Python) to replace it")
         raise OutputError(f"{'refusing to replace' if self.force else 'output directory'} {self.given}"
                           f"{'' if self.force else ' already exists and'}: {reason}; --force replaces only an "
                           f"empty directory or {KINDS[self.kind]} that stade wrote",

@@ -285,6 +285,10 @@ def test_the_python_defaults_are_the_command_lines(tiny_llama, tmp_path):
     assert len(blocks["structure"]["removed"]) == 1
     plain = prune(tiny_llama, tmp_path / "p", stats=stats)
     assert plain["method"] == "wanda" and plain["target_sparsity"] == 0.5
+    from stade_cli.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"already exists \(pass --force \(force=True from Python\)"):
+        prune(tiny_llama, tmp_path / "p", stats=stats)          # a script is told its own spelling too
 
 
 def test_the_card_says_what_structure_and_expert_removal_took():
