@@ -85,7 +85,7 @@ def solve(weight: torch.Tensor, stats: LayerStats, pattern, ctx: LayerContext) -
             if nm is not None and i % nm.m == 0:
                 saliency = w1[:, i:i + nm.m].square() / d1[i:i + nm.m].square()
                 mask1[:, i:i + nm.m] = lowest_k(saliency, nm.m - nm.n)
-            q = torch.where(mask1[:, i], torch.zeros((), device=w.device), col)
+            q = col.masked_fill(mask1[:, i], 0.0)                    # one kernel a column, no scalar allocated
             q1[:, i] = q
             err = (col - q) / u1[i, i]
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
