@@ -75,7 +75,7 @@ def _check_model_apart(model: str, *outputs: Path) -> None:
     """Refuse, before the first step, a --model that is, holds or lies inside an output the demo replaces (its
     steps would refuse it one at a time, after the stats were already replaced)."""
     from .errors import UsageError
-    from .outputs import is_or_holds
+    from .outputs import relation
 
     real = Path(model).expanduser()
     if not real.exists():           # a hub id
@@ -83,9 +83,9 @@ def _check_model_apart(model: str, *outputs: Path) -> None:
     real = real.resolve()
     for out in outputs:
         out = out.resolve()
-        if is_or_holds(out, real) or is_or_holds(real, out):
-            raise UsageError(f"--model {model} {'is' if out == real else 'holds' if is_or_holds(real, out) else 'is inside'} "
-                             f"{out}, which this demo writes", "choose another --workdir")
+        how = relation(real, out)
+        if how is not None:
+            raise UsageError(f"--model {model} {how} {out}, which this demo writes", "choose another --workdir")
 
 
 def run_demo(model: str | None = None, metric: str = "stade", sparsity: float = 0.5, nsamples: int = 32,

@@ -116,6 +116,11 @@ def is_or_holds(outer: Path, inner: Path) -> bool:
     return outer == inner or outer in inner.parents
 
 
+def relation(a: Path, b: Path) -> str | None:
+    """How the resolved path ``a`` stands to ``b``, in words: "is", "holds", "is inside", or None (apart)."""
+    return "is" if a == b else "holds" if a in b.parents else "is inside" if b in a.parents else None
+
+
 def _names(items: list[str], most: int = 3) -> str:
     shown = ", ".join(items[:most])
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
@@ -532,7 +537,8 @@ class Output:
         if reason is None and self.force:
             return
         if reason is None:
-            raise OutputError(f"output directory {self.given} already exists", "pass --force (force=True from Python) to replace it")
+            raise OutputError(f"output directory {self.given} already exists",
+                              "pass --force (force=True from Python) to replace it")
         raise OutputError(f"{'refusing to replace' if self.force else 'output directory'} {self.given}"
                           f"{'' if self.force else ' already exists and'}: {reason}; --force replaces only an "
                           f"empty directory or {KINDS[self.kind]} that stade wrote",
@@ -564,10 +570,9 @@ class Output:
             for label, value in inputs:
                 if label == OFFLOAD or value is None or not str(value):
                     continue
-                real = Path(value).expanduser().resolve()
-                if is_or_holds(real, place) or is_or_holds(place, real):
-                    raise UsageError(f"--offload-dir {place} {'is' if real == place else 'is inside' if is_or_holds(real, place) else 'holds'} "
-                                     f"{label} ({value}), which this run reads",
+                how = relation(place, Path(value).expanduser().resolve())
+                if how is not None:
+                    raise UsageError(f"--offload-dir {place} {how} {label} ({value}), which this run reads",
                                      "choose an offload directory apart from the model, the stats and the data")
 
     def release(self) -> None:
