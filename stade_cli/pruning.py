@@ -127,8 +127,9 @@ def prune(model: str, out: str | Path, *, metric: str | None = None, sparsity: f
     """
     check_mapping(options)          # before the model card's command reads them
     args = {k: v for k, v in locals().items() if k not in ("recipe", "given")}
+    caller = dict(args)         # what the caller set, before the recipe fills in the rest (the unused-flag note)
     args, record, command = _resolve(args, recipe, given)
-    return _prune(**args, recipe=record, command=command)
+    return _prune(**args, recipe=record, command=command, caller=caller)
 
 
 def _resolve(args: dict, recipe: str | None, given: set[str] | None) -> tuple[dict, dict | None, str]:
@@ -260,16 +261,18 @@ def _prune(model, out, metric, sparsity, pattern, group, stats, bias_correction,
            sequential, options, dataset, nsamples, seqlen, seed, device, dtype, batch_size, only, skip, force,
            reporter, placement, update, experts, expert_score, expert_min_tokens, structure, refine, refine_lr,
            refine_batch, refine_samples, refine_seqlen, refine_precision, refine_warmup, refine_loss, recipe,
-           command=None) -> dict:
+           command=None, caller: Mapping[str, Any] | None = None) -> dict:
     request = _request(locals(), recipe, command)     # first: locals() holds the arguments alone
     reporter = reporter or Reporter()
     started = time.perf_counter()
     checked = check_request(request)
-    unused = _unused(metric, update, structure, layer_sparsity, refine, stats, options or {}, owl_m=owl_m,
-                     owl_lambda=owl_lambda, refine_lr=refine_lr, refine_batch=refine_batch,
-                     refine_samples=refine_samples, refine_seqlen=refine_seqlen, refine_precision=refine_precision,
-                     refine_warmup=refine_warmup, refine_loss=refine_loss, dataset=dataset, nsamples=nsamples,
-                     seqlen=seqlen)
+    # what the run reads (the recipe applied) against what the caller set: a recipe's own flags that this run does
+    # not read (its --refine-lr under --refine 0) are not the caller's to be told about
+    mine = caller if caller is not None else locals()
+    unused = _unused(metric, update, structure, layer_sparsity, refine, stats, mine["options"] or {},
+                     **{k: mine[k] for k in ("owl_m", "owl_lambda", "refine_lr", "refine_batch", "refine_samples",
+                                             "refine_seqlen", "refine_precision", "refine_warmup", "refine_loss",
+                                             "dataset", "nsamples", "seqlen")})
     if unused:
         reporter.log(f"note: {'; '.join(unused)}")
     world = current()

@@ -549,6 +549,37 @@ def test_library_recipe(tiny_llama, gram_stats, tmp_path):
     assert report["update"] == "admm" and report["options"]["admm_gradual"] is True and report["refine"]["steps"] == 40
 
 
+def test_the_recipes_own_flags_are_not_called_unused(tiny_llama, gram_stats, tmp_path):
+    """The note on flags a run does not read names what the caller set, not what the recipe filled in: under
+    ``--recipe best --refine 0`` the recipe's --refine-lr and the rest are not the user's, while a --refine-lr the
+    user typed is (the same rule from Python)."""
+    from stade_cli.pruning import prune
+    from stade_cli.runtime import Reporter
+
+    r = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--refine", 0, "-o", tmp_path / "a")
+    assert "note:" not in r.stderr, r.stderr
+    assert "(yours instead: --refine 0)" in r.stderr
+    r = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--refine", 0, "--refine-lr", 0.01,
+            "-o", tmp_path / "b")
+    note = next(line for line in r.stderr.splitlines() if line.startswith("note:"))
+    assert note == "note: --refine-lr applies only with --refine N", note
+    r = run("prune", tiny_llama, "--stats", gram_stats, "--recipe", "best", "--update", "none", "--refine", 0,
+            "-o", tmp_path / "c")
+    assert "note:" not in r.stderr, r.stderr        # the recipe's --admm-gradual, without the update it is for
+    logged = []
+
+    class Notes(Reporter):
+        def log(self, message: str) -> None:
+            logged.append(message)
+
+    prune(str(tiny_llama), tmp_path / "d", stats=gram_stats, recipe="best", refine=0, reporter=Notes())
+    assert [line for line in logged if line.startswith("recipe best:")], logged    # the reporter did hear the run
+    assert not [line for line in logged if line.startswith("note:")], logged
+    r = run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--refine-lr", 0.01,
+            "-o", tmp_path / "e")                   # without a recipe: as before
+    assert "note: --refine-lr applies only with --refine N" in r.stderr
+
+
 # ------------------------------------------------------------------------------------------- sequential, one block
 def test_sequential_admm_equals_one_shot_on_one_block(tiny_factory, tmp_path):
     """With one block there is nothing to propagate: the sequential pass sees the dense inputs, so its ADMM
