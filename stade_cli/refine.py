@@ -136,7 +136,7 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
                  targets: torch.Tensor, weights: Sequence[torch.Tensor], frozen: Sequence[torch.Tensor],
                  steps: int, lr: float, batch: int, generator: torch.Generator | None = None,
                  products: torch.dtype = torch.float32, warmup: float = 0.0,
-                 loss: str = "mse") -> tuple[list[float], list[int]]:
+                 loss: str = "mse", on_step: Callable[[], None] | None = None) -> tuple[list[float], list[int]]:
     """Fit ``weights`` (in place) so that ``forward(inputs)`` approaches ``targets``; returns the mean squared
     difference of every step (before its update) and the windows of the first step.
 
@@ -149,7 +149,7 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
     ``products``: the dtype of the forward and backward matrix products (autocast; the weights, the optimiser's
     state and the loss stay in their own dtype). ``loss``: what the steps minimise (``LOSSES``): the mean squared
     difference, or ``balanced`` with ``relative_error`` (the losses returned are the mean squared difference
-    either way, which ``fit_or_keep`` compares).
+    either way, which ``fit_or_keep`` compares). ``on_step``: called after each step (progress).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}")
@@ -193,6 +193,8 @@ def refine_block(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
             optimiser.step()        # an entry whose gradient was always zero has zero moments: Adam moves it by 0
             decay.step()
             losses.append(float(mse.detach()))
+            if on_step is not None:
+                on_step()
     finally:
         with torch.no_grad():       # and, whatever happened (a NaN, an interrupt), the frozen entries as they were
             for w, m, v in zip(weights, frozen, start_values):
@@ -436,7 +438,9 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                 params: dict[tuple[str, str], torch.Tensor] = {}            # (module, param) → frozen entries
                 layerwise_weights: dict[str, torch.Tensor] = {}              # for a block the steps did not help
                 sub = [t for t in arch.targets.values() if t.block == index]
-                for t, original, decision in _decided(layerwise, sub, read, dev):
+                with reporter.task(f"block {index}: layer-wise fits", total=len(sub)) as advance:
+                    decided = _decided(layerwise, sub, read, dev, advance)
+                for t, original, decision in decided:
                     place = loaded.places[t.name]
                     weight = place.view(modules)
                     new = decision.weight_for(original)
@@ -453,9 +457,11 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
                 trained = [getattr(modules[m], p) for m, p in params]
 
                 def train(rate: float) -> tuple[list[float], list[int]]:
-                    return refine_block(lambda xb: _output(block(xb, **for_windows(kw, len(xb)))), x, target_y,
-                                        trained, list(params.values()), opts.steps, rate, opts.batch, generator,
-                                        products, opts.warmup, opts.loss)
+                    what = f"block {index}: steps" + ("" if rate == opts.lr else f" again at lr {rate:g}")
+                    with reporter.task(what, total=opts.steps) as advance:
+                        return refine_block(lambda xb: _output(block(xb, **for_windows(kw, len(xb)))), x,
+                                            target_y, trained, list(params.values()), opts.steps, rate, opts.batch,
+                                            generator, products, opts.warmup, opts.loss, on_step=advance)
 
                 def error(windows: list[int]) -> float:
                     return _mse(_through(block, x[windows], kw, opts.batch, products), target_y[windows])
@@ -501,22 +507,30 @@ def refine(plan, layerwise, reporter, store: RefinedWeights | None = None):
     return dataclasses.replace(layerwise, layer=layer, refined=facts)
 
 
-def _decided(layerwise, targets, read, device: torch.device) -> list:
+def _decided(layerwise, targets, read, device: torch.device, advance: Callable[[], None] = lambda: None) -> list:
     """(target, its dense matrix, its layer-wise decision) for each of a block's ``targets``, decided on a pool of
     workers as the one-shot prune decides them (``runtime.decision_workers``: on the CPU one intra-op thread each,
     which keeps both cores of a 2-core machine busier than one decision at a time on two threads: 19 s → 15 s for
     SmolLM2's 210 layers under ``--update admm --admm-gradual``). Each matrix is read from the checkpoint's own
-    tensor, as one-shot does, in this thread."""
+    tensor, as one-shot does, in this thread. ``advance()`` is called as each decision is made (progress)."""
+    from concurrent.futures import as_completed
+
     from .runtime import decision_workers, one_thread_per_worker, worker_pool
 
     workers = min(decision_workers(device), len(targets))
     originals = [read(t) for t in targets]
     if workers < 2:
-        return [(t, o, layerwise.layer(t, o)) for t, o in zip(targets, originals)]
+        decided = []
+        for t, o in zip(targets, originals):
+            decided.append((t, o, layerwise.layer(t, o)))
+            advance()
+        return decided
     with one_thread_per_worker(device, workers), worker_pool(workers) as pool:
         # the largest first (a solve's products grow as out × in²), so the last one is a small one
         order = sorted(range(len(targets)), key=lambda i: -originals[i].shape[0] * originals[i].shape[1] ** 2)
         futures = {i: pool.submit(layerwise.layer, targets[i], originals[i]) for i in order}
+        for _ in as_completed(futures.values()):
+            advance()
         return [(t, o, futures[i].result()) for i, (t, o) in enumerate(zip(targets, originals))]
 
 

@@ -242,6 +242,7 @@ class StderrReporter(Reporter):
         self.console = Console(stderr=True, soft_wrap=True)
         self.bars = not quiet and sys.stderr.isatty()
         self.heartbeat = heartbeat
+        self._live = None           # the bars on screen: a task started within another joins them (``_bars``)
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -252,6 +253,27 @@ class StderrReporter(Reporter):
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+
+    @contextmanager
+    def _bars(self, description: str, total: float | None):
+        """A bar for ``description`` (yields its advance function): on the bars already on screen where a task or
+        a loop is running (a block's steps within the loop over blocks; rich before 14 allows one live display at
+        a time), removed when it ends; else on a new display of its own."""
+        if self._live is not None:
+            progress = self._live
+            task_id = progress.add_task(description, total=total)
+            try:
+                yield lambda n=1: progress.advance(task_id, n)
+            finally:
+                progress.remove_task(task_id)
+            return
+        with self._progress() as progress:
+            self._live = progress
+            try:
+                task_id = progress.add_task(description, total=total)
+                yield lambda n=1: progress.advance(task_id, n)
+            finally:
+                self._live = None
 
     def track(self, items, description, total=None):
         if not self.bars:
@@ -264,8 +286,15 @@ class StderrReporter(Reporter):
                 beat.advance()
             beat.finish()
             return
-        with self._progress() as progress:
-            yield from progress.track(items, description=description, total=total)
+        if total is None:
+            try:
+                total = len(items)
+            except TypeError:
+                pass
+        with self._bars(description, total) as advance:
+            for item in items:
+                yield item
+                advance()
 
     @contextmanager
     def task(self, description, total=None):
@@ -277,9 +306,8 @@ class StderrReporter(Reporter):
             yield beat.advance
             beat.finish()
             return
-        with self._progress() as progress:
-            task_id = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task_id, n)
+        with self._bars(description, total) as advance:
+            yield advance
 
 
 def silence_transformers() -> None:

@@ -339,6 +339,36 @@ def test_progress_is_a_calm_heartbeat_where_there_are_no_bars(capsys, monkeypatc
     assert [l.split(":")[0] for l in capsys.readouterr().err.splitlines()] == ["slow", "slow"]
 
 
+@pytest.mark.versions
+def test_a_task_within_a_loop_joins_its_bars(monkeypatch):
+    """On a terminal, a task started inside a tracked loop (a block's steps within the loop over blocks) is a
+    second bar on the same display, removed when it ends: rich before 14 refuses a second live display
+    ("Only one live display may be active at once"), so this runs under the oldest rich too."""
+    import io
+
+    from rich.console import Console
+
+    from stade_cli.runtime import StderrReporter
+
+    rep = StderrReporter()
+    rep.bars = True
+    rep.console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    seen = []
+    for block in rep.track(range(3), "refining blocks"):
+        with rep.task(f"block {block}: steps", total=2) as advance:
+            advance()
+            advance()
+            live = rep._live
+            seen.append((len(live.tasks), [t.description for t in live.tasks], live.tasks[-1].completed))
+        assert len(rep._live.tasks) == 1                      # the inner bar is gone, the outer one stays
+    assert seen == [(2, ["refining blocks", f"block {b}: steps"], 2) for b in range(3)]
+    assert rep._live is None                                  # and the display is closed after the loop
+    with rep.task("writing", total=4) as advance:             # a task of its own again opens a display
+        advance(4)
+        assert rep._live.tasks[0].description == "writing"
+    assert rep._live is None
+
+
 def test_inspect_against_names_both_sides_and_tells_weights_from_mask(tiny_llama, llama_stats, tmp_path):
     """A Wanda and a SparseGPT checkpoint: SparseGPT also updates kept weights, so more weights change than mask
     entries; each side is named with its method and pattern."""

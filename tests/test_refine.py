@@ -549,6 +549,38 @@ def test_library_recipe(tiny_llama, gram_stats, tmp_path):
     assert report["update"] == "admm" and report["options"]["admm_gradual"] is True and report["refine"]["steps"] == 40
 
 
+def test_the_refinement_says_how_far_each_block_is(tiny_llama, gram_stats, tmp_path):
+    """A block of a 70B model takes minutes: within each block the layer-wise fits and the steps are tasks of their
+    own (a bar on a terminal, a heartbeat line in a log), advanced once per fit and once per step."""
+    from contextlib import contextmanager
+
+    from stade_cli.pruning import prune
+    from stade_cli.runtime import Reporter
+
+    tasks: list[list] = []
+
+    class Tasks(Reporter):
+        @contextmanager
+        def task(self, description, total=None):
+            entry = [description, total, 0]
+            tasks.append(entry)
+
+            def advance(n=1):
+                entry[2] += n
+            yield advance
+
+    report = prune(str(tiny_llama), tmp_path / "out", stats=gram_stats, metric="wanda", update="admm", refine=3,
+                   refine_samples=4, refine_seqlen=16, reporter=Tasks())
+    blocks = len(report["refine"]["blocks"])
+    per_block = [t for t in tasks if t[0].startswith("block ")]
+    assert blocks >= 2 and len(per_block) == 2 * blocks, tasks
+    for b in range(blocks):
+        fits = next(t for t in per_block if t[0] == f"block {b}: layer-wise fits")
+        steps = next(t for t in per_block if t[0].startswith(f"block {b}: steps"))
+        assert fits[1] == fits[2] == 7             # q, k, v, o, gate, up, down: one advance as each is decided
+        assert steps[1] == steps[2] == 3
+
+
 def test_the_recipes_own_flags_are_not_called_unused(tiny_llama, gram_stats, tmp_path):
     """The note on flags a run does not read names what the caller set, not what the recipe filled in: under
     ``--recipe best --refine 0`` the recipe's --refine-lr and the rest are not the user's, while a --refine-lr the
