@@ -87,14 +87,25 @@ def calibration_needs(arch: Architecture, weights_total: int, weights_block: int
                             sum(per_block.values()), max(per_block.values(), default=0))
 
 
+def shared_factor_bytes_per_block(arch: Architecture) -> dict[int, int]:
+    """By block: the weight update's factorisations kept for the layers that share an input (q/k/v, gate/up, an
+    expert's gate/up): two float32 matrices [in, in] each (``metrics.admm.Factor``). An input that one layer alone
+    reads is factorised, used and dropped."""
+    out: dict[int, int] = {}
+    for g in input_groups(arch):
+        if len(g) > 1:
+            out[g[0].block] = out.get(g[0].block, 0) + 2 * g[0].in_features ** 2 * 4
+    return out
+
+
 def prune_memory(largest_shard: int, arch: Architecture | None = None, gram: bool = False, workers: int = 1) -> int:
     """prune from stats: two shards in flight (read and written), the interpreter, and for Gram methods the
-    largest Gram matrix per worker (and the update's factorisations of two blocks)."""
+    largest Gram matrix per worker (and the update's factorisations of shared inputs, for two blocks)."""
     need = 2 * largest_shard + PRUNE_OVERHEAD
     if gram and arch is not None and arch.targets:
         widest = max(t.in_features for t in arch.targets.values())
-        per_block = gram_bytes_per_block(arch)
-        need += workers * 2 * widest * widest * 4 + 2 * max(per_block.values(), default=0)
+        shared = shared_factor_bytes_per_block(arch)
+        need += workers * 2 * widest * widest * 4 + 2 * max(shared.values(), default=0)
     return need
 
 

@@ -20,7 +20,7 @@ from .arch import describe
 from .blockwise import BlockRunner
 from .calibration.runner import MomentCapture, sum_over_ranks
 from .checkpoint import tensor_dtypes
-from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs
+from .decide import Decisions, Factorisations, LayerDecision, decide_layer, dense_inputs, sole_inputs
 from .errors import ModelError
 from .experts import TargetStats, fallbacks, summary
 from .loading import Runtime
@@ -70,17 +70,20 @@ def sequential(plan, reporter: Reporter) -> Decisions:
             sum_over_ranks(capture, world)     # every rank now decides the same, from the stats of all windows
             routing.update(capture.experts)
             gram_of = (lambda name: capture.grams[capture.leader.get(name, name)]) if plan.needs_gram else None
-            stats_of = TargetStats(sub, capture.moments, gram_of, lambda name: capture.leader.get(name, name),
-                                   fallbacks(sub, capture.experts, min_tokens))
+            fallback = fallbacks(sub, capture.experts, min_tokens)
+            input_of = lambda name: capture.leader.get(name, name)     # noqa: E731
+            stats_of = TargetStats(sub, capture.moments, gram_of, input_of, fallback)
+            sole = sole_inputs(sub.targets, input_of, fallback)
             for name, target in sub.targets.items():
                 place = runtime.places[name]
                 ctx = plan.context(name, capture.reads_norm.get(name, False))
                 reads_norm[name] = ctx.reads_norm
                 weight = place.view(modules)
                 correct = plan.corrects(ctx) and not target.fused
+                stats = stats_of(target)
                 new, mask, delta = decide_layer(weight, plan.method, plan.pattern_for(target, block_sparsity),
-                                                stats_of(target), ctx, correct, plan.update,
-                                                plan.update_context(name), cache.at(index))
+                                                stats, ctx, correct, plan.update, plan.update_context(name),
+                                                cache.at(index) if stats.input not in sole else None)
                 weight.copy_(new)
                 if delta is not None:  # the next blocks see the corrected layer, as the checkpoint will
                     linear = modules[name]

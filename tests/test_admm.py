@@ -315,6 +315,55 @@ def test_factorisations_are_computed_once_per_input_across_threads():
     assert cache.at(0).shared("q", object) is not first
 
 
+def test_sole_inputs_are_those_one_layer_reads():
+    from stade_cli.decide import sole_inputs
+
+    names = ["q", "k", "v", "o", "gate", "up", "down", "e0.gate", "e0.up"]
+    key = {"q": "x", "k": "x", "v": "x", "o": "attn", "gate": "h", "up": "h", "down": "mid",
+           "e0.gate": "e0.in", "e0.up": "e0.in"}
+    assert sole_inputs(names, key.get) == {"attn", "mid"}
+    # a layer on fallback statistics reads a pooled input: it does not make another layer's input shared
+    assert sole_inputs(names, key.get, {"e0.up": "pooled"}) == {"attn", "mid", "e0.in"}
+
+
+@pytest.mark.parametrize("mode", [(), ("--sequential",)])
+def test_only_shared_inputs_keep_their_factorisation(tiny_llama, gram_stats, tmp_path, monkeypatch, mode):
+    """The update's factorisation of an input that one layer alone reads (o_proj's, down_proj's: 6.6 GB a block
+    for Llama-2-70B's down projections) is not kept in the cache for two blocks; q/k/v and gate/up still share
+    theirs (one computation each a block). The checkpoint is the same as with every factorisation kept."""
+    from stade_cli import decide
+
+    kept_keys = []
+    shared = decide.Factorisations.shared
+
+    def recording(self, block, key, compute):
+        kept_keys.append(key[0])
+        return shared(self, block, key, compute)
+
+    outs = {}
+    for name, cached in (("sole", recording), ("all", None)):
+        if cached is not None:
+            monkeypatch.setattr(decide.Factorisations, "shared", cached)
+        else:           # the old way: every input's factorisation kept
+            monkeypatch.setattr(decide.Factorisations, "shared", shared)
+            monkeypatch.setattr(decide, "sole_inputs", lambda *a, **k: frozenset())
+            import stade_cli.sequential as sequential
+            monkeypatch.setattr(sequential, "sole_inputs", lambda *a, **k: frozenset())
+        outs[name] = tmp_path / name
+        run("prune", tiny_llama, "--stats", gram_stats, "--metric", "wanda", "--update", "admm", *mode,
+            "-o", outs[name])
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    blocks = len({k.split(".layers.")[1].split(".")[0] for k in kept_keys})
+    # q, k and v ask for the input q_proj leads, gate and up for gate_proj's; o and down never ask
+    assert blocks == 2 and Counter(k.rpartition(".")[2] for k in kept_keys) == {"q_proj": 3 * blocks,
+                                                                                  "gate_proj": 2 * blocks}, kept_keys
+    a, b = (load_file(outs[n] / "model.safetensors") for n in ("sole", "all"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_factor_is_its_formulas_and_leaves_the_gram_as_it_was():
     """The factorisation, from its definitions written plainly (centred H = Σxxᵀ − n·μμᵀ, d = √diag H, Hn = H / ddᵀ,
     G = Hn + δ·mean(diag Hn)·I, step = ρ(G + ρI)⁻¹), with a dead input; the caller's Gram matrix is not changed

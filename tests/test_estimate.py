@@ -95,6 +95,25 @@ def test_calibrate_holds_one_block_of_gram_matrices(tiny_factory, tmp_path, monk
     shutil.rmtree(tmp_path / "s")
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_shared_factorisations_by_hand(name, tiny_factory):
+    """The update keeps, for two blocks, the factorisations of the inputs several layers read (two float32 [in, in]
+    matrices each: q/k/v's and gate/up's, or every expert's gate/up), not those of o_proj and down_proj."""
+    from stade_cli.estimate import PRUNE_OVERHEAD, prune_memory, shared_factor_bytes_per_block
+
+    model = tiny_factory(name)
+    config = json.loads((model / "config.json").read_text())
+    arch = describe(meta_model(load_config(model)), disk=tensor_shapes(model))
+    h = config["hidden_size"]
+    groups = 2 if name == "llama" else 1 + config["num_local_experts"]      # attention's, then the MLP's or each expert's
+    per_block = shared_factor_bytes_per_block(arch)
+    assert set(per_block) == set(range(config["num_hidden_layers"]))
+    assert set(per_block.values()) == {groups * 2 * h * h * 4}
+    widest = max(t.in_features for t in arch.targets.values())
+    assert prune_memory(1000, arch, True, workers=2) == (2 * 1000 + PRUNE_OVERHEAD + 2 * 2 * widest * widest * 4
+                                                          + 2 * groups * 2 * h * h * 4)
+
+
 def test_refine_needs_by_hand():
     """Llama-2-7B's block (202,375,168 trained weights), hidden 4096, MLP 11008, 32 heads, the recipe's 128 × 256
     windows, 4 a step: 24 bytes a weight, four float32 hidden-state tensors, and a step's activations."""
