@@ -105,8 +105,16 @@ def prune_memory(largest_shard: int, arch: Architecture | None = None, gram: boo
     if gram and arch is not None and arch.targets:
         widest = max(t.in_features for t in arch.targets.values())
         shared = shared_factor_bytes_per_block(arch)
-        need += workers * 2 * widest * widest * 4 + 2 * max(shared.values(), default=0)
+        need += workers * factorising_bytes(widest) + 2 * max(shared.values(), default=0)
     return need
+
+
+def factorising_bytes(width: int) -> int:
+    """What one layer's factorisation holds at its peak, for an input ``width`` wide: the Gram matrix as read
+    (``gram_width_bytes``) and 16 bytes per entry of working matrices (ADMM's float64 copy and the scale's outer
+    product while it normalises, or its float32 G, system, Cholesky factor and inverse; SparseGPT's float64
+    system, factor and inverse on the CPU)."""
+    return gram_width_bytes(width) + 16 * width * width
 
 
 # --refine: bytes per trained weight of a block while it is refined: the float32 weight, its gradient, Adam's two
