@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 if TYPE_CHECKING:
@@ -259,21 +259,17 @@ class StderrReporter(Reporter):
         """A bar for ``description`` (yields its advance function): on the bars already on screen where a task or
         a loop is running (a block's steps within the loop over blocks; rich before 14 allows one live display at
         a time), removed when it ends; else on a new display of its own."""
-        if self._live is not None:
-            progress = self._live
+        owner = self._live is None
+        with self._progress() if owner else nullcontext(self._live) as progress:
+            self._live = progress
             task_id = progress.add_task(description, total=total)
             try:
                 yield lambda n=1: progress.advance(task_id, n)
             finally:
-                progress.remove_task(task_id)
-            return
-        with self._progress() as progress:
-            self._live = progress
-            try:
-                task_id = progress.add_task(description, total=total)
-                yield lambda n=1: progress.advance(task_id, n)
-            finally:
-                self._live = None
+                if owner:
+                    self._live = None
+                else:
+                    progress.remove_task(task_id)
 
     def track(self, items, description, total=None):
         if not self.bars:
